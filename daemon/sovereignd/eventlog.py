@@ -1,0 +1,83 @@
+"""Structured events of the daemon (state changes, spawns, exits, incidents), one JSON per line.
+
+Events go to `events.log` in `logs.dir` (rotated) and to stderr, which launchd's
+StandardErrorPath or journald keeps. Values go in keys, never into the message.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, MutableMapping
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+from sovereignd.logfiles import RotatingFile, dumps, utc_timestamp
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+
+class _Sink:
+    """The logger structlog writes rendered lines to: the rotating file and a stream."""
+
+    def __init__(self, file: RotatingFile | None, stream: TextIO | None) -> None:
+        self.file = file
+        self.stream = stream
+
+    def msg(self, line: bytes) -> None:
+        if self.file is not None:
+            self.file.write_line(line)
+        if self.stream is not None:
+            try:
+                self.stream.write(line.decode() + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # stderr closed (launchd path gone): the file still has the event
+
+    debug = info = warning = error = critical = exception = msg
+
+
+def _add_time(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
+    event["ts"] = utc_timestamp(time.time())
+    return event
+
+
+def _render(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> bytes:
+    # Fixed leading keys make `tail` readable; the rest keep their insertion order.
+    head = {"ts": event.pop("ts"), "level": event.pop("level"), "event": event.pop("event")}
+    head.update(event)
+    return dumps(head)
+
+
+class EventLog:
+    """The daemon's event log; `emit` is the one way to record an event."""
+
+    def __init__(self, logs_dir: Path | None, max_bytes: int = 64 * 2**20, keep: int = 10,
+                 stream: TextIO | None = sys.stderr,
+                 listeners: list[Callable[[dict[str, Any]], None]] | None = None) -> None:
+        self.file = (RotatingFile(logs_dir / "events.log", max_bytes, keep)
+                     if logs_dir is not None else None)
+        self._listeners = listeners if listeners is not None else []
+        self._log = structlog.wrap_logger(
+            _Sink(self.file, stream),
+            processors=[structlog.processors.add_log_level, _add_time, self._notify, _render],
+            wrapper_class=structlog.make_filtering_bound_logger(LEVELS["info"]),
+            cache_logger_on_first_use=False,
+        )
+
+    def _notify(self, _logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
+        for listener in self._listeners:
+            listener(dict(event))
+        return event
+
+    def add_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        self._listeners.append(listener)
+
+    def emit(self, event: str, level: str = "info", **fields: Any) -> None:
+        getattr(self._log, level)(event, **fields)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
