@@ -1,0 +1,141 @@
+"""Backend profiles: everything that differs between model servers, in one place.
+
+A profile says how the argument vector is built, how the internal key reaches the server,
+which path answers health, what the canary request is, which API routes the gateway may
+pass, which start-up messages are fatal, and whether the server logs request content.
+Adding a server means adding a profile here, not editing the supervisor.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sovereignd.config import Config
+from sovereignd.failures import COMMON_PATTERNS, FailurePattern, pattern
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+REDACTED = "[REDACTED]"
+
+
+@dataclass(frozen=True)
+class Route:
+    """An API route the gateway passes: exact path or prefix, and the methods allowed."""
+
+    path: str
+    methods: frozenset[str]
+    prefix: bool = False
+
+    def matches(self, method: str, path: str) -> bool:
+        if method not in self.methods:
+            return False
+        return path.startswith(self.path) if self.prefix else path == self.path
+
+
+def _route(path: str, *methods: str, prefix: bool = False) -> Route:
+    return Route(path, frozenset(methods), prefix)
+
+
+class Backend:
+    """The vLLM profile (`vllm serve`, also with the vllm-metal plugin); others override."""
+
+    name = "vllm"
+    key_in_argv = False
+    logs_content = False
+    health_path = "/health"
+    content_line: re.Pattern[str] | None = None
+    routes: tuple[Route, ...] = (
+        _route("/v1/chat/completions", "POST"),
+        _route("/v1/completions", "POST"),
+        _route("/v1/embeddings", "POST"),
+        _route("/v1/models", "GET"),
+    )
+    patterns: tuple[FailurePattern, ...] = (
+        pattern("kv-cache-memory",
+                r"(not enough Metal memory for KV cache|kv_budget=-|"
+                r"To serve at least one request with the models's max seq len|"
+                r"No available memory for the cache blocks|"
+                r"larger than the maximum number of tokens that can be stored in KV cache|"
+                r"Insufficient memory for KV cache)",
+                "not enough memory for the KV cache at this maximum model length",
+                "lower --max-model-len in server.args, raise the memory fraction "
+                "(VLLM_METAL_MEMORY_FRACTION or --gpu-memory-utilization, VLLM_CPU_KVCACHE_SPACE "
+                "on CPU) if memory allows, or serve a smaller model"),
+        pattern("memory-utilization",
+                r"(Available memory on node \d+.*is less than desired CPU memory utilization|"
+                r"Free memory on device.*is less than desired GPU memory utilization|"
+                r"less than desired (CPU|GPU) memory utilization)",
+                "not enough free memory for the requested memory utilization",
+                "lower --gpu-memory-utilization in server.args (e.g. 0.3), free memory held by "
+                "other processes, or serve a smaller model"),
+        pattern("model-max-len",
+                r"(User-specified max_model_len .* is greater than the derived max_model_len|"
+                r"max_model_len.*exceeds|Model's max seq len .* is larger than)",
+                "--max-model-len is larger than the model supports",
+                "lower --max-model-len in server.args to at most the model's context length"),
+        pattern("unsupported-architecture",
+                r"(Model architectures? \[.*\] (are|is) not supported|"
+                r"Unsupported model architecture|not supported for now\. Supported architectures|"
+                r"Cannot find model module)",
+                "the model's architecture is not supported by this server",
+                "serve a model whose architecture this vLLM supports, or upgrade the server venv "
+                "(and re-baseline it)"),
+        pattern("unsupported-attention",
+                r"Unsupported CPU attention configuration",
+                "the server cannot run this model's attention shape on this hardware",
+                "serve a model with a supported head size (e.g. 64 or 128)"),
+        *COMMON_PATTERNS,
+    )
+
+    def argv(self, cfg: Config, key: str) -> list[str]:
+        """The server's argument vector; the key is passed only where the server needs it."""
+        s = cfg.server
+        argv = [*s.command, "--model", str(s.model), "--served-model-name", cfg.model_name]
+        if s.uds is not None:
+            argv += ["--uds", str(s.uds)]
+        else:
+            argv += ["--host", s.host, "--port", str(s.port)]
+        if s.drain > 0:
+            argv += ["--shutdown-timeout", str(round(s.drain))]
+        return argv + list(s.args)
+
+    def env(self, cfg: Config, key: str) -> dict[str, str]:
+        """Environment additions: the internal key, the offline switches, server.env."""
+        env = dict(OFFLINE_ENV)
+        env.update(cfg.server.env)
+        env["VLLM_API_KEY"] = key
+        return env
+
+    def canary(self, cfg: Config) -> tuple[str, dict[str, Any]]:
+        """Path and JSON body of a one-token completion that proves the engine works."""
+        return "/v1/completions", {"model": cfg.model_name, "prompt": "ping", "max_tokens": 1,
+                                   "temperature": 0}
+
+    def redact_argv(self, argv: list[str]) -> list[str]:
+        """The argument vector with any secret replaced, for logs and /status."""
+        out, hide = [], False
+        for arg in argv:
+            if hide:
+                out.append(REDACTED)
+                hide = False
+            elif arg == "--api-key":
+                out.append(arg)
+                hide = True
+            elif arg.startswith("--api-key="):
+                out.append("--api-key=" + REDACTED)
+            else:
+                out.append(arg)
+        return out
+
+    def allowed(self, method: str, path: str) -> bool:
+        return any(r.matches(method, path) for r in self.routes)
+
+
+BACKENDS: dict[str, Backend] = {"vllm": Backend()}
+
+
+def for_config(cfg: Config) -> Backend:
+    """The profile named by server.backend."""
+    return BACKENDS[cfg.server.backend]

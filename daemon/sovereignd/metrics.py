@@ -1,0 +1,48 @@
+"""Prometheus metrics on a registry of the daemon's own (no global default registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from sovereignd import __version__
+from sovereignd.states import State
+
+PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Every metric the daemon exports; the gateway adds its request metrics here too."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.info = Gauge("sovereignd_build_info", "sovereignd version", ["version", "backend"],
+                          registry=r)
+        self.state = Gauge("sovereignd_state", "1 for the supervisor's current state",
+                           ["state"], registry=r)
+        self.server_up = Gauge("sovereignd_server_up", "1 while the server is READY", registry=r)
+        self.restarts = Counter("sovereignd_restarts", "Server restarts after a failure",
+                                registry=r)
+        self.failures = Counter("sovereignd_server_failures", "Server failures by kind",
+                                ["kind"], registry=r)
+        self.probe_latency = Histogram("sovereignd_probe_latency_seconds",
+                                       "Latency of probes of the server", ["kind"],
+                                       buckets=PROBE_BUCKETS, registry=r)
+        self.probe_failures = Counter("sovereignd_probe_failures", "Failed probes", ["kind"],
+                                      registry=r)
+        self.orphans_killed = Counter("sovereignd_orphans_killed",
+                                      "Leftover server processes stopped", registry=r)
+        for s in State:
+            self.state.labels(state=s.value).set(0)
+        self.state.labels(state=State.STOPPED.value).set(1)
+
+    def set_state(self, old: State, new: State) -> None:
+        self.state.labels(state=old.value).set(0)
+        self.state.labels(state=new.value).set(1)
+        self.server_up.set(1 if new is State.READY else 0)
+
+    def set_info(self, backend: str) -> None:
+        self.info.labels(version=__version__, backend=backend).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

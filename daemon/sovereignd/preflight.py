@@ -1,0 +1,141 @@
+"""`sovereignd check`: the configuration summarised, and the host checked before a start."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sovereignd import backends
+from sovereignd.config import Config
+from sovereignd.units import format_duration
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+
+
+@dataclass
+class Report:
+    """Checks with their verdicts; `ok` unless one failed (warnings do not fail)."""
+
+    cfg: Config
+    items: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def add(self, level: str, what: str, detail: str = "") -> None:
+        self.items.append((level, what, detail))
+
+    @property
+    def ok(self) -> bool:
+        return all(level != FAIL for level, _, _ in self.items)
+
+    def render(self) -> str:
+        c = self.cfg
+        s = c.server
+        where = f"unix:{s.uds}" if s.uds else f"{s.host}:{s.port}"
+        lines = [f"configuration {c.source} (sha256 {c.digest[:16]}…) is valid", "",
+                 f"  model        {c.model_name}  <- {s.model}",
+                 f"  server       {' '.join(s.command)} ({s.backend}) on {where}",
+                 f"  gateway      {c.gateway.listen}",
+                 f"  health       every {format_duration(c.health.interval)}, canary every "
+                 f"{format_duration(c.health.canary_interval)}, restart after "
+                 f"{c.health.failures} failures",
+                 f"  restart      backoff {format_duration(c.restart.backoff_initial)}.."
+                 f"{format_duration(c.restart.backoff_max)}, FATAL after "
+                 f"{c.restart.max_failures} failures in {format_duration(c.restart.window)}",
+                 f"  integrity    {c.integrity.manifest or 'not configured'}",
+                 f"  environment  {c.environment.frozen or 'not configured'}",
+                 f"  logs         {c.logs.dir}", ""]
+        width = max((len(w) for _, w, _ in self.items), default=0)
+        for level, what, detail in self.items:
+            lines.append(f"  [{level:>4}] {what:<{width}}  {detail}".rstrip())
+        failed = sum(1 for level, _, _ in self.items if level == FAIL)
+        warned = sum(1 for level, _, _ in self.items if level == WARN)
+        lines += ["", f"{failed} failed, {warned} warning(s)"]
+        return "\n".join(lines)
+
+
+Check = Callable[[Config, Report], None]
+EXTRA_CHECKS: list[Check] = []  # features add theirs (integrity, memory) at import time
+
+
+def run_checks(cfg: Config) -> Report:
+    """Everything that can be known before starting, each with a verdict."""
+    report = Report(cfg)
+    _check_model(cfg, report)
+    _check_command(cfg, report)
+    _check_ports(cfg, report)
+    _check_dirs(cfg, report)
+    _check_backend(cfg, report)
+    for check in EXTRA_CHECKS:
+        check(cfg, report)
+    return report
+
+
+def _check_model(cfg: Config, report: Report) -> None:
+    model = cfg.server.model
+    if not model.is_dir():
+        report.add(FAIL, "model directory", f"{model} does not exist or is not a directory")
+    elif not (model / "config.json").is_file():
+        report.add(WARN, "model directory", f"{model} has no config.json")
+    else:
+        report.add(OK, "model directory", str(model))
+
+
+def _check_command(cfg: Config, report: Report) -> None:
+    prog = cfg.server.command[0]
+    path = os.environ.get("PATH", "")
+    if cfg.server.venv is not None:
+        path = f"{cfg.server.venv / 'bin'}{os.pathsep}{path}"
+        if not (cfg.server.venv / "bin").is_dir():
+            report.add(FAIL, "server venv", f"{cfg.server.venv} has no bin/ folder")
+    found = shutil.which(prog, path=path)
+    if found is None:
+        report.add(FAIL, "server command", f"{prog!r} not found (set server.command to a full "
+                   "path or server.venv)")
+    else:
+        report.add(OK, "server command", found)
+
+
+def _listening(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _check_ports(cfg: Config, report: Report) -> None:
+    s = cfg.server
+    if s.uds is None:
+        if _listening(s.host, s.port):
+            report.add(WARN, "server port", f"{s.host}:{s.port} is in use now (a running "
+                       "sovereignd's server, or another program)")
+        else:
+            report.add(OK, "server port", f"{s.host}:{s.port} is free")
+    host, port = cfg.listen
+    if _listening(host, port):
+        report.add(WARN, "gateway port", f"{cfg.gateway.listen} is in use now (a running "
+                   "sovereignd, or another program)")
+    else:
+        report.add(OK, "gateway port", f"{cfg.gateway.listen} is free")
+
+
+def _check_dirs(cfg: Config, report: Report) -> None:
+    for what, path in (("logs.dir", cfg.logs.dir), ("state dir", cfg.state_dir)):
+        probe = path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not os.access(probe, os.W_OK):
+            report.add(FAIL, what, f"{path} cannot be created or written by this user")
+        else:
+            report.add(OK, what, str(path))
+
+
+def _check_backend(cfg: Config, report: Report) -> None:
+    backend = backends.for_config(cfg)
+    if backend.key_in_argv:
+        report.add(WARN, "internal key", f"{backend.name} takes its key only as --api-key: it "
+                   "is visible to local users in `ps` while the server runs")
+    if backend.logs_content:
+        report.add(WARN, "server output", f"{backend.name} logs request content; "
+                   f"server.content_lines is {cfg.server.content_lines!r}")

@@ -1,0 +1,115 @@
+"""Operating-system effects on processes: find, identify, signal. The one seam tests replace.
+
+A process is identified by (pid, start time, uid), never by name alone: a pid can be reused,
+and vLLM's engine processes rename themselves (`VLLM::EngineCore`, `VLLM::Worker`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from dataclasses import dataclass
+
+import psutil
+
+
+@dataclass(frozen=True)
+class ProcessId:
+    """A process as the daemon remembers it: pid plus start time and owner."""
+
+    pid: int
+    create_time: float
+    uid: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"pid": self.pid, "create_time": self.create_time, "uid": self.uid}
+
+
+def identify(pid: int) -> ProcessId | None:
+    """The identity of a live, non-zombie process, or None if it is gone."""
+    try:
+        p = psutil.Process(pid)
+        with p.oneshot():
+            if p.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return ProcessId(pid, p.create_time(), p.uids().real)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def is_alive(ident: ProcessId) -> bool:
+    """True if the same process (same start time and owner) still runs."""
+    now = identify(ident.pid)
+    return now is not None and now.create_time == ident.create_time and now.uid == ident.uid
+
+
+def describe(pid: int) -> str:
+    """A short name for an event: the process title (vLLM renames its engine), else the name."""
+    try:
+        p = psutil.Process(pid)
+        cmd = p.cmdline()
+        return (cmd[0] if cmd else p.name())[:80]
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return "?"
+
+
+def group_members(pgid: int, uid: int | None = None,
+                  not_before: float | None = None) -> list[ProcessId]:
+    """Live processes in process group `pgid`, optionally owned by `uid` and started no
+    earlier than `not_before` (so a reused group id of an unrelated program is left alone)."""
+    found = []
+    for pid in psutil.pids():
+        try:
+            if os.getpgid(pid) != pgid:
+                continue
+        except (ProcessLookupError, PermissionError):
+            continue
+        ident = identify(pid)
+        if ident is None:
+            continue
+        if uid is not None and ident.uid != uid:
+            continue
+        if not_before is not None and ident.create_time < not_before - 1.0:
+            continue
+        found.append(ident)
+    return found
+
+
+def descendants(pid: int) -> list[ProcessId]:
+    """Live descendants of `pid` (children of children included)."""
+    try:
+        kids = psutil.Process(pid).children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
+    out = []
+    for k in kids:
+        ident = identify(k.pid)
+        if ident is not None:
+            out.append(ident)
+    return out
+
+
+def signal_group(pgid: int, signum: int) -> bool:
+    """Send `signum` to a process group; False if the group no longer exists."""
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    return True
+
+
+def signal_process(ident: ProcessId, signum: int) -> bool:
+    """Send `signum` to one remembered process if it is still the same process."""
+    if not is_alive(ident):
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(ident.pid, signum)
+        return True
+    return False
+
+
+SIGTERM = signal.SIGTERM
+SIGKILL = signal.SIGKILL

@@ -1,0 +1,246 @@
+"""A small real HTTP server standing in for `vllm serve` (and `vllm-mlx serve`) in tests.
+
+It speaks the parts of the OpenAI-compatible API the daemon and gateway use, checks the key
+from VLLM_API_KEY (or --api-key), and misbehaves on demand so faults the real server cannot
+produce at will can be tested: fail at start with a given vLLM message, crash after N
+requests, hang, answer /health but fail completions, spawn grandchildren that ignore SIGTERM.
+
+Behaviour comes from a JSON control file named by FAKE_VLLM_CONTROL, read at each start:
+    {"default": {...}, "starts": [{...}, {...}]}
+`starts[i]` applies to the i-th start (counted in `<control>.count`), else `default`. Keys:
+    fail_start: str        print this to stderr and exit with exit_code (default 1)
+    exit_code: int
+    startup_delay: float   seconds before listening
+    crash_after: int       after this many API requests, die (crash_signal or exit_code)
+    crash_signal: str      e.g. "SIGKILL", "SIGSEGV"
+    hang_after: int        after this many API requests, stop answering anything
+    fail_completions: bool /health is 200 but completions answer 500
+    grandchildren: int     spawn this many child processes (same process group)
+    grandchildren_ignore_term: bool
+    setsid_grandchild: bool  one grandchild leaves the group (setsid), as a rogue might
+    ignore_term: bool      ignore SIGTERM (the daemon must escalate to SIGKILL)
+    log_content: bool      print each user message preview, as vllm-mlx does
+    stream_delay: float    seconds between streamed chunks
+    tokens: int            completion tokens to produce (default 4)
+Each start appends {"pid", "pgid", "argv", "has_key", "start"} to `<control>.starts`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+GRANDCHILD = (
+    "import os, signal, sys, time\n"
+    "if sys.argv[1] == '1': signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "if sys.argv[2] == '1': os.setsid()\n"
+    "time.sleep(3600)\n"
+)
+
+
+def load_behaviour() -> tuple[dict[str, Any], int, Path | None]:
+    control = os.environ.get("FAKE_VLLM_CONTROL")
+    if not control:
+        return {}, 0, None
+    path = Path(control)
+    spec = json.loads(path.read_text()) if path.exists() else {}
+    counter = path.with_name(path.name + ".count")
+    n = int(counter.read_text()) if counter.exists() else 0
+    counter.write_text(str(n + 1))
+    starts = spec.get("starts", [])
+    behaviour = starts[n] if n < len(starts) else spec.get("default", {})
+    return behaviour, n, path
+
+
+class Fake:
+    def __init__(self, args: argparse.Namespace, behaviour: dict[str, Any]) -> None:
+        self.args = args
+        self.b = behaviour
+        self.key = args.api_key or os.environ.get("VLLM_API_KEY")
+        self.requests = 0
+        self.hung = False
+        self.name = args.served_model_name or args.model
+
+    def authorised(self, request: web.Request) -> bool:
+        if not self.key:
+            return True
+        return request.headers.get("Authorization") == f"Bearer {self.key}"
+
+    def count(self) -> None:
+        self.requests += 1
+        crash_after = self.b.get("crash_after")
+        if crash_after is not None and self.requests > crash_after:
+            print("fake_vllm: crashing as told", file=sys.stderr, flush=True)
+            sig = self.b.get("crash_signal")
+            if sig:
+                os.kill(os.getpid(), getattr(signal, sig))
+            os._exit(int(self.b.get("exit_code", 1)))
+        hang_after = self.b.get("hang_after")
+        if hang_after is not None and self.requests > hang_after:
+            self.hung = True
+
+    async def maybe_hang(self) -> None:
+        if self.hung:
+            await asyncio.Event().wait()
+
+    async def health(self, _request: web.Request) -> web.Response:
+        await self.maybe_hang()
+        return web.Response(status=200)
+
+    async def models(self, request: web.Request) -> web.Response:
+        if not self.authorised(request):
+            return self.unauthorised()
+        self.count()
+        await self.maybe_hang()
+        return web.json_response({"object": "list", "data": [
+            {"id": self.name, "object": "model", "created": int(time.time()),
+             "owned_by": "fake", "root": self.args.model}]})
+
+    def unauthorised(self) -> web.Response:
+        return web.json_response({"error": "Unauthorized"}, status=401)
+
+    async def completion(self, request: web.Request) -> web.StreamResponse:
+        if not self.authorised(request):
+            return self.unauthorised()
+        self.count()
+        await self.maybe_hang()
+        body = await request.json()
+        if self.b.get("fail_completions"):
+            return web.json_response({"error": {"message": "engine dead", "type": "server"}},
+                                     status=500)
+        chat = request.path.endswith("/chat/completions")
+        if chat and self.b.get("log_content"):
+            last = body.get("messages", [{}])[-1].get("content", "")
+            print(f"[REQUEST] last user message preview: {last}", flush=True)
+        n = int(body.get("max_tokens") or self.b.get("tokens", 4))
+        n = min(n, int(self.b.get("tokens", 4)))
+        prompt_tokens = 7
+        if body.get("stream"):
+            return await self.stream(request, body, chat, n, prompt_tokens)
+        text = " tok" * n
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return web.json_response({
+            "id": "cmpl-fake", "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": self.name, "choices": [choice],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                      "total_tokens": prompt_tokens + n}})
+
+    async def stream(self, request: web.Request, body: dict[str, Any], chat: bool, n: int,
+                     prompt_tokens: int) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        delay = float(self.b.get("stream_delay", 0))
+        for i in range(n):
+            delta: dict[str, Any] = ({"delta": {"content": f" tok{i}"}} if chat
+                                     else {"text": f" tok{i}"})
+            chunk = {"id": "cmpl-fake", "object": "chat.completion.chunk" if chat
+                     else "text_completion", "model": self.name,
+                     "choices": [{"index": 0, **delta, "finish_reason": None}]}
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if delay:
+                await asyncio.sleep(delay)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"id": "cmpl-fake", "object": "chat.completion.chunk", "model": self.name,
+                     "choices": [], "usage": {"prompt_tokens": prompt_tokens,
+                                              "completion_tokens": n,
+                                              "total_tokens": prompt_tokens + n}}
+            await resp.write(f"data: {json.dumps(usage)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        if not self.authorised(request):
+            return self.unauthorised()
+        self.count()
+        return web.json_response({"object": "list", "model": self.name, "data": [
+            {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+            "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+
+    async def unguarded(self, request: web.Request) -> web.Response:
+        # Like vLLM's /invocations, /tokenize, /pause: answers without any key.
+        return web.json_response({"unguarded": request.path, "choices": [{"text": "leak"}]})
+
+
+def spawn_grandchildren(b: dict[str, Any]) -> list[subprocess.Popen[bytes]]:
+    kids = []
+    for i in range(int(b.get("grandchildren", 0))):
+        ignore = "1" if b.get("grandchildren_ignore_term") else "0"
+        rogue = "1" if b.get("setsid_grandchild") and i == 0 else "0"
+        kids.append(subprocess.Popen([sys.executable, "-c", GRANDCHILD, ignore, rogue]))
+    return kids
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model_pos", nargs="?")  # vllm-mlx takes the model positionally
+    p.add_argument("--model")
+    p.add_argument("--served-model-name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--uds")
+    p.add_argument("--shutdown-timeout", type=float, default=0)
+    p.add_argument("--api-key")
+    args, _unknown = p.parse_known_args()
+    args.model = args.model or args.model_pos
+    behaviour, start, control = load_behaviour()
+    if control is not None:
+        with control.with_name(control.name + ".starts").open("a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "pgid": os.getpgid(0), "argv": sys.argv,
+                                "has_key": bool(args.api_key or os.environ.get("VLLM_API_KEY")),
+                                "offline": os.environ.get("HF_HUB_OFFLINE"),
+                                "start": start}) + "\n")
+    print(f"fake_vllm: start {start} pid {os.getpid()} model {args.model}", flush=True)
+    if behaviour.get("fail_start"):
+        print(behaviour["fail_start"], file=sys.stderr, flush=True)
+        sys.exit(int(behaviour.get("exit_code", 1)))
+    if not args.model or not Path(args.model).is_dir():
+        print(f"OSError: {args.model} does not appear to have a file named config.json",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
+    if behaviour.get("ignore_term"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    kids = spawn_grandchildren(behaviour)  # left running: the daemon must end the whole group
+    time.sleep(float(behaviour.get("startup_delay", 0)))
+    fake = Fake(args, behaviour)
+    app = web.Application()
+    app.router.add_get("/health", fake.health)
+    app.router.add_get("/v1/models", fake.models)
+    app.router.add_post("/v1/completions", fake.completion)
+    app.router.add_post("/v1/chat/completions", fake.completion)
+    app.router.add_post("/v1/embeddings", fake.embeddings)
+    for path in ("/invocations", "/tokenize", "/pause", "/collective_rpc", "/docs",
+                 "/v1/mcp/execute"):
+        app.router.add_route("*", path, fake.unguarded)
+    try:
+        if args.uds:
+            web.run_app(app, path=args.uds, print=None, access_log=None,
+                        shutdown_timeout=args.shutdown_timeout or 0.1)
+        else:
+            web.run_app(app, host=args.host, port=args.port, print=None, access_log=None,
+                        shutdown_timeout=args.shutdown_timeout or 0.1)
+    except OSError as exc:
+        print(f"ERROR: [Errno {exc.errno}] error while attempting to bind on address "
+              f"({args.host!r}, {args.port}): address already in use", file=sys.stderr,
+              flush=True)
+        sys.exit(1)
+    print(f"fake_vllm: stopped ({len(kids)} grandchildren left)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
