@@ -172,12 +172,15 @@ def is_loopback(host: str) -> bool:
 # Declarations
 
 
-def setting(doc: str, parse: Parser, default: Any = dataclasses.MISSING, example: Any = None) -> Any:
+def setting(doc: str, parse: Parser, default: Any = dataclasses.MISSING,
+            example: Any = None) -> Any:
     """Declare one setting: its description, parser, default, and a value for the example file."""
     meta = {"doc": doc, "parse": parse, "example": example}
-    if isinstance(default, list | dict | tuple):
-        frozen = default
-        return field(default_factory=lambda: frozen, metadata=meta)
+    if isinstance(default, list):
+        default = tuple(default)  # list settings parse to tuples; defaults match
+    if isinstance(default, dict):
+        initial = dict(default)
+        return field(default_factory=lambda: dict(initial), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -455,7 +458,7 @@ class _StrictLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
     seen: dict[object, int] = {}
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})",
@@ -493,6 +496,8 @@ def _load_section(cls: type, raw: object, name: str, ctx: _Context,
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 problems.append(ConfigProblem(f"{name}.{fname}", "required key is missing"))
                 ok = False
+            elif isinstance(f.default, str) and f.metadata["parse"] in (_path, _opt_path):
+                values[fname] = f.metadata["parse"](f.default, ctx)  # relative default path
             continue
         try:
             values[fname] = f.metadata["parse"](raw[fname], ctx)

@@ -55,7 +55,7 @@ class ControlServer:
             await web.UnixSite(self._runner, str(self.path)).start()
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
+        self.path.chmod(0o600)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -35,7 +35,7 @@ async def _main(cfg: Config, allow_root: bool) -> int:
                                        cfg.logs.keep, mode=0o640),
                           cfg.server.output_buffer, backend.content_line,
                           cfg.server.content_lines)
-    supervisor = Supervisor(cfg, backend, events, metrics, output)
+    supervisor = Supervisor(cfg, backend, events, metrics, output=output)
     gateway = Gateway(cfg, supervisor, metrics)
     control = ControlServer(cfg.control_socket, supervisor)
     loop = asyncio.get_running_loop()

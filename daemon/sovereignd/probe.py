@@ -62,8 +62,9 @@ class Prober:
                      timeout: float) -> ProbeResult:
         return await self._request("canary", "POST", path, body, key, timeout)
 
-    async def _request(self, kind: str, method: str, path: str, body: dict[str, Any] | None,
-                       key: str | None, timeout: float) -> ProbeResult:
+    async def _request(self, kind: str, method: str, path: str,  # noqa: PLR0917 - private
+                       body: dict[str, Any] | None, key: str | None,
+                       timeout: float) -> ProbeResult:
         t0 = time.monotonic()
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         try:

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
+
 from sovereignd import procs
 from sovereignd.errors import SovereigndError
 from sovereignd.fsutil import atomic_write
@@ -94,7 +96,9 @@ class ServerProcess:
         """Spawn the server in a new session (its own process group) and start watching it."""
         loop = asyncio.get_running_loop()
         try:
-            self._popen = subprocess.Popen(
+            # Popen, not asyncio's subprocess: exit is watched by a reaper thread (see above);
+            # fork/exec takes a millisecond, which the loop can afford.
+            self._popen = subprocess.Popen(  # noqa: ASYNC220
                 self.argv, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                 close_fds=True)
@@ -236,9 +240,7 @@ def write_pidfile(path: Path, server: ServerProcess) -> None:
 
 
 def read_pidfile(path: Path) -> dict[str, object] | None:
-    """The recorded server, or None if there is no pidfile; a corrupt one reads as None."""
-    import orjson
-
+    """The recorded server, None if there is no pidfile, {} if it is unreadable."""
     try:
         data = orjson.loads(path.read_bytes())
     except FileNotFoundError:

@@ -30,7 +30,7 @@ from sovereignd import __version__
 from sovereignd.backends import Backend
 from sovereignd.config import Config
 from sovereignd.eventlog import EventLog
-from sovereignd.failures import Failure, classify_exit, describe_exit
+from sovereignd.failures import Failure, classify_exit
 from sovereignd.logfiles import utc_timestamp
 from sovereignd.metrics import Metrics
 from sovereignd.probe import Prober, ProbeResult
@@ -89,7 +89,7 @@ class _Pending:
 class Supervisor:
     """Owns the model server's life: the state machine, the restart policy, the probes."""
 
-    def __init__(self, cfg: Config, backend: Backend, events: EventLog, metrics: Metrics,
+    def __init__(self, cfg: Config, backend: Backend, events: EventLog, metrics: Metrics, *,
                  output: ServerOutput, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.backend = backend
@@ -132,6 +132,10 @@ class Supervisor:
             self._shutdown_reason = reason
         self._pending.append(_Pending(kind, reason, details))
         self._wake.set()
+
+    def stop_requested(self) -> bool:
+        """True once shutdown was requested (a method: the flag changes across awaits)."""
+        return self._shutting_down
 
     def add_gate(self, gate: Gate) -> None:
         """A check that must pass before every start (integrity, environment)."""
@@ -200,8 +204,9 @@ class Supervisor:
             await self._clean_leftovers()
             while not self._shutting_down:
                 if self.state in PARKED:
-                    await self._park()
-                    continue
+                    await self._park()  # returns when it is time to try again
+                    if self.stop_requested():
+                        break
                 if await self._blocked_by_gate():
                     continue
                 await self._serve_once()
@@ -276,8 +281,8 @@ class Supervisor:
         if s.uds is None and not await asyncio.to_thread(_port_free, s.host, s.port):
             return Blocked(State.FATAL, f"port {s.host}:{s.port} is already in use",
                            {"kind": "port-in-use", "mitigation": "stop whatever listens there "
-                            "(`lsof -iTCP:%d -sTCP:LISTEN`) or choose another server.port"
-                            % s.port})
+                            f"(`lsof -iTCP:{s.port} -sTCP:LISTEN`) or choose another "
+                            "server.port"})
         return None
 
     async def _park(self) -> None:
@@ -333,8 +338,8 @@ class Supervisor:
         woken = asyncio.create_task(self._wake.wait(), name="wake")
         try:
             while True:
-                done, _ = await asyncio.wait({server.exited, probe, woken},
-                                             return_when=asyncio.FIRST_COMPLETED)
+                waiters: set[asyncio.Future[Any]] = {server.exited, probe, woken}
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 if server.exited in done:
                     await server.wait_output_closed(0.2)
                     code = server.exited.result()

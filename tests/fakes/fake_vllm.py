@@ -15,6 +15,7 @@ Behaviour comes from a JSON control file named by FAKE_VLLM_CONTROL, read at eac
     crash_signal: str      e.g. "SIGKILL", "SIGSEGV"
     hang_after: int        after this many API requests, stop answering anything
     fail_completions: bool /health is 200 but completions answer 500
+    fail_completions_after: int  the same, after this many API requests
     grandchildren: int     spawn this many child processes (same process group)
     grandchildren_ignore_term: bool
     setsid_grandchild: bool  one grandchild leaves the group (setsid), as a rogue might
@@ -115,7 +116,9 @@ class Fake:
         self.count()
         await self.maybe_hang()
         body = await request.json()
-        if self.b.get("fail_completions"):
+        fail_after = self.b.get("fail_completions_after")
+        if self.b.get("fail_completions") or (fail_after is not None
+                                               and self.requests > fail_after):
             return web.json_response({"error": {"message": "engine dead", "type": "server"}},
                                      status=500)
         chat = request.path.endswith("/chat/completions")
@@ -227,13 +230,15 @@ def main() -> None:
     for path in ("/invocations", "/tokenize", "/pause", "/collective_rpc", "/docs",
                  "/v1/mcp/execute"):
         app.router.add_route("*", path, fake.unguarded)
+    # aiohttp would install its own SIGTERM handler over SIG_IGN.
+    opts: dict[str, Any] = {"print": None, "access_log": None,
+                            "shutdown_timeout": args.shutdown_timeout or 0.1,
+                            "handle_signals": not behaviour.get("ignore_term")}
     try:
         if args.uds:
-            web.run_app(app, path=args.uds, print=None, access_log=None,
-                        shutdown_timeout=args.shutdown_timeout or 0.1)
+            web.run_app(app, path=args.uds, **opts)
         else:
-            web.run_app(app, host=args.host, port=args.port, print=None, access_log=None,
-                        shutdown_timeout=args.shutdown_timeout or 0.1)
+            web.run_app(app, host=args.host, port=args.port, **opts)
     except OSError as exc:
         print(f"ERROR: [Errno {exc.errno}] error while attempting to bind on address "
               f"({args.host!r}, {args.port}): address already in use", file=sys.stderr,
