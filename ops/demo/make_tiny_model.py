@@ -24,8 +24,8 @@ The script is idempotent: if OUT_DIR already holds a complete model of the reque
 variant it does nothing and exits 0. Otherwise it builds the model in a temporary sibling
 directory and renames it into place, so OUT_DIR is never seen half-written.
 
-Exit status: 0 on success (written or already present), 1 if OUT_DIR exists but is not a
-complete model of the requested variant (it is never overwritten), 2 on usage errors.
+Exit status: 0 on success (written or already present), 1 if OUT_DIR exists, is not empty and
+is not a complete model of the requested variant (it is never overwritten), 2 on usage errors.
 """
 
 from __future__ import annotations
@@ -130,7 +130,15 @@ def is_complete(out_dir: Path, variant: Variant) -> bool:
 
 
 def _train_tokenizer(vocab_size: int) -> Tokenizer:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    # Imported here, not at the top: the "already complete" path needs none of the ML stack.
+    from tokenizers import (  # noqa: PLC0415
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -158,7 +166,9 @@ def _train_tokenizer(vocab_size: int) -> Tokenizer:
 def _write_tokenizer(directory: Path, max_length: int, vocab_size: int) -> dict[str, int]:
     tokenizer = _train_tokenizer(vocab_size)
     if tokenizer.get_vocab_size() > vocab_size:
-        raise RuntimeError(f"tokenizer vocab {tokenizer.get_vocab_size()} > model vocab {vocab_size}")
+        raise RuntimeError(
+            f"tokenizer vocab {tokenizer.get_vocab_size()} > model vocab {vocab_size}"
+        )
     tokenizer.save(str(directory / "tokenizer.json"))
     ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
     tokenizer_config = {
@@ -178,8 +188,8 @@ def _write_tokenizer(directory: Path, max_length: int, vocab_size: int) -> dict[
 
 
 def _write_model(directory: Path, variant: Variant, token_ids: dict[str, int]) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import torch  # noqa: PLC0415  (heavy; see _train_tokenizer)
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
 
     torch.manual_seed(SEED)
     config = LlamaConfig(
@@ -213,19 +223,21 @@ def build(out_dir: Path, variant: Variant) -> bool:
     """Build the model at out_dir. Returns False if a complete one was already there."""
     if is_complete(out_dir, variant):
         return False
-    if out_dir.exists():
+    # An existing *empty* directory is fine: rename() atomically replaces it on POSIX.
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists but is not a complete '{variant.name}' tiny model")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        os.chmod(tmp, 0o755)
+        # mkdtemp makes it 0700; the server may run as another user, so make it world-readable.
+        tmp.chmod(0o755)
         token_ids = _write_tokenizer(tmp, variant.max_position_embeddings, variant.vocab_size)
         _write_model(tmp, variant, token_ids)
         _write_json(tmp / MARKER, _marker_payload(variant))  # written last: marks completeness
         for path in tmp.iterdir():
-            os.chmod(path, 0o644)
+            path.chmod(0o644)
         try:
-            os.rename(tmp, out_dir)
+            tmp.rename(out_dir)
         except OSError:
             # Someone else finished first; accept theirs if it is what we were asked for.
             if is_complete(out_dir, variant):

@@ -24,6 +24,10 @@ Behaviour comes from a JSON control file named by FAKE_VLLM_CONTROL, read at eac
     stream_delay: float    seconds between streamed chunks
     tokens: int            completion tokens to produce (default 4)
 Each start appends {"pid", "pgid", "argv", "has_key", "start"} to `<control>.starts`.
+
+Faults on demand, for benchmarks (straight to the server's port, never via the gateway):
+`POST /fake/crash` exits at once (writing the time to `<control>.crash`), `POST /fake/hang`
+stops answering from then on (writing `<control>.hang`).
 """
 
 from __future__ import annotations
@@ -175,6 +179,16 @@ class Fake:
             {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
             "usage": {"prompt_tokens": 3, "total_tokens": 3}})
 
+    async def fault(self, request: web.Request) -> web.Response:
+        control = os.environ.get("FAKE_VLLM_CONTROL")
+        kind = request.match_info["kind"]
+        if control:
+            Path(f"{control}.{kind}").write_text(repr(time.time()))
+        if kind == "crash":
+            os._exit(3)
+        self.hung = True
+        return web.Response(text="hanging from now on")
+
     async def unguarded(self, request: web.Request) -> web.Response:
         # Like vLLM's /invocations, /tokenize, /pause: answers without any key.
         return web.json_response({"unguarded": request.path, "choices": [{"text": "leak"}]})
@@ -227,6 +241,7 @@ def main() -> None:
     app.router.add_post("/v1/completions", fake.completion)
     app.router.add_post("/v1/chat/completions", fake.completion)
     app.router.add_post("/v1/embeddings", fake.embeddings)
+    app.router.add_post("/fake/{kind:crash|hang}", fake.fault)
     for path in ("/invocations", "/tokenize", "/pause", "/collective_rpc", "/docs",
                  "/v1/mcp/execute"):
         app.router.add_route("*", path, fake.unguarded)
