@@ -53,11 +53,14 @@ class Backend:
         _route("/v1/models", "GET"),
     )
     patterns: tuple[FailurePattern, ...] = (
+        # Order matters: the first pattern that matches any of the last lines wins, and a
+        # traceback often holds several (the root cause, then "Engine core initialization
+        # failed"). Messages verbatim in tests/data/server_messages/.
         pattern("kv-cache-memory",
                 r"(not enough Metal memory for KV cache|kv_budget=-|"
-                r"To serve at least one request with the models's max seq len|"
+                r"To serve at least one request with the model'?s'? max seq len|"
                 r"No available memory for the cache blocks|"
-                r"larger than the maximum number of tokens that can be stored in KV cache|"
+                r"larger than the available KV cache memory|"
                 r"Insufficient memory for KV cache)",
                 "not enough memory for the KV cache at this maximum model length",
                 "lower --max-model-len in server.args, raise the memory fraction "
@@ -65,20 +68,20 @@ class Backend:
                 "on CPU) if memory allows, or serve a smaller model"),
         pattern("memory-utilization",
                 r"(Available memory on node \d+.*is less than desired CPU memory utilization|"
-                r"Free memory on device.*is less than desired GPU memory utilization|"
-                r"less than desired (CPU|GPU) memory utilization)",
-                "not enough free memory for the requested memory utilization",
-                "lower --gpu-memory-utilization in server.args (e.g. 0.3), free memory held by "
-                "other processes, or serve a smaller model"),
+                r"Available memory on node \d+.*is less than requested memory for kv|"
+                r"Free memory on device.*is less than desired GPU memory utilization)",
+                "not enough free memory for the memory the server was told to reserve",
+                "lower --gpu-memory-utilization (e.g. 0.3) or VLLM_CPU_KVCACHE_SPACE in "
+                "server.args/server.env, free memory held by other processes, or serve a "
+                "smaller model"),
         pattern("model-max-len",
-                r"(User-specified max_model_len .* is greater than the derived max_model_len|"
+                r"(User-specified max_model_len \(\d+\) is greater than the derived max_model_len|"
                 r"max_model_len.*exceeds|Model's max seq len .* is larger than)",
                 "--max-model-len is larger than the model supports",
                 "lower --max-model-len in server.args to at most the model's context length"),
         pattern("unsupported-architecture",
                 r"(Model architectures? \[.*\] (are|is) not supported|"
-                r"Unsupported model architecture|not supported for now\. Supported architectures|"
-                r"Cannot find model module)",
+                r"Unsupported model architecture|Cannot find model module)",
                 "the model's architecture is not supported by this server",
                 "serve a model whose architecture this vLLM supports, or upgrade the server venv "
                 "(and re-baseline it)"),
@@ -86,6 +89,21 @@ class Backend:
                 r"Unsupported CPU attention configuration",
                 "the server cannot run this model's attention shape on this hardware",
                 "serve a model with a supported head size (e.g. 64 or 128)"),
+        pattern("model-corrupt",
+                r"(SafetensorError: Error while deserializing header|"
+                r"HeaderTooLarge|incomplete metadata, file not fully covered|"
+                r"invalid load key|Unable to load weights)",
+                "a weight file is corrupt or truncated",
+                "restore the model's files from the approved copy and verify them with "
+                "`sovereignd manifest verify`"),
+        pattern("model-missing",
+                r"(Invalid repository ID or local directory specified|"
+                r"Repo id must be in the form|"
+                r"Cannot find an appropriate cached snapshot folder|"
+                r"does not appear to have a file named config\.json)",
+                "the model directory is missing, empty or not a model",
+                "set server.model to a local model directory with config.json and weights, "
+                "readable by the service account"),
         *COMMON_PATTERNS,
     )
 

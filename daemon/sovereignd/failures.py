@@ -65,18 +65,11 @@ class Failure:
 # Patterns every backend shares: Python/OS level failures seen whatever the server.
 COMMON_PATTERNS: tuple[FailurePattern, ...] = (
     pattern("port-in-use",
-            r"\[Errno (98|48)\][^\n]*[Aa]ddress already in use|address already in use",
+            r"(\[Errno (98|48)\] [Aa]ddress already in use|address already in use)",
             "the server's port is already in use",
             "stop whatever listens on server.port (see `lsof -iTCP -sTCP:LISTEN`) or choose "
             "another server.port"),
-    pattern("model-missing",
-            r"(No such file or directory|does not exist|is not a local folder|"
-            r"does not appear to have a file named config\.json|Repo id must be|"
-            r"OfflineModeIsEnabled|Cannot find model|couldn't connect to 'https://huggingface\.co')",
-            "the model directory is missing, incomplete or not a model",
-            "check server.model points at a local model directory with config.json and weights "
-            "readable by the service account"),
-    pattern("model-unreadable", r"(Permission denied|PermissionError)",
+    pattern("model-unreadable", r"PermissionError: \[Errno 13\] Permission denied",
             "the server could not read a file it needs",
             "make the model directory and its files readable by the service account"),
     pattern("out-of-memory", r"(MemoryError|Cannot allocate memory|std::bad_alloc)",

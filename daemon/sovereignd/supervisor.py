@@ -45,7 +45,9 @@ from sovereignd.server import (
 from sovereignd.serverlog import ServerOutput
 from sovereignd.states import PARKED, State, check_transition
 
-CLASSIFY_LINES = 80  # output lines searched for a known failure: the traceback is at the end
+# Output lines searched for a known failure. The tail is cleared at each start, so these are
+# this run's; vLLM's multi-process tracebacks put the root cause ~150 lines before the end.
+CLASSIFY_LINES = 500
 
 
 class Request(enum.Enum):
