@@ -183,12 +183,20 @@ class Daemon:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
 
+    def server_groups(self) -> set[int]:
+        """Process groups of every server this daemon spawned (from its events and the
+        stand-in's own record)."""
+        groups = {int(s["pgid"]) for s in self.starts()}
+        groups |= {int(e["pid"]) for e in self.events("spawn")}
+        return groups
+
     def leftover_processes(self) -> list[str]:
         """Processes of any server this daemon started that are still alive."""
         left = []
-        for start in self.starts():
-            for p in group_processes(int(start["pgid"])):
-                left.append(f"{p.pid} {' '.join(p.cmdline())[:100]}")
+        for pgid in self.server_groups():
+            for p in group_processes(pgid):
+                with contextlib.suppress(psutil.Error):
+                    left.append(f"{p.pid} {' '.join(p.cmdline())[:100]}")
         return left
 
     def close(self) -> None:
@@ -200,8 +208,8 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         left = wait_for_no_leftovers(self, 10)
-        for start in self.starts():  # never leave anything behind, even when failing
-            for p in group_processes(int(start["pgid"])):
+        for pgid in self.server_groups():  # never leave anything behind, even when failing
+            for p in group_processes(pgid):
                 with contextlib.suppress(psutil.Error):
                     p.kill()
         assert not left, f"server processes left running: {left}"

@@ -45,13 +45,18 @@ def is_alive(ident: ProcessId) -> bool:
 
 
 def describe(pid: int) -> str:
-    """A short name for an event: the process title (vLLM renames its engine), else the name."""
+    """A short name for an event: the process title (vLLM renames its engine to
+    `VLLM::EngineCore`), else the program's name and its first arguments."""
     try:
         p = psutil.Process(pid)
         cmd = p.cmdline()
-        return (cmd[0] if cmd else p.name())[:80]
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return "?"
+    if not cmd:
+        return "?"
+    if len(cmd) == 1 or "::" in cmd[0]:
+        return cmd[0][:80]
+    return " ".join([os.path.basename(cmd[0]), *cmd[1:]])[:80]
 
 
 def group_members(pgid: int, uid: int | None = None,

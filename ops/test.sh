@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Run every test of sovereignd on a fresh machine: set up what they need, then lint, type-check
+# and run the whole suite (fast tier, root tier, end-to-end tier with the real vLLM CPU build).
+# Usage: ops/test.sh [pytest arguments...]     e.g. ops/test.sh -m "not e2e" -x
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+
+# shellcheck lints ops/ (a test runs it); Debian's package, installed once when we may.
+if ! command -v shellcheck >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "test: installing shellcheck (Debian package)" >&2
+    apt-get update -qq >/dev/null && apt-get install -y -qq shellcheck >/dev/null
+  else
+    echo "test: shellcheck is missing; install it (apt-get install shellcheck)" >&2
+  fi
+fi
+
+ops/demo/setup.sh --only daemon
+ops/demo/setup.sh --only model
+
+venv="$repo/.venv"
+echo "test: ruff" >&2
+"$venv/bin/ruff" check daemon tests ops
+echo "test: mypy (strict)" >&2
+"$venv/bin/mypy"
+echo "test: pytest" >&2
+exec "$venv/bin/python" -m pytest -p no:cacheprovider "$@"

