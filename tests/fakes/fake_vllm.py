@@ -183,7 +183,7 @@ class Fake:
         control = os.environ.get("FAKE_VLLM_CONTROL")
         kind = request.match_info["kind"]
         if control:
-            Path(f"{control}.{kind}").write_text(repr(time.time()))
+            Path(f"{control}.{kind}").write_text(repr(time.time()))  # noqa: ASYNC240 - a tiny marker file in a test stand-in
         if kind == "crash":
             os._exit(3)
         self.hung = True
