@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from sovereignd import __version__, backends
+from sovereignd import __version__, backends, memory
 from sovereignd.config import Config
 from sovereignd.control import ControlServer
 from sovereignd.eventlog import EventLog
@@ -36,6 +36,7 @@ async def _main(cfg: Config, allow_root: bool) -> int:
                           cfg.server.output_buffer, backend.content_line,
                           cfg.server.content_lines)
     supervisor = Supervisor(cfg, backend, events, metrics, output=output)
+    supervisor.add_gate(memory.gate(memory.Preflight(cfg), events))
     gateway = Gateway(cfg, supervisor, metrics)
     control = ControlServer(cfg.control_socket, supervisor)
     loop = asyncio.get_running_loop()

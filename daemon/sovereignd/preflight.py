@@ -8,7 +8,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sovereignd import backends
+from sovereignd import backends, memory
 from sovereignd.config import Config
 from sovereignd.units import format_duration
 
@@ -67,6 +67,7 @@ def run_checks(cfg: Config) -> Report:
     _check_ports(cfg, report)
     _check_dirs(cfg, report)
     _check_backend(cfg, report)
+    _check_memory(cfg, report)
     for check in EXTRA_CHECKS:
         check(cfg, report)
     return report
@@ -139,3 +140,15 @@ def _check_backend(cfg: Config, report: Report) -> None:
     if backend.logs_content:
         report.add(WARN, "server output", f"{backend.name} logs request content; "
                    f"server.content_lines is {cfg.server.content_lines!r}")
+
+
+def _check_memory(cfg: Config, report: Report) -> None:
+    verdict = memory.Preflight(cfg).evaluate()
+    if verdict is None:
+        report.add(OK, "memory", "not checked (memory.check is off, or not a vLLM server)")
+    elif not verdict.ok:
+        report.add(FAIL, "memory", verdict.sentence())
+    elif verdict.summary.startswith("not estimated"):
+        report.add(WARN, "memory", verdict.summary)
+    else:
+        report.add(OK, "memory", verdict.summary)
