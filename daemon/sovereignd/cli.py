@@ -1,7 +1,9 @@
 """The `sovereignd` command line. The only module that turns errors into exit statuses.
 
 Exit statuses: 0 success; 1 a check failed or an unexpected error; 78 (EX_CONFIG) a bad
-configuration. Each feature registers its subcommands with an `_add_*` function below.
+configuration, of the file or of the host (`guards`: running as root, protected files the
+service account could change). Each feature registers its subcommands with an `_add_*`
+function below.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from sovereignd import __version__
 from sovereignd import config as config_mod
-from sovereignd.errors import CheckFailed, ConfigError, SovereigndError
+from sovereignd.errors import CheckFailed, ConfigError, SovereigndError, UnsafeHost
 
 EX_OK = 0
 EX_FAIL = 1
@@ -134,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except ConfigError as exc:
+        print(f"sovereignd: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except UnsafeHost as exc:
+        # The host's setup is configuration too: 78 keeps systemd from restarting in a loop.
         print(f"sovereignd: {exc}", file=sys.stderr)
         return EX_CONFIG
     except CheckFailed as exc:

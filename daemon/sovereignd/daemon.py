@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from sovereignd import __version__, backends, memory
+from sovereignd import __version__, backends, guards, memory
 from sovereignd.config import Config
 from sovereignd.control import ControlServer
 from sovereignd.eventlog import EventLog
@@ -20,7 +20,11 @@ from sovereignd.supervisor import Request, Supervisor
 
 
 def run(cfg: Config, allow_root: bool = False) -> int:
-    """Run until SIGTERM/SIGINT; return the exit status (0 after a clean shutdown)."""
+    """Run until SIGTERM/SIGINT; return the exit status (0 after a clean shutdown).
+
+    The guard rails run first: a refusal (UnsafeHost) happens before any file is written or
+    any process is spawned."""
+    guards.enforce(cfg, allow_root)
     return asyncio.run(_main(cfg, allow_root))
 
 
