@@ -6,7 +6,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
-# shellcheck lints ops/ (a test runs it); Debian's package, installed once when we may.
+# A test lints every script in ops/ with shellcheck: Debian's package, installed once when we may.
 if ! command -v shellcheck >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "test: installing shellcheck (Debian package)" >&2
