@@ -115,6 +115,76 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_cmd_restart)
 
 
+# --- service files: launchd / systemd ---------------------------------------------------------
+
+
+def _emit(text: bytes, output: Path | None) -> None:
+    """Write to --output atomically (mode 0644, as service files are installed) or stdout."""
+    if output is None:
+        sys.stdout.buffer.write(text)
+        sys.stdout.flush()
+        return
+    from sovereignd.fsutil import atomic_write
+
+    atomic_write(output, text, mode=0o644)
+
+
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    _config_arg(p)
+    p.add_argument("--program", type=Path, metavar="PATH",
+                   help="absolute path of the daemon venv's sovereignd (default: this one's)")
+    p.add_argument("--user", help="service account (default: daemon.user, else the "
+                   "platform's name)")
+    p.add_argument("--group", help="its group (default: the account's name)")
+    p.add_argument("--home", type=Path, metavar="DIR", help="the account's home")
+    p.add_argument("--output", "-o", type=Path, metavar="FILE",
+                   help="write here (atomically) instead of to stdout")
+
+
+def _cmd_launchd(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from sovereignd import launchd
+
+    try:
+        spec = launchd.service_spec(cfg, args.program, args.user, args.group, args.home)
+    except ValueError as exc:
+        raise SovereigndError(str(exc)) from exc
+    if args.launchd_cmd == "newsyslog":
+        _emit(launchd.newsyslog_conf(cfg, spec).encode(), args.output)
+    else:
+        _emit(launchd.dumps(launchd.render(cfg, spec, args.label)), args.output)
+    return EX_OK
+
+
+def _cmd_systemd(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from sovereignd import systemd
+
+    try:
+        spec = systemd.service_spec(cfg, args.program, args.user, args.group, args.home)
+    except ValueError as exc:
+        raise SovereigndError(str(exc)) from exc
+    _emit(systemd.render(cfg, spec).encode(), args.output)
+    return EX_OK
+
+
+def _add_service(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("launchd", help="render the macOS LaunchDaemon and its newsyslog entry")
+    lsub = p.add_subparsers(dest="launchd_cmd", required=True)
+    r = lsub.add_parser("render", help="the LaunchDaemon property list")
+    _spec_args(r)
+    r.add_argument("--label", default="org.sovereignd", help="launchd label")
+    r.set_defaults(handler=_cmd_launchd)
+    n = lsub.add_parser("newsyslog", help="/etc/newsyslog.d entry for launchd's stdout/stderr")
+    _spec_args(n)
+    n.set_defaults(handler=_cmd_launchd)
+    p = sub.add_parser("systemd", help="render the systemd unit")
+    ssub = p.add_subparsers(dest="systemd_cmd", required=True)
+    r = ssub.add_parser("render", help="the unit file, with its sandbox")
+    _spec_args(r)
+    r.set_defaults(handler=_cmd_systemd)
+
+
 # --- parser and main ------------------------------------------------------------------------
 
 
@@ -124,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a local LLM server as a supervised, audited production service.")
     parser.add_argument("--version", action="version", version=f"sovereignd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_check):
+    for add in (_add_run, _add_check, _add_service):
         add(sub)
     return parser
 
