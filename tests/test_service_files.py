@@ -303,3 +303,11 @@ def test_checked_in_examples_are_what_the_renderers_produce() -> None:
     plist = plistlib.loads((REPO / "launchd" / "org.sovereignd.plist").read_bytes())
     assert plist["ProgramArguments"][0] == str(MACOS.program)
     assert plist["StandardOutPath"].startswith(str(MACOS.logs))
+
+
+def test_the_pf_boot_job_parses_and_enables_pf_with_the_anchor_config() -> None:
+    plist = plistlib.loads((REPO / "ops" / "macos" / "org.sovereignd.pf.plist").read_bytes())
+    assert {k: v for k, v in plist.items()
+            if k not in LAUNCHD_TYPES or not LAUNCHD_TYPES[k](v)} == {}
+    assert plist["ProgramArguments"] == ["/sbin/pfctl", "-E", "-f", "/etc/pf.conf"]
+    assert plist["RunAtLoad"] is True
