@@ -162,8 +162,9 @@ def _check_guards(cfg: Config, report: Report) -> None:
     for p in problems:
         report.add(FAIL, "guard rails", str(p))
     if not problems:
-        report.add(OK, "guard rails", f"as {account.name}: protected files are not writable "
-                   "by it, the log folder is closed to others")
+        who = "no other account" if account.uid == 0 else "it"
+        report.add(OK, "guard rails", f"as {account.name}: {who} can change the protected "
+                   "files; the log folder is closed to others")
 
 
 def _check_memory(cfg: Config, report: Report) -> None:
