@@ -50,6 +50,8 @@ _HEADER = (
 
 def service_spec(cfg: Config, program: Path | None = None, user: str | None = None,
                  group: str | None = None, home: Path | None = None) -> ServiceSpec:
+    """Who runs the LaunchDaemon: the given values, else daemon.user or _sovereignd and the
+    macOS home for it."""
     return spec(cfg, program=program, user=user, group=group, home=home,
                 default_user=DEFAULT_USER, default_home=DEFAULT_HOME)
 

@@ -77,6 +77,7 @@ class ModelShape:
 
     @property
     def layers(self) -> int:
+        """Layers that hold a KV cache (full and sliding-window attention)."""
         return self.full_layers + self.sliding_layers
 
     def page_bytes(self, block_size: int, dtype_bytes: int | None = None) -> int:
@@ -326,6 +327,7 @@ class Verdict:
     numbers: dict[str, Any] = field(default_factory=dict)
 
     def sentence(self) -> str:
+        """The verdict and the mitigation, for a reason line or a check."""
         return self.summary + (f" — {self.mitigation}" if self.mitigation else "")
 
 

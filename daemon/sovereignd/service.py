@@ -37,6 +37,7 @@ class ServiceSpec:
     home: Path
 
     def argv(self, cfg: Config) -> list[str]:
+        """The command the service manager starts: `sovereignd run --config PATH`."""
         return [str(self.program), "run", "--config", str(cfg.source)]
 
 

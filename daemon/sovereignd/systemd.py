@@ -36,6 +36,8 @@ HOME_ROOTS = (Path("/home"), Path("/root"), Path("/run/user"))
 
 def service_spec(cfg: Config, program: Path | None = None, user: str | None = None,
                  group: str | None = None, home: Path | None = None) -> ServiceSpec:
+    """Who runs the unit: the given values, else daemon.user or sovereignd with home
+    /var/lib/sovereignd."""
     return spec(cfg, program=program, user=user, group=group, home=home,
                 default_user=DEFAULT_USER, default_home=DEFAULT_HOME)
 

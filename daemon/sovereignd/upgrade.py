@@ -71,6 +71,7 @@ def event_action(events: EventLog) -> Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def site_packages(venv: Path) -> list[Path]:
+    """The venv's site-packages folders (lib/ and lib64/, any Python 3)."""
     return sorted(p for p in venv.glob("lib*/python3*/site-packages") if p.is_dir())
 
 
@@ -154,10 +155,12 @@ class Layout:
 
     @property
     def current_path(self) -> Path:
+        """The venv folder the link points to now."""
         return (self.link.parent / self.current).resolve()
 
 
 def read_layout(cfg: Config) -> Layout:
+    """The symlink layout server.venv must follow; UpgradeFailed saying how to convert."""
     link = cfg.server.venv
     if link is None:
         raise UpgradeFailed("server.venv is not set: an upgrade switches the symlink it names")
