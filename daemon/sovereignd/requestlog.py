@@ -287,6 +287,17 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _finish_rotated(fd: int, dirty: bool, compress: Path | None, mode: int) -> None:
+    """In the worker: make a rotated file durable, close it, and compress it if asked."""
+    try:
+        if dirty:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    if compress is not None:
+        compress_file(compress, mode)
+
+
 def compress_file(plain: Path, mode: int = 0o640) -> Path:
     """Gzip a rotated file beside itself; the plain file goes only once the .gz is durable."""
     gz = plain.with_name(plain.name + ".gz")
@@ -384,7 +395,9 @@ class RequestLog:
         self._day_end = float("inf")
         self._next_check = float("inf")
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._compressing: dict[Path, concurrent.futures.Future[Path]] = {}
+        # Rotated files with work pending in the worker (fsync, compression): retention and
+        # error reports wait for it.
+        self._compressing: dict[Path, concurrent.futures.Future[Any]] = {}
 
     @classmethod
     def from_config(cls, cfg: Any, emit: Emit = discard,
@@ -683,13 +696,16 @@ class RequestLog:
 
     def _rotate(self, now: float, reason: str) -> None:
         """Close the live file under its final name, start a new one with an epoch marker."""
-        assert self._fd is not None
-        self.sync()
-        os.close(self._fd)
+        assert self._fd is not None and self._pool is not None
+        old_fd, dirty = self._fd, self._dirty
         self._fd = None
         rotated = self.logs_dir / rotated_name(self._file_start, self._file_first, self._seq)
         self._live.replace(rotated)
         _fsync_dir(self.logs_dir)
+        # Flushing up to a whole file to disk can take 100 ms: the worker does it (and then
+        # compresses), so the loop only pays for the rename and the new file's marker.
+        self._compressing[rotated] = self._pool.submit(
+            _finish_rotated, old_fd, dirty, rotated if self.compress else None, self._mode)
         self._emit("requests.rotated", file=rotated.name, first=self._file_first,
                    last=self._seq, reason=reason)
         self._fd = os.open(self._live, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
@@ -703,8 +719,6 @@ class RequestLog:
             self._schedule(now)
         else:
             self._advance_epoch(now, "rotation")
-        if self.compress:
-            self._submit_compression(rotated)
         self._apply_retention(now)
 
     def rotate(self) -> None:
