@@ -353,6 +353,8 @@ class AuthOutcome:
 class _Loaded:
     by_hash: dict[str, KeyEntry] = field(default_factory=dict)
     signature: tuple[int, int, int, int] | None = None
+    # One Client per active key, made once per load rather than per request.
+    clients: dict[str, Client] = field(default_factory=dict)
 
 
 class KeyStore:
@@ -382,6 +384,8 @@ class KeyStore:
         self._next_check = 0.0
         self._last_used: dict[str, str] = {}
         self._usage_dirty = False
+        self._stamp_second = -1
+        self._stamp = ""
         self.failures = 0
         self.failures_by_reason: dict[str, int] = {}
 
@@ -407,7 +411,8 @@ class KeyStore:
     def _read(self) -> _Loaded:
         signature = self._signature()
         entries = read_keys(self.path) if signature is not None else []
-        return _Loaded({e.sha256: e for e in entries}, signature)
+        clients = {e.sha256: Client(e.name, e.role, e.fingerprint) for e in entries if e.active}
+        return _Loaded({e.sha256: e for e in entries}, signature, clients)
 
     def reload(self) -> bool:
         """Re-read the keys file if it changed; on a bad file keep the last good set and log.
@@ -450,10 +455,13 @@ class KeyStore:
             return self._fail(AuthOutcome(None, "unknown", fp))
         if not entry.active:
             return self._fail(AuthOutcome(None, "revoked", fp, entry.name))
-        # Last use is kept to the second: finer adds nothing and dirties the file needlessly.
-        self._last_used[fp] = utc_timestamp(float(int(self._clock())))
+        # Last use is kept to the second: finer adds nothing, and the text is made once a second.
+        second = int(self._clock())
+        if second != self._stamp_second:
+            self._stamp_second, self._stamp = second, utc_timestamp(float(second))
+        self._last_used[fp] = self._stamp
         self._usage_dirty = True
-        return AuthOutcome(Client(entry.name, entry.role, fp), "ok", fp)
+        return AuthOutcome(self._loaded.clients[digest], "ok", fp)
 
     def authenticate(self, presented: str | None) -> Client | None:
         """The client a presented key belongs to, or None (missing, unknown or revoked)."""
@@ -466,8 +474,7 @@ class KeyStore:
 
     def clients(self) -> list[Client]:
         """The active clients, for metrics labels and /status."""
-        return [Client(e.name, e.role, e.fingerprint)
-                for e in self._loaded.by_hash.values() if e.active]
+        return list(self._loaded.clients.values())
 
     def take_usage(self) -> dict[str, str] | None:
         """A copy of last-use times if they changed since the last call, else None."""
