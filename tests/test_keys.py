@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from helpers import run_cli
 from sovereignd import keys
 from sovereignd.keys import KeysFileError, KeyStore
+from tests.helpers import run_cli
 
 KEY_RE = re.compile(r"^sk-sov-[A-Za-z0-9_-]{43}$")
 

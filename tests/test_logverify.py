@@ -9,8 +9,6 @@ from pathlib import Path
 import orjson
 import pytest
 
-from helpers import run_cli
-from reqlog_support import Site, write
 from sovereignd import sealing
 from sovereignd.eventlog import EventLog
 from sovereignd.logverify import (
@@ -26,6 +24,8 @@ from sovereignd.logverify import (
     verify_logs,
 )
 from sovereignd.requestlog import LEDGER_NAME, LIVE_NAME, list_segments
+from tests.helpers import run_cli
+from tests.reqlog_support import Site, write
 
 ROTATE = 4096
 

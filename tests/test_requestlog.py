@@ -12,7 +12,6 @@ from pathlib import Path
 import orjson
 import pytest
 
-from reqlog_support import Clock, Events, Site, request, write
 from sovereignd import sealing
 from sovereignd.logverify import TRUNCATED, UNSEALED, verify_logs
 from sovereignd.requestlog import (
@@ -25,6 +24,7 @@ from sovereignd.requestlog import (
     maintain,
     read_ledger,
 )
+from tests.reqlog_support import Clock, Events, Site, request, write
 
 
 def lines(path: Path) -> list[dict[str, object]]:
@@ -284,6 +284,20 @@ def test_retention_by_age_uses_the_end_of_each_file(site: Site) -> None:
     result = verify_logs(site.logs, site.key, site.state)
     assert result.ok, result.broken
     assert result.removed_files == 2
+
+
+def test_retention_by_age_also_runs_without_traffic(site: Site) -> None:
+    clock = Clock()
+    log = site.writer(clock=clock, max_age=3600, compress=True)
+    for _ in range(3):
+        write(log, 0, 10)
+        log.rotate()
+    assert log.wait_idle(timeout=30)
+    clock.t += 7200
+    log.tick()
+    assert len(list_segments(site.logs)) == 1  # the newest rotated file always stays
+    log.close()
+    assert verify_logs(site.logs, site.key, site.state).ok
 
 
 def test_an_interrupted_compression_is_finished_at_start(site: Site) -> None:
