@@ -82,6 +82,8 @@ _ACCEPTED = frozenset(REQUEST_FIELDS + BODY_FIELDS)
 
 _ROTATED = re.compile(r"^requests-(\d{8}T\d{6}Z)-(\d{12})-(\d{12})\.log(\.gz)?$")
 _SEQ_DIGITS = 12
+# Retention also runs this often (seconds) without rotations, for requests.max_age.
+RETENTION_CHECK_INTERVAL = 60.0
 
 
 class RequestLogError(SovereigndError):
@@ -167,7 +169,7 @@ def read_ledger(logs_dir: Path) -> list[dict[str, Any]]:
                 except orjson.JSONDecodeError as exc:
                     raise ValueError(f"{LEDGER_NAME} line {n} is not valid JSON") from exc
                 if not isinstance(entry, dict):
-                    raise ValueError(f"{LEDGER_NAME} line {n} is not an object")  # noqa: TRY004 - callers catch ValueError for every ledger problem
+                    raise ValueError(f"{LEDGER_NAME} line {n} is not an object")
                 entries.append(entry)
     except FileNotFoundError:
         pass
@@ -394,6 +396,7 @@ class RequestLog:
         self._epoch_due = float("inf")
         self._day_end = float("inf")
         self._next_check = float("inf")
+        self._next_retention = float("inf")
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         # Rotated files with work pending in the worker (fsync, compression): retention and
         # error reports wait for it.
@@ -667,7 +670,7 @@ class RequestLog:
             self._next_check = min(self._epoch_due, self._day_end)
 
     def tick(self) -> None:
-        """Do time-driven work now if due (day rotation, key evolution); report compression errors.
+        """Do time-driven work now if due: day rotation, key evolution, retention.
 
         Called by `maintain` so the key evolves and the file rotates even with no traffic.
         """
@@ -676,7 +679,10 @@ class RequestLog:
         now = self._clock()
         if now >= self._next_check:
             self._due(now)
-        self._reap_compression()
+        # Retention waits for files in the worker; it also runs now and then without rotations,
+        # so files past max_age go even when traffic has stopped.
+        if self._reap_compression() or now >= self._next_retention:
+            self._apply_retention(now)
 
     def _advance_epoch(self, now: float, reason: str) -> None:
         """Announce the next epoch in a record sealed with the current key; evolve; erase."""
@@ -732,17 +738,28 @@ class RequestLog:
         assert self._pool is not None
         self._compressing[path] = self._pool.submit(compress_file, path, self._mode)
 
-    def _reap_compression(self) -> None:
+    def _reap_compression(self) -> int:
+        """Forget finished worker jobs, reporting failures; return how many finished."""
+        finished = 0
         for path, fut in list(self._compressing.items()):
             if not fut.done():
                 continue
             del self._compressing[path]
+            finished += 1
             exc = fut.exception()
             if exc is not None:
                 self._emit("requests.compress_failed", level="error", file=path.name,
                            error=str(exc), hint="the plain file is kept; it is retried at start")
+        return finished
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until the worker's pending fsyncs and compressions finish; False on timeout."""
+        pending = list(self._compressing.values())
+        _, not_done = concurrent.futures.wait(pending, timeout=timeout)
+        return not not_done
 
     def _apply_retention(self, now: float) -> None:
+        self._next_retention = now + RETENTION_CHECK_INTERVAL
         if not self.keep_files and not self.max_age:
             return
         self._reap_compression()
@@ -799,16 +816,18 @@ class RequestLog:
         return self._seq
 
     def close(self) -> Checkpoint:
-        """Write the close marker, fsync, wait for compression; return the final checkpoint."""
-        if self._fd is not None:
-            self._write_marker("close", {}, self._clock())
-            self.sync()
-            os.close(self._fd)
-            self._fd = None
+        """Wait for compression, apply retention, write the close marker; return the checkpoint."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-            self._reap_compression()
+        self._reap_compression()
+        if self._fd is not None:
+            now = self._clock()
+            self._apply_retention(now)
+            self._write_marker("close", {}, now)
+            self.sync()
+            os.close(self._fd)
+            self._fd = None
         if self._state is not None:
             self._state.erase()
         self._key = None
