@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sovereignd import sealing
+from sovereignd import logverify, sealing
 from sovereignd.eventlog import EventLog
 from sovereignd.logverify import (
     DELETED,
@@ -23,7 +23,7 @@ from sovereignd.logverify import (
     VerifyResult,
     verify_logs,
 )
-from sovereignd.requestlog import LEDGER_NAME, LIVE_NAME, list_segments
+from sovereignd.requestlog import LEDGER_NAME, LIVE_NAME, compress_file, list_segments
 from tests.helpers import run_cli
 from tests.reqlog_support import Site, write
 
@@ -282,6 +282,19 @@ def test_a_removed_retention_ledger_entry_is_a_missing_file(tmp_path: Path) -> N
     first = orjson.loads(lines[1])["first"]
     assert broken(verify_logs(s.logs, s.key)) == (MISSING_FILE, LEDGER_NAME, 1)
     assert first > 1
+
+
+def test_a_rotation_or_compression_during_verification_is_not_a_break(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A running daemon may compress or rotate between the verifier's listing and its reads."""
+    listed = list_segments(site.logs)
+    compress_file(listed[1].path)
+    stale = iter([listed[:-1]])  # the first listing predates the newest rotation
+    real = logverify.list_segments
+    monkeypatch.setattr(logverify, "list_segments", lambda d: next(stale, None) or real(d))
+    result = check(site)
+    assert result.ok, result.broken
+    assert result.files == len(listed) + 1
 
 
 # --- event-log checkpoints ------------------------------------------------------------------

@@ -162,6 +162,11 @@ def _read_file(path: Path) -> tuple[list[bytes], str | None]:
     """The file's lines (a last element without newline is torn) and a read problem, if any."""
     try:
         raw = path.read_bytes()
+    except FileNotFoundError:
+        if path.name.endswith(".gz") or path.name == LIVE_NAME:
+            return [], "the file disappeared while being verified"
+        # Compressed since it was listed: the .gz replaced it, complete.
+        return _read_file(path.with_name(path.name + ".gz"))
     except OSError as exc:
         return [], f"cannot read: {exc.strerror or exc}"
     problem = None
@@ -257,19 +262,27 @@ class _Verifier:
     def run(self) -> bool:
         if not self.start_from_ledger():
             return False
-        files = [(s.path, s.first, s.last) for s in list_segments(self.logs_dir)]
+        checked: set[int] = set()
+        # A running daemon may rotate while this reads: list again until no new file appears,
+        # so the live file read last continues where the rotated ones end.
+        while True:
+            todo = [s for s in list_segments(self.logs_dir) if s.first not in checked]
+            if not todo:
+                break
+            for seg in todo:
+                checked.add(seg.first)
+                if seg.last < self.expected:
+                    self.r.notes.append(
+                        f"{seg.name} is listed as removed in {LEDGER_NAME} but still present "
+                        "(the removal was interrupted); not read")
+                    continue
+                if seg.first > self.expected:
+                    return self.fail(MISSING_FILE, seg.name, self.expected,
+                                     f"records {self.expected}..{seg.first - 1} are missing: a "
+                                     "rotated file between the previous one and this was removed")
+                if not self.check_file(seg.path, seg.first, seg.last):
+                    return False
         live = self.logs_dir / LIVE_NAME
-        for path, first, last in files:
-            if last < self.expected:
-                self.r.notes.append(f"{path.name} is listed as removed in {LEDGER_NAME} but "
-                                    "still present (the removal was interrupted); not read")
-                continue
-            if first > self.expected:
-                return self.fail(MISSING_FILE, path.name, self.expected,
-                                 f"records {self.expected}..{first - 1} are missing: a rotated "
-                                 "file between the previous one and this was removed")
-            if not self.check_file(path, first, last):
-                return False
         if live.exists() and not self.check_file(live, None, None):
             return False
         return self.check_end()
