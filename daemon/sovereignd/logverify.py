@@ -121,7 +121,9 @@ class VerifyResult:
         lines.append(f"  {self.restarts} writer start(s); unclean: "
                      f"{_seqs(self.unclean_restarts)}; torn lines recovered: "
                      f"{_seqs(self.torn_recoveries)}; key changes: {_seqs(self.rekeys)}")
-        lines.append(f"  {self.checkpoints_checked} event-log checkpoint(s) matched")
+        lines.append(f"  {self.checkpoints_checked} event-log checkpoint(s) matched; the log "
+                     + ("ends with a clean close" if self.closed else
+                        "is open (the daemon is running, or stopped without closing it)"))
         if not self.seals_checked:
             lines.append("  seals NOT checked (no verification key given): continuity and the "
                          "hash chain only, which whoever can write the files could rebuild")

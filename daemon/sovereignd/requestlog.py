@@ -2,6 +2,20 @@
 
 The gateway calls `RequestLog.record(fields)` once per finished request, from the event loop;
 the call appends one line to `logs.dir/requests.log` and returns the record's sequence number.
+How the daemon wires it up:
+
+    log = RequestLog.from_config(cfg, emit=events.emit)
+    log.open()                                   # recovery; raises RequestLogError
+    task = asyncio.create_task(maintain(log, events.emit, stop,
+                                        checkpoint_interval=cfg.requests.checkpoint_interval))
+    ...                                          # the proxy: seq = log.record({...})
+    stop.set(); await task                       # after the gateway stopped taking requests
+    events.emit("requests.checkpoint", **log.close().fields(), final=True)
+
+The proxy reads `log.record_bodies` ("none", "hash", "full") to know whether to hash or keep
+the bodies; with "hash" it may pass `req_sha256`/`resp_sha256` (computed while streaming) or
+the bodies themselves (hashed here). If `record()` raises RequestLogError the record was not
+written: the gateway should answer 503 rather than serve requests it cannot record.
 
 Record schema (keys in this order; `jq` reads the files, `.gz` ones through `zcat`):
 
