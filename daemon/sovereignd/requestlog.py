@@ -79,6 +79,7 @@ from typing import IO, Any, cast
 import orjson
 
 from sovereignd import sealing
+from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
 from sovereignd.eventlog import Emit, discard
 from sovereignd.fsutil import atomic_write
@@ -417,7 +418,7 @@ class RequestLog:
         self._compressing: dict[Path, concurrent.futures.Future[Any]] = {}
 
     @classmethod
-    def from_config(cls, cfg: Any, emit: Emit = discard,
+    def from_config(cls, cfg: Config, emit: Emit = discard,
                     clock: Callable[[], float] = time.time) -> RequestLog:
         """A writer configured from a loaded `config.Config` (its `requests:` section)."""
         r = cfg.requests
