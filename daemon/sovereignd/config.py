@@ -383,6 +383,9 @@ class RequestsSection:
     seal_interval: float = setting(
         "The sealing key evolves (and the old one is erased) at least this often.",
         _duration(1.0), 900.0)
+    require_seal: bool = setting(
+        "Refuse to start without a sealing key (made by `sovereignd logs init-key`); when "
+        "false the daemon writes unsealed records, which `logs verify` reports.", _bool, False)
     checkpoint_interval: float = setting(
         "Time between checkpoints (sequence, head hash) in the event log.",
         _duration(1.0), 300.0)
