@@ -264,10 +264,13 @@ class GatewaySection:
     keys_file: Path = setting(
         "Client keys (hashes only), written by `sovereignd keys`.", _path, "keys.json")
     max_body: int = setting("Largest request body accepted.", _size, 8 * 2**20)
-    header_timeout: float = setting(
-        "Time a client has to send its request headers.", _duration(0.1), 10.0)
     idle_timeout: float = setting(
-        "Idle keep-alive connections are closed after this.", _duration(0.1), 75.0)
+        "A connection that has not sent complete request headers within this time (new, or "
+        "kept alive after a response) is closed: slow-header and idle protection in one timer.",
+        _duration(0.1), 15.0)
+    body_timeout: float = setting(
+        "Time a client has to send its request body once the headers arrived.",
+        _duration(0.1), 30.0)
     upstream_timeout: float = setting(
         "Longest time a request may take at the server (streams included).",
         _duration(1.0), 600.0)

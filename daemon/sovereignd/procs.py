@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -56,7 +57,7 @@ def describe(pid: int) -> str:
         return "?"
     if len(cmd) == 1 or "::" in cmd[0]:
         return cmd[0][:80]
-    return " ".join([os.path.basename(cmd[0]), *cmd[1:]])[:80]
+    return " ".join([Path(cmd[0]).name, *cmd[1:]])[:80]
 
 
 def group_members(pgid: int, uid: int | None = None,

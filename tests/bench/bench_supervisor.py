@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import statistics
 import sys
@@ -33,7 +34,7 @@ def ts(event: dict[str, Any]) -> float:
 
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def summary(name: str, ms: list[float], target: str = "") -> None:
@@ -65,10 +66,8 @@ def crash_rounds(root: Path, rounds: int) -> None:
 
 
 def _post_crash(d: Daemon) -> None:
-    try:
+    with contextlib.suppress(OSError):  # the server dies mid-answer, as asked
         http("POST", f"http://127.0.0.1:{d.server_port}/fake/crash", timeout=5)
-    except OSError:
-        pass  # the server dies mid-answer, as asked
 
 
 def hang_rounds(root: Path, rounds: int) -> None:
