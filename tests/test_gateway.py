@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from http import client as httpclient
 import json
 import socket
 import time
 from collections.abc import Callable
+from http import client as httpclient
 from pathlib import Path
 from typing import Any
 
