@@ -13,8 +13,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sovereignd import __version__
+import orjson
+
+from sovereignd import __version__, logverify, sealing
 from sovereignd import config as config_mod
+from sovereignd import keys as keys_mod
 from sovereignd.errors import CheckFailed, ConfigError, SovereigndError, UnsafeHost
 
 EX_OK = 0
@@ -223,6 +226,142 @@ def _add_upgrade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(handler=_cmd_upgrade)
 
 
+# --- keys -----------------------------------------------------------------------------------
+
+
+def _usage_path(cfg: config_mod.Config) -> Path:
+    return cfg.state_dir / keys_mod.USAGE_FILE_NAME
+
+
+def _cmd_keys_add(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    role = "admin" if args.admin else "client"
+    key, entry = keys_mod.add_key(cfg.gateway.keys_file, args.name, role)
+    # The key goes to stdout alone, so `sovereignd keys add x > file` captures just the key.
+    print(key)
+    print(f"sovereignd: key {entry.name!r} ({entry.role}, fingerprint {entry.fingerprint}) "
+          f"added to {cfg.gateway.keys_file}. The key is shown only this once: give it to its "
+          "user now; only its hash is stored.", file=sys.stderr)
+    return EX_OK
+
+
+def _cmd_keys_list(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    rows = keys_mod.list_keys(cfg.gateway.keys_file, _usage_path(cfg))
+    if args.json:
+        sys.stdout.write(orjson.dumps([r.to_json() for r in rows],
+                                      option=orjson.OPT_INDENT_2).decode() + "\n")
+        return EX_OK
+    if not rows:
+        print(f"no keys in {cfg.gateway.keys_file} (add one with `sovereignd keys add NAME`)")
+        return EX_OK
+    table = [("NAME", "ROLE", "STATE", "FINGERPRINT", "CREATED", "LAST USED", "REVOKED")]
+    table += [(r.name, r.role, r.state, r.fingerprint, r.created, r.last_used or "-",
+               r.revoked or "-") for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return EX_OK
+
+
+def _cmd_keys_revoke(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    entry = keys_mod.revoke_key(cfg.gateway.keys_file, args.name)
+    print(f"revoked key {entry.name!r} (fingerprint {entry.fingerprint}) at {entry.revoked}; "
+          "a running daemon refuses it within a second")
+    return EX_OK
+
+
+def _add_keys(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("keys", help="add, list and revoke client keys")
+    ksub = p.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
+    a = ksub.add_parser("add", help="make a new key and print it once")
+    a.add_argument("name", help="who the key is for (letters, digits, . _ @ -)")
+    a.add_argument("--admin", action="store_true",
+                   help="an admin key, which may also read /status and /metrics remotely")
+    _config_arg(a)
+    a.set_defaults(handler=_cmd_keys_add)
+    lst = ksub.add_parser("list", help="list keys (names, fingerprints, use; never the keys)")
+    lst.add_argument("--json", action="store_true", help="print JSON")
+    _config_arg(lst)
+    lst.set_defaults(handler=_cmd_keys_list)
+    r = ksub.add_parser("revoke", help="revoke a key (kept in the file for the audit trail)")
+    r.add_argument("name")
+    _config_arg(r)
+    r.set_defaults(handler=_cmd_keys_revoke)
+
+
+# --- logs -----------------------------------------------------------------------------------
+
+
+def _cmd_logs_init_key(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    key, state = sealing.init_key(cfg.state_dir, force=args.force)
+    print(key.hex())
+    print(f"sovereignd: sealing key id {state.key_id} written to "
+          f"{sealing.state_path(cfg.state_dir)}. The line above is the verification key: "
+          "give it to the auditor and keep it off this machine. It is shown only once; "
+          "whoever holds it can check the records, and could also forge them.",
+          file=sys.stderr)
+    return EX_OK
+
+
+def _read_verification_keys(args: argparse.Namespace) -> list[bytes]:
+    texts: list[str] = list(args.key or [])
+    if args.key_file is not None:
+        try:
+            content = (sys.stdin.read() if str(args.key_file) == "-"
+                       else args.key_file.read_text())
+        except OSError as exc:
+            raise SovereigndError(f"{args.key_file}: cannot read the key file: "
+                                  f"{exc.strerror or exc}") from exc
+        texts += [line for line in content.split() if line]
+    keys = []
+    for text in texts:
+        try:
+            keys.append(sealing.parse_key(text))
+        except ValueError as exc:
+            # Never echo the text: it may be a real key with a typo.
+            raise SovereigndError(f"bad verification key: {exc}") from exc
+    return keys
+
+
+def _cmd_logs_verify(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    keys = _read_verification_keys(args)
+    result = logverify.verify_logs(cfg.logs.dir, keys or None, cfg.state_dir,
+                                   checkpoints=not args.no_checkpoints)
+    if args.json:
+        sys.stdout.write(orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2).decode()
+                         + "\n")
+    else:
+        print(result.render())
+    return EX_OK if result.ok else EX_FAIL
+
+
+def _add_logs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("logs", help="request-log sealing key and verification")
+    lsub = p.add_subparsers(dest="logs_cmd", required=True, metavar="ACTION")
+    i = lsub.add_parser("init-key", help="make the request log's sealing key; print the "
+                        "verification key once, for the auditor")
+    i.add_argument("--force", action="store_true",
+                   help="replace an existing sealing key: records sealed so far then verify "
+                        "only with the old verification key")
+    _config_arg(i)
+    i.set_defaults(handler=_cmd_logs_init_key)
+    v = lsub.add_parser("verify", help="check the request records are complete and unaltered")
+    v.add_argument("--key", action="append", metavar="HEX",
+                   help="verification key (64 hex digits; may be repeated after a change of "
+                        "key). Visible to other users in `ps`: prefer --key-file")
+    v.add_argument("--key-file", type=Path, metavar="PATH",
+                   help="file with verification key(s), one per line; - reads standard input")
+    v.add_argument("--json", action="store_true", help="print the result as JSON")
+    v.add_argument("--no-checkpoints", action="store_true",
+                   help="do not compare with the checkpoints in the event log")
+    _config_arg(v)
+    v.set_defaults(handler=_cmd_logs_verify)
+
+
 # --- parser and main ------------------------------------------------------------------------
 
 
@@ -232,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a local LLM server as a supervised, audited production service.")
     parser.add_argument("--version", action="version", version=f"sovereignd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_check, _add_service, _add_upgrade):
+    for add in (_add_run, _add_check, _add_keys, _add_logs, _add_service, _add_upgrade):
         add(sub)
     return parser
 

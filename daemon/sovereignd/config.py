@@ -268,10 +268,13 @@ class GatewaySection:
     keys_file: Path = setting(
         "Client keys (hashes only), written by `sovereignd keys`.", _path, "keys.json")
     max_body: int = setting("Largest request body accepted.", _size, 8 * 2**20)
-    header_timeout: float = setting(
-        "Time a client has to send its request headers.", _duration(0.1), 10.0)
     idle_timeout: float = setting(
-        "Idle keep-alive connections are closed after this.", _duration(0.1), 75.0)
+        "A connection that has not sent complete request headers within this time (new, or "
+        "kept alive after a response) is closed: slow-header and idle protection in one timer.",
+        _duration(0.1), 15.0)
+    body_timeout: float = setting(
+        "Time a client has to send its request body once the headers arrived.",
+        _duration(0.1), 30.0)
     upstream_timeout: float = setting(
         "Longest time a request may take at the server (streams included).",
         _duration(1.0), 600.0)
@@ -387,6 +390,9 @@ class RequestsSection:
     seal_interval: float = setting(
         "The sealing key evolves (and the old one is erased) at least this often.",
         _duration(1.0), 900.0)
+    require_seal: bool = setting(
+        "Refuse to start without a sealing key (made by `sovereignd logs init-key`); when "
+        "false the daemon writes unsealed records, which `logs verify` reports.", _bool, False)
     checkpoint_interval: float = setting(
         "Time between checkpoints (sequence, head hash) in the event log.",
         _duration(1.0), 300.0)
@@ -550,6 +556,14 @@ def _cross_checks(sec: dict[str, Any]) -> list[ConfigProblem]:
         for name, why in _RESERVED_ENV.items():
             if name in s.env:
                 problems.append(ConfigProblem(f"server.env.{name}", why))
+        if s.backend == "vllm-mlx":
+            if s.uds is not None:
+                problems.append(ConfigProblem("server.uds", "vllm-mlx cannot serve on a Unix "
+                                              "socket; remove server.uds"))
+            if Path(s.command[0]).name == "vllm":
+                problems.append(ConfigProblem(
+                    "server.command", "server.backend is vllm-mlx but the command is vllm's; "
+                    "set it to [vllm-mlx, serve] (or the full path in its venv)"))
     if g is not None:
         host, port = split_host_port(g.listen)
         if not g.allow_remote and not is_loopback(host):

@@ -4,6 +4,7 @@ foreground (launchd and systemd supervise it; it never daemonizes itself)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -13,8 +14,11 @@ from sovereignd.config import Config
 from sovereignd.control import ControlServer
 from sovereignd.eventlog import EventLog
 from sovereignd.gateway import Gateway
+from sovereignd.keys import KeyStore, usage_flusher
 from sovereignd.logfiles import RotatingFile
 from sovereignd.metrics import Metrics
+from sovereignd.proxy import Proxy
+from sovereignd.requestlog import RequestLog, maintain
 from sovereignd.serverlog import ServerOutput
 from sovereignd.supervisor import Request, Supervisor
 
@@ -41,24 +45,51 @@ async def _main(cfg: Config, allow_root: bool) -> int:
                           cfg.server.content_lines)
     supervisor = Supervisor(cfg, backend, events, metrics, output=output)
     supervisor.add_gate(memory.gate(memory.Preflight(cfg), events))
+    keys = KeyStore(cfg.gateway.keys_file, cfg.state_dir / "keys-usage.json", emit=events.emit)
+    keys.load()
+    requests = RequestLog.from_config(cfg, emit=events.emit)
+    requests.open()
     gateway = Gateway(cfg, supervisor, metrics)
+    proxy = Proxy(cfg, supervisor, backend, keys=keys, log=requests, metrics=metrics,
+                  events=events)
+    proxy.install(gateway.app)
+    gateway.admin_check = proxy.admin_check
     control = ControlServer(cfg.control_socket, supervisor)
     control.add_action("upgrade", upgrade.event_action(events))  # `sovereignd upgrade` steps
+
+    def on_sighup() -> None:
+        # SIGHUP: re-read the client keys, and leave FATAL / re-check a quarantine.
+        with contextlib.suppress(Exception):  # a bad file is logged by the store; keep the set
+            keys.reload()
+        supervisor.request(Request.RESET, "SIGHUP")
+
     loop = asyncio.get_running_loop()
     # Handlers only record the request; the supervisor's loop acts on it.
     loop.add_signal_handler(signal.SIGTERM, supervisor.request, Request.SHUTDOWN, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, supervisor.request, Request.SHUTDOWN, "SIGINT")
-    loop.add_signal_handler(signal.SIGHUP, supervisor.request, Request.RESET, "SIGHUP")
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    stop_background = asyncio.Event()
+    background = [
+        asyncio.create_task(maintain(requests, events.emit, stop_background,
+                                     checkpoint_interval=cfg.requests.checkpoint_interval),
+                            name="requestlog"),
+        asyncio.create_task(usage_flusher(keys, stop_background), name="key-usage"),
+    ]
     try:
         await gateway.start()
         await control.start()
         events.emit("daemon_start", version=__version__, pid=os.getpid(), uid=os.getuid(),
                     config=str(cfg.source), config_sha256=cfg.digest, backend=backend.name,
-                    listen=cfg.gateway.listen, python=sys.version.split()[0])
+                    listen=cfg.gateway.listen, python=sys.version.split()[0],
+                    clients=len(keys.clients()))
         await supervisor.run()
     finally:
         await control.stop()
         await gateway.stop()
+        await proxy.close()
+        stop_background.set()
+        await asyncio.gather(*background, return_exceptions=True)
+        events.emit("requests.checkpoint", **requests.close().fields(), final=True)
         events.emit("daemon_stop", pid=os.getpid(), state=supervisor.state.value)
         events.close()
         output.close()

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import structlog
 
@@ -81,3 +81,13 @@ class EventLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+class Emit(Protocol):
+    """The shape of `EventLog.emit`, for components that log events without owning the log."""
+
+    def __call__(self, event: str, level: str = "info", **fields: Any) -> None: ...
+
+
+def discard(event: str, level: str = "info", **fields: Any) -> None:
+    """An `Emit` that drops events: for tools and tests that have no event log."""

@@ -16,7 +16,9 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644,
     prometheus' write_to_textfile). `owner` (uid, gid) is set before the move, so a file
     that must stay readable by a group is never briefly unreadable.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # A folder made here (state_dir by `logs init-key`, which may be logs.dir) must not be
+    # open to other accounts: the guard rails refuse a log folder readable by others.
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         if owner is not None:

@@ -33,6 +33,11 @@ def json_response(body: dict[str, Any], status: int = 200,
                         headers=headers)
 
 
+async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
+    # Name the product, not the library versions behind it (nginx's server_tokens off).
+    response.headers["Server"] = "sovereignd"
+
+
 class Gateway:
     """Owns the HTTP listener; other parts add routes to `app` before `start`."""
 
@@ -45,6 +50,7 @@ class Gateway:
         self.loopback = is_loopback(host)
         self.admin_check: AdminCheck | None = None
         self.app = web.Application(client_max_size=cfg.gateway.max_body)
+        self.app.on_response_prepare.append(_server_header)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/status", self.status)
@@ -53,9 +59,11 @@ class Gateway:
 
     async def start(self) -> None:
         """Bind the listener; an address in use is an operator error, said plainly."""
+        # handler_cancellation: a client that disconnects cancels its handler, and with it
+        # the upstream request (vLLM then aborts the generation).
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      keepalive_timeout=self.cfg.gateway.idle_timeout,
-                                     shutdown_timeout=1.0)
+                                     shutdown_timeout=1.0, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self._tls(),
                            reuse_address=True, backlog=1024)

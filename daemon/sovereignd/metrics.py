@@ -7,6 +7,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from sovereignd import __version__
 from sovereignd.states import State
 
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                   30.0, 60.0, 120.0, 300.0)
 PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -32,6 +34,21 @@ class Metrics:
                                       registry=r)
         self.orphans_killed = Counter("sovereignd_orphans_killed",
                                       "Leftover server processes stopped", registry=r)
+        # The gateway's requests.
+        self.requests = Counter("sovereignd_requests", "Requests through the gateway",
+                                ["route", "status", "client"], registry=r)
+        self.request_latency = Histogram("sovereignd_request_latency_seconds",
+                                         "Request start to last byte", ["route"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("sovereignd_time_to_first_token_seconds",
+                              "Request start to first streamed token", ["route"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("sovereignd_tokens", "Tokens reported by the server",
+                              ["client", "kind"], registry=r)
+        self.in_flight = Gauge("sovereignd_requests_in_flight", "Requests being served",
+                               registry=r)
+        self.auth_failures = Counter("sovereignd_auth_failures", "Failed authentications",
+                                     ["reason"], registry=r)
         for s in State:
             self.state.labels(state=s.value).set(0)
         self.state.labels(state=State.STOPPED.value).set(1)

@@ -152,6 +152,20 @@ class Fake:
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
         delay = float(self.b.get("stream_delay", 0))
+        try:
+            await self._stream_chunks(resp, body, chat=chat, n=n, prompt_tokens=prompt_tokens,
+                                      delay=delay)
+        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+            # The client (the gateway) went away: a real server aborts the generation.
+            control = os.environ.get("FAKE_VLLM_CONTROL")
+            if control:
+                with Path(f"{control}.aborted").open("a") as f:  # noqa: ASYNC230 - tiny
+                    f.write(f"{time.time()}\n")
+            raise
+        return resp
+
+    async def _stream_chunks(self, resp: web.StreamResponse, body: dict[str, Any], *,
+                             chat: bool, n: int, prompt_tokens: int, delay: float) -> None:
         for i in range(n):
             delta: dict[str, Any] = ({"delta": {"content": f" tok{i}"}} if chat
                                      else {"text": f" tok{i}"})
@@ -169,7 +183,6 @@ class Fake:
             await resp.write(f"data: {json.dumps(usage)}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
-        return resp
 
     async def embeddings(self, request: web.Request) -> web.Response:
         if not self.authorised(request):
@@ -183,7 +196,7 @@ class Fake:
         control = os.environ.get("FAKE_VLLM_CONTROL")
         kind = request.match_info["kind"]
         if control:
-            Path(f"{control}.{kind}").write_text(repr(time.time()))  # noqa: ASYNC240 - a tiny marker file in a test stand-in
+            Path(f"{control}.{kind}").write_text(repr(time.time()))  # noqa: ASYNC240 - tiny
         if kind == "crash":
             os._exit(3)
         self.hung = True

@@ -1,0 +1,468 @@
+"""The authenticated door: forward allow-listed API routes to the model server, record each.
+
+vLLM's `--api-key` guards only part of its routes (`/invocations`, `/tokenize`, `/pause`...
+answer anyone), takes one key for everyone, and records nothing an auditor could use. Here:
+only the backend's allow-listed routes pass (everything else is 404), each client has its own
+key, the client's key is replaced by the server's internal one, server-sent events stream
+through event by event, a client that goes away cancels the upstream request, and every
+request -- refused ones included -- becomes one sealed record in the request log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from sovereignd.backends import Backend
+from sovereignd.config import Config
+from sovereignd.eventlog import EventLog
+from sovereignd.gateway import RETRY_AFTER
+from sovereignd.keys import Client, KeyStore
+from sovereignd.metrics import Metrics
+from sovereignd.requestlog import RequestLog, RequestLogError
+from sovereignd.supervisor import Supervisor
+
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                        "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host",
+                        "content-length", "authorization", "api-key", "x-api-key",
+                        "x-request-id", "accept-encoding"})
+RESPONSE_DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length",
+                           "content-encoding", "server", "date", "x-request-id"})
+MAX_RECORDED_PATH = 512
+# A streamed chunk that carries generated text: `"content": "x...` or `"text": "x...`.
+_TOKEN = re.compile(rb'"(?:content|text)":\s*"[^"]')
+
+
+def error_body(message: str, type_: str, code: str | None = None) -> bytes:
+    """An OpenAI-style error object."""
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": None,
+                                   "code": code}})
+
+
+class _Refused(Exception):
+    """End a request early with an error response."""
+
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None, *,
+                 headers: dict[str, str] | None = None, error: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type_, code
+        self.headers = headers or {}
+        self.error = error or code or type_
+
+
+def safe_path(raw: str) -> bool:
+    """Reject paths a router might read differently from how they were checked: encoded
+    characters, dot segments, empty segments. OpenAI API paths need none of them."""
+    if not raw.startswith("/") or "%" in raw or "\\" in raw or "//" in raw:
+        return False
+    return all(seg not in (".", "..") for seg in raw.split("/"))
+
+
+class ClientLimits:
+    """Per-client concurrency and request rate (token bucket refilled per second)."""
+
+    def __init__(self, concurrency: int, per_minute: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.concurrency = concurrency
+        self.per_minute = per_minute
+        # A burst of up to ten seconds' worth, at least one request.
+        self.capacity = max(1.0, per_minute / 6)
+        self.clock = clock
+        self.in_flight: dict[str, int] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def acquire(self, name: str) -> tuple[str, float] | None:
+        """None if the request may go ahead (then call release); else (why, retry-after s)."""
+        if self.in_flight.get(name, 0) >= self.concurrency:
+            return "concurrency", 1.0
+        if self.per_minute:
+            now = self.clock()
+            tokens, last = self._buckets.get(name, (self.capacity, now))
+            tokens = min(self.capacity, tokens + (now - last) * self.per_minute / 60)
+            if tokens < 1:
+                self._buckets[name] = (tokens, now)
+                return "rate", (1 - tokens) * 60 / self.per_minute
+            self._buckets[name] = (tokens - 1, now)
+        self.in_flight[name] = self.in_flight.get(name, 0) + 1
+        return None
+
+    def release(self, name: str) -> None:
+        left = self.in_flight.get(name, 1) - 1
+        if left:
+            self.in_flight[name] = left
+        else:
+            self.in_flight.pop(name, None)
+
+
+@dataclass
+class _Stream:
+    """What the proxy learns from a server-sent-events stream while passing it through."""
+
+    strip_usage: bool
+    buffer: bytes = b""
+    ttft: float | None = None
+    usage: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        """Take upstream bytes; return the complete events to pass on, in order."""
+        self.buffer += chunk
+        if b"\n\n" not in self.buffer:
+            return b""
+        complete, _, self.buffer = self.buffer.rpartition(b"\n\n")
+        if self.ttft is not None and b'"usage"' not in complete:
+            return complete + b"\n\n"  # the common case: nothing to look at
+        out = []
+        for event in complete.split(b"\n\n"):
+            if self._inspect(event, now):
+                out.append(event + b"\n\n")
+        return b"".join(out)
+
+    def _inspect(self, event: bytes, now: float) -> bool:
+        """Note usage and first token; False if the event is to be withheld."""
+        if not event.startswith(b"data: {"):
+            return True
+        if self.ttft is None and _TOKEN.search(event):
+            self.ttft = now
+        if b'"usage"' not in event:
+            return True
+        try:
+            data = orjson.loads(event[6:])
+        except orjson.JSONDecodeError:
+            return True
+        usage = data.get("usage") if isinstance(data, dict) else None
+        if isinstance(usage, dict):
+            self.usage = usage
+            # The usage-only chunk exists because we asked for it: the client did not.
+            if self.strip_usage and not data.get("choices"):
+                return False
+        return True
+
+    def rest(self) -> bytes:
+        left, self.buffer = self.buffer, b""
+        return left
+
+
+class Proxy:
+    """Forwards the allow-listed API to the server and records every request."""
+
+    def __init__(self, cfg: Config, supervisor: Supervisor, backend: Backend, *, keys: KeyStore,
+                 log: RequestLog, metrics: Metrics, events: EventLog) -> None:
+        self.cfg = cfg
+        self.supervisor = supervisor
+        self.backend = backend
+        self.keys = keys
+        self.log = log
+        self.metrics = metrics
+        self.events = events
+        g = cfg.gateway
+        self.limits = ClientLimits(g.client_concurrency, g.client_rate)
+        self._session: aiohttp.ClientSession | None = None
+        self._session_for: str | None = None
+        self._log_broken: str | None = None
+        self._known_paths = {r.path for r in backend.routes if not r.prefix}
+        self._known_prefixes = tuple(r.path for r in backend.routes if r.prefix)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def install(self, app: web.Application) -> None:
+        """Route everything not otherwise routed (the health endpoints) through the proxy."""
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+
+    def _client(self, uds: str | None) -> aiohttp.ClientSession:
+        target = uds or "tcp"
+        if self._session is None or self._session.closed or self._session_for != target:
+            if self._session is not None and not self._session.closed:
+                # The server moved (another socket): drop the old pool, in the background.
+                asyncio.get_running_loop().create_task(self._session.close())
+            connector: aiohttp.BaseConnector = (
+                aiohttp.UnixConnector(path=uds, limit=0) if uds
+                else aiohttp.TCPConnector(limit=0, keepalive_timeout=30))
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=False,
+                                                  auto_decompress=False)
+            self._session_for = target
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # --- admin check for /status and /metrics on a network listener ---------------------------
+
+    async def admin_check(self, request: web.Request) -> web.StreamResponse | None:
+        outcome = self.keys.check(_bearer(request))
+        if outcome.client is None:
+            self.metrics.auth_failures.labels(reason=outcome.reason).inc()
+            return _error(401, "a valid admin key is required", "invalid_request_error",
+                          "invalid_api_key")
+        if not outcome.client.is_admin:
+            return _error(403, "this endpoint needs an admin key", "permission_error",
+                          "admin_required")
+        return None
+
+    # --- the request path -----------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        rid = secrets.token_hex(12)
+        raw = request.rel_url.raw_path
+        rec: dict[str, Any] = {
+            "id": rid, "client": None, "method": request.method,
+            "path": raw[:MAX_RECORDED_PATH], "model": None, "status": 500, "stream": False,
+            "latency_ms": None, "ttfb_ms": None, "ttft_ms": None, "prompt_tokens": None,
+            "completion_tokens": None, "bytes_in": 0, "bytes_out": 0,
+            "remote": request.remote, "error": None}
+        client: Client | None = None
+        self.metrics.in_flight.inc()
+        try:
+            client = self._authorise(request, rec)
+            return await self._forward(request, rec, client, t0, rid)
+        except _Refused as refusal:
+            rec["status"], rec["error"] = refusal.status, refusal.error
+            return _error(refusal.status, refusal.message, refusal.type, refusal.code,
+                          {**refusal.headers, "X-Request-ID": rid})
+        except asyncio.CancelledError:
+            rec["error"] = "client_disconnect"
+            rec["status"] = 499  # nginx's "client closed request": nothing more was sent
+            raise
+        finally:
+            if client is not None:  # only set once the limits admitted the request
+                self.limits.release(client.name)
+            rec["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+            self.metrics.in_flight.dec()
+            self._finish(rec)
+
+    def _authorise(self, request: web.Request, rec: dict[str, Any]) -> Client:
+        raw = rec["path"]
+        known = safe_path(request.rel_url.raw_path) and (
+            request.rel_url.raw_path in self._known_paths
+            or request.rel_url.raw_path.startswith(self._known_prefixes or ("\0",)))
+        if not known:
+            raise _Refused(404, f"Unknown route {raw}", "invalid_request_error",
+                           "unknown_route", error="not_found")
+        if not self.backend.allowed(request.method, request.rel_url.raw_path):
+            raise _Refused(405, f"Method {request.method} not allowed on {raw}",
+                           "invalid_request_error", "method_not_allowed")
+        outcome = self.keys.check(_bearer(request))
+        if outcome.client is None:
+            self.metrics.auth_failures.labels(reason=outcome.reason).inc()
+            self.events.emit("auth_failed", level="warning", path=raw,
+                             remote=request.remote, **outcome.log_fields())
+            message = ("Missing API key: send Authorization: Bearer <key>"
+                       if outcome.reason == "missing" else "Invalid API key")
+            raise _Refused(401, message, "invalid_request_error", "invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"},
+                           error=f"auth_{outcome.reason}")
+        client = outcome.client
+        rec["client"] = client.name
+        refused = self.limits.acquire(client.name)
+        if refused is not None:
+            why, retry = refused
+            what = ("too many requests in flight for this client" if why == "concurrency"
+                    else "request rate limit exceeded for this client")
+            raise _Refused(429, what, "rate_limit_error", why,
+                           headers={"Retry-After": str(max(1, round(retry)))},
+                           error="rate_limited" if why == "rate" else "concurrency")
+        return client
+
+    async def _forward(self, request: web.Request, rec: dict[str, Any], client: Client,
+                       t0: float, rid: str) -> web.StreamResponse:
+        del client  # authorised; the record already names it
+        if self._log_broken is not None:
+            raise _Refused(503, f"request records cannot be written ({self._log_broken}); "
+                           "refusing to serve unrecorded requests", "server_error",
+                           "records_unavailable", headers={"Retry-After": "30"})
+        upstream = self.supervisor.upstream()
+        if upstream is None:
+            sup = self.supervisor
+            raise _Refused(503, f"the model server is not ready ({sup.state}: {sup.reason})",
+                           "server_unavailable", "not_ready",
+                           headers={"Retry-After": str(RETRY_AFTER.get(sup.state, 10))},
+                           error=f"not_ready_{sup.state.value.lower()}")
+        body = await self._read_body(request)
+        rec["bytes_in"] = len(body)
+        strip_usage = False
+        if body and request.method == "POST":
+            body, strip_usage = self._inspect_body(body, rec)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers["Authorization"] = f"Bearer {upstream.key}"
+        headers["X-Request-ID"] = rid
+        url = upstream.base_url + str(request.rel_url.raw_path_qs)
+        timeout = aiohttp.ClientTimeout(total=self.cfg.gateway.upstream_timeout,
+                                        sock_connect=5)
+        try:
+            async with self._client(upstream.uds).request(
+                    request.method, url, data=body or None, headers=headers,
+                    timeout=timeout, allow_redirects=False) as up:
+                rec["ttfb_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+                out_headers = {k: v for k, v in up.headers.items()
+                               if k.lower() not in RESPONSE_DROP}
+                out_headers["X-Request-ID"] = rid
+                if up.content_type == "text/event-stream":
+                    return await self._stream(request, up, out_headers, rec, t0=t0,
+                                              strip_usage=strip_usage)
+                payload = await up.read()
+                rec["status"] = up.status
+                rec["bytes_out"] = len(payload)
+                self._usage_from_json(payload, rec)
+                self._body_fields(rec, body, payload)
+                return web.Response(body=payload, status=up.status, headers=out_headers)
+        except TimeoutError as exc:
+            raise _Refused(504, "the model server did not answer in time",
+                           "server_error", "upstream_timeout") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise _Refused(502, "the model server refused the connection", "server_error",
+                           "upstream_unavailable") from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
+                aiohttp.ClientOSError) as exc:
+            raise _Refused(502, "the model server closed the connection", "server_error",
+                           "upstream_disconnect") from exc
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.cfg.gateway.max_body
+        if request.content_length is not None and request.content_length > limit:
+            raise _Refused(413, f"request body larger than {limit} bytes",
+                           "invalid_request_error", "body_too_large")
+        try:
+            async with asyncio.timeout(self.cfg.gateway.body_timeout):
+                return await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise _Refused(413, f"request body larger than {limit} bytes",
+                           "invalid_request_error", "body_too_large") from exc
+        except TimeoutError as exc:
+            raise _Refused(408, "the request body did not arrive in time",
+                           "invalid_request_error", "body_timeout") from exc
+
+    def _inspect_body(self, body: bytes, rec: dict[str, Any]) -> tuple[bytes, bool]:
+        """Note model and stream flag; ask for usage in streams so tokens can be recorded,
+        remembering to withhold the extra chunk from a client that did not ask for it."""
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body, False  # the server answers 400 in its own words
+        if not isinstance(data, dict):
+            return body, False
+        model = data.get("model")
+        rec["model"] = model if isinstance(model, str) else None
+        if data.get("stream") is not True:
+            return body, False
+        opts = data.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage"):
+            return body, False
+        data["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
+                                  "include_usage": True}
+        return orjson.dumps(data), True
+
+    async def _stream(self, request: web.Request, up: aiohttp.ClientResponse,
+                      headers: dict[str, str], rec: dict[str, Any], *, t0: float,
+                      strip_usage: bool) -> web.StreamResponse:
+        rec["stream"] = True
+        rec["status"] = up.status
+        resp = web.StreamResponse(status=up.status, headers=headers)
+        resp.headers["Cache-Control"] = "no-cache"
+        resp.headers["X-Accel-Buffering"] = "no"
+        await resp.prepare(request)
+        sse = _Stream(strip_usage)
+        sent = 0
+        try:
+            async for chunk in up.content.iter_any():
+                data = sse.feed(chunk, time.perf_counter())
+                if data:
+                    await resp.write(data)
+                    sent += len(data)
+            tail = sse.rest()
+            if tail:
+                await resp.write(tail)
+                sent += len(tail)
+            await resp.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            rec["error"] = "client_disconnect"
+            up.close()  # the server sees the connection go and aborts the generation
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+            rec["error"] = "upstream_disconnect"
+        finally:
+            rec["bytes_out"] = sent
+            if sse.ttft is not None:
+                rec["ttft_ms"] = round((sse.ttft - t0) * 1000, 3)
+            if sse.usage is not None:
+                rec["prompt_tokens"] = sse.usage.get("prompt_tokens")
+                rec["completion_tokens"] = sse.usage.get("completion_tokens")
+        return resp
+
+    @staticmethod
+    def _usage_from_json(payload: bytes, rec: dict[str, Any]) -> None:
+        if b'"usage"' not in payload:
+            return
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        usage = data.get("usage") if isinstance(data, dict) else None
+        if isinstance(usage, dict):
+            rec["prompt_tokens"] = usage.get("prompt_tokens")
+            rec["completion_tokens"] = usage.get("completion_tokens")
+        if rec["model"] is None and isinstance(data, dict) and isinstance(data.get("model"), str):
+            rec["model"] = data["model"]
+
+    def _body_fields(self, rec: dict[str, Any], body: bytes, payload: bytes) -> None:
+        mode = self.log.record_bodies
+        if mode == "hash":
+            rec["req_sha256"] = hashlib.sha256(body).hexdigest()
+            rec["resp_sha256"] = hashlib.sha256(payload).hexdigest()
+        elif mode == "full":
+            rec["req_body"] = body.decode("utf-8", "replace")
+            rec["resp_body"] = payload.decode("utf-8", "replace")
+
+    def _finish(self, rec: dict[str, Any]) -> None:
+        """Record the request (fail closed if that is impossible) and count it."""
+        m = self.metrics
+        client = rec["client"] or "-"
+        route = rec["path"] if rec["status"] != 404 else "other"
+        m.requests.labels(route=route, status=str(rec["status"]), client=client).inc()
+        if rec["latency_ms"] is not None:
+            m.request_latency.labels(route=route).observe(rec["latency_ms"] / 1000)
+        if rec["ttft_ms"] is not None:
+            m.ttft.labels(route=route).observe(rec["ttft_ms"] / 1000)
+        for kind in ("prompt", "completion"):
+            n = rec.get(f"{kind}_tokens")
+            if isinstance(n, int) and n > 0:
+                m.tokens.labels(client=client, kind=kind).inc(n)
+        try:
+            self.log.record(rec)
+        except RequestLogError as exc:
+            if self._log_broken is None:
+                self.events.emit("requests_unrecordable", level="critical", error=str(exc),
+                                 action="refusing requests until records can be written")
+            self._log_broken = str(exc)
+            return
+        if self._log_broken is not None:
+            self.events.emit("requests_recordable", level="warning",
+                             reason="request records can be written again")
+            self._log_broken = None
+
+
+def _bearer(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization")
+    if auth is None:
+        return None
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer":
+        return ""
+    return token.strip()
+
+
+def _error(status: int, message: str, type_: str, code: str | None,
+           headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=error_body(message, type_, code), status=status,
+                        content_type="application/json", headers=headers)
+
