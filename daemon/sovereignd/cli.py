@@ -106,8 +106,8 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _config_arg(p)
     p.add_argument("--json", action="store_true", help="print the JSON of /status")
     p.set_defaults(handler=_cmd_status)
-    p = sub.add_parser("restart",
-                       help="restart the server now (also leaves FATAL and resets the failure count)")
+    p = sub.add_parser(
+        "restart", help="restart the server now (also leaves FATAL and resets the failure count)")
     _config_arg(p)
     p.add_argument("--reason", default="operator request", help="recorded in the event log")
     p.set_defaults(handler=_cmd_restart)

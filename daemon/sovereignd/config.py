@@ -172,7 +172,8 @@ def is_loopback(host: str) -> bool:
 # Declarations
 
 
-def setting(doc: str, parse: Parser, default: Any = dataclasses.MISSING, example: Any = None) -> Any:
+def setting(doc: str, parse: Parser, default: Any = dataclasses.MISSING,
+            example: Any = None) -> Any:
     """Declare one setting: its description, parser, default, and a value for the example file."""
     meta = {"doc": doc, "parse": parse, "example": example}
     if isinstance(default, list | dict | tuple):
@@ -455,7 +456,7 @@ class _StrictLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
     seen: dict[object, int] = {}
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})",
