@@ -575,6 +575,14 @@ def same_pin(frozen: Requirement, installed: Requirement) -> bool:
     return False
 
 
+def _location(target: str) -> str:
+    """An editable target as a normalised local path (uv writes `-e file:///path`)."""
+    parts = urllib.parse.urlsplit(target)
+    if parts.scheme == "file":
+        target = urllib.request.url2pathname(parts.path)
+    return os.path.normpath(target)
+
+
 def compare(frozen: FrozenRequirements, venv: Path) -> EnvironmentDiff:
     """Diff the venv's installed set against a frozen file (see `same_pin` for equality).
 
@@ -583,8 +591,7 @@ def compare(frozen: FrozenRequirements, venv: Path) -> EnvironmentDiff:
     """
     dists = installed_distributions(venv)
     installed = {d.key: d.requirement() for d in dists}
-    by_location = {os.path.normpath(d.editable_location): d.key
-                   for d in dists if d.editable_location}
+    by_location = {_location(d.editable_location): d.key for d in dists if d.editable_location}
     skips = freeze_skips(venv_python(venv)) | _STDLIB_NAMES
     matched: set[str] = set()
     removed: list[Requirement] = []
@@ -592,7 +599,7 @@ def compare(frozen: FrozenRequirements, venv: Path) -> EnvironmentDiff:
     for req in frozen.requirements:
         key = req.key
         if key is None and req.pin is Pin.EDITABLE:
-            key = by_location.get(os.path.normpath(req.value))
+            key = by_location.get(_location(req.value))
         if key is None or key not in installed:
             removed.append(req)
             continue

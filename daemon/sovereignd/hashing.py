@@ -72,8 +72,12 @@ def lower_thread_priority() -> bool:
     which lowers both CPU and I/O priority; on older Pythons it is left alone.
     """
     if _LINUX:
+        tid = threading.get_native_id()
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOW_PRIORITY_NICE)
+            # Never raise it: an unprivileged thread may not, and a daemon started at nice 15
+            # meant it.
+            nice = max(os.getpriority(os.PRIO_PROCESS, tid), LOW_PRIORITY_NICE)
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
         except OSError:
             return False
         return True
