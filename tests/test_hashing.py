@@ -82,3 +82,12 @@ def test_low_priority_run_still_hashes(tmp_path: Path) -> None:
 def test_negative_workers_is_refused() -> None:
     with pytest.raises(ValueError, match="workers"):
         hashing.resolve_workers(-1)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_setting_stop_abandons_the_run(tmp_path: Path, workers: int) -> None:
+    contents = _files(tmp_path)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(hashing.Stopped):
+        hashing.hash_files_report(list(contents), workers, buffer_size=64 * 1024, stop=stop)

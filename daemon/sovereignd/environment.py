@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -751,16 +752,19 @@ def _collect_rows(venv: Path, dists: Iterable[Distribution]) -> _Rows:
     return rows
 
 
-def verify_records(venv: Path, *, workers: int = 0, low_priority: bool = False) -> RecordReport:
+def verify_records(venv: Path, *, workers: int = 0, low_priority: bool = False,
+                   stop: threading.Event | None = None) -> RecordReport:
     """Hash every file each distribution's RECORD lists and compare (pip and uv never do).
 
     Rows without a hash are skipped; rows naming files outside the venv are refused, not read.
+    Setting `stop` abandons the check (hashing.Stopped). Blocking: call it in a thread.
     """
     start = time.monotonic()
     root = venv.resolve()
     dists = installed_distributions(root, include_shadowed=True)
     rows = _collect_rows(root, dists)
-    run = hashing.hash_files_report(rows.expected, workers, low_priority=low_priority)
+    run = hashing.hash_files_report(rows.expected, workers, low_priority=low_priority,
+                                    stop=stop)
     mismatched: list[RecordIssue] = []
     missing: list[RecordIssue] = []
     bytecode: list[RecordIssue] = []

@@ -120,7 +120,12 @@ def _read_buffer(size: int) -> Iterator[memoryview]:
             view.release()
 
 
-def _hash_one(path: Path, view: memoryview) -> tuple[str, int]:
+class Stopped(Exception):
+    """Raised by a hashing call whose `stop` event was set: the run was abandoned part-way."""
+
+
+def _hash_one(path: Path, view: memoryview,
+              stop: threading.Event | None = None) -> tuple[str, int]:
     """SHA-256 of one regular file read through `view`; raise OSError on any read problem."""
     # O_NONBLOCK: opening a FIFO planted in the model folder must fail the check, not hang it.
     fd = os.open(path, _OPEN_FLAGS)
@@ -139,6 +144,8 @@ def _hash_one(path: Path, view: memoryview) -> tuple[str, int]:
         while n := os.readv(fd, [view]):
             h.update(view[:n])
             total += n
+            if stop is not None and stop.is_set():
+                raise Stopped
         return h.hexdigest(), total
     finally:
         os.close(fd)
@@ -152,12 +159,15 @@ def hash_file(path: Path, buffer_size: int = DEFAULT_BUFFER_SIZE) -> str:
 
 
 def hash_files_report(paths: Iterable[Path], workers: int = 0, *, low_priority: bool = False,
-                      buffer_size: int = DEFAULT_BUFFER_SIZE) -> HashRun:
+                      buffer_size: int = DEFAULT_BUFFER_SIZE,
+                      stop: threading.Event | None = None) -> HashRun:
     """Hash every file in `paths` on `workers` threads; unreadable files land in `errors`.
 
     Files are taken largest first so the last big file does not run alone on one core while
     the others idle. `low_priority` lowers the worker threads' priority (scheduled re-hashes);
     the pool is private to this call, because a lowered thread cannot raise itself again.
+    Setting `stop` (e.g. at daemon shutdown) ends the run within one buffer per thread and
+    raises Stopped. Blocking: from an event loop, call it in a thread.
     """
     start = time.monotonic()
     run = HashRun()
@@ -181,7 +191,10 @@ def hash_files_report(paths: Iterable[Path], workers: int = 0, *, low_priority: 
                 except IndexError:
                     return
                 try:
-                    digest, size = _hash_one(path, view)
+                    digest, size = _hash_one(path, view, stop)
+                except Stopped:
+                    queue.clear()  # the other threads find nothing left and end too
+                    raise
                 except OSError as exc:
                     with lock:
                         run.errors[path] = _describe(exc)
@@ -201,10 +214,10 @@ def hash_files_report(paths: Iterable[Path], workers: int = 0, *, low_priority: 
     return run
 
 
-def hash_files(paths: Iterable[Path], workers: int = 0, *,
-               low_priority: bool = False) -> dict[Path, str]:
+def hash_files(paths: Iterable[Path], workers: int = 0, *, low_priority: bool = False,
+               stop: threading.Event | None = None) -> dict[Path, str]:
     """SHA-256 hex digest of each readable file in `paths`; files that vanished are left out.
 
     Use `hash_files_report` to learn which files could not be read and why.
     """
-    return hash_files_report(paths, workers, low_priority=low_priority).digests
+    return hash_files_report(paths, workers, low_priority=low_priority, stop=stop).digests

@@ -25,6 +25,7 @@ import errno
 import hashlib
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -576,13 +577,16 @@ def _selected(rel: str, prefixes: tuple[str, ...] | None) -> bool:
 def verify_manifest(model_dir: Path, manifest: Manifest, *,
                     paths: Iterable[str | Path] | None = None,
                     manifest_path: Path | None = None, allowed_roots: Iterable[Path] = (),
-                    workers: int = 0, low_priority: bool = False) -> VerifyReport:
+                    workers: int = 0, low_priority: bool = False,
+                    stop: threading.Event | None = None) -> VerifyReport:
     """Check the model folder against the manifest: OK, FAILED, MISSING, EXTRA or UNSAFE per file.
 
     `paths` limits the check to those files or folders (relative names, or absolute paths as
     a file watcher reports them); listed files under them are re-hashed and unlisted ones
     reported EXTRA. `manifest_path` is excluded from the EXTRA files (default:
-    MODEL_DIR/CHECKSUMS.sha256). `low_priority` is for scheduled re-hashes.
+    MODEL_DIR/CHECKSUMS.sha256). `low_priority` is for scheduled re-hashes; setting `stop`
+    abandons the check (hashing.Stopped). Raises CheckFailed if the model folder is missing
+    or cannot be listed. Blocking: from an event loop, call it in a thread.
     """
     start = time.monotonic()
     target = manifest_path or model_dir / DEFAULT_NAME
@@ -609,7 +613,8 @@ def verify_manifest(model_dir: Path, manifest: Manifest, *,
     for rel in listing.files:
         if _selected(rel, prefixes) and rel not in manifest.digests:
             results[rel] = FileResult(rel, Status.EXTRA, detail="not in the manifest")
-    run = hashing.hash_files_report(set(to_hash.values()), workers, low_priority=low_priority)
+    run = hashing.hash_files_report(set(to_hash.values()), workers, low_priority=low_priority,
+                                    stop=stop)
     for rel, path in to_hash.items():
         expected = manifest.digests[rel]
         actual = run.digests.get(path)
