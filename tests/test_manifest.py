@@ -450,3 +450,17 @@ def test_missing_model_folder_is_a_clear_error(tmp_path: Path) -> None:
     result = run_cli("manifest", "create", str(tmp_path / "nope"))
     assert result.returncode == 1
     assert "does not exist" in result.stderr
+
+
+def test_file_vanishing_between_listing_and_hashing_is_missing(
+        approved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = manifest.hashing.hash_files_report
+
+    def delete_then_hash(paths: object, *args: object, **kwargs: object) -> object:
+        (approved / "config.json").unlink()  # a race the daemon can meet on every check
+        return real(paths, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(manifest.hashing, "hash_files_report", delete_then_hash)
+    (problem,) = verify(approved).problems
+    assert (problem.path, problem.status) == ("config.json", Status.MISSING)
+    assert problem.detail == "disappeared during the check"

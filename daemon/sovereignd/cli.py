@@ -264,8 +264,8 @@ def _add_baseline(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     _config_arg(p)
     _workers_arg(p)
     p.add_argument("--accept", action="store_true",
-                   help="the operator accepts the current state as approved (same files "
-                        "written; recorded for the daemon)")
+                   help="accept the current weights and software as the approved baseline "
+                        "(the files are written as without the flag)")
     p.set_defaults(handler=_cmd_baseline)
 
 
