@@ -34,6 +34,7 @@ class BaselineResult:
     notes: tuple[str, ...] = ()
 
     def render(self) -> str:
+        """What was written, one file per entry with its digest, then the notes."""
         lines = [f"wrote {w.path} ({w.what})\n  sha256 {w.sha256}" for w in self.written]
         return "\n".join(lines + list(self.notes))
 

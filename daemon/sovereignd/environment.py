@@ -322,6 +322,7 @@ class Distribution:
 
     @property
     def key(self) -> str:
+        """PEP 503 name."""
         return canonical_name(self.name)
 
     def requirement(self) -> Requirement:
@@ -531,6 +532,7 @@ class EnvironmentDiff:
 
     @property
     def ok(self) -> bool:
+        """True when the venv holds exactly what the frozen file pins."""
         return not (self.added or self.removed or self.changed)
 
     def render(self) -> str:

@@ -511,9 +511,11 @@ class VerifyReport:
 
     @property
     def problems(self) -> tuple[FileResult, ...]:
+        """Every result that is not OK, in path order."""
         return tuple(r for r in self.results if r.status is not Status.OK)
 
     def counts(self) -> dict[Status, int]:
+        """How many files have each status."""
         out = dict.fromkeys(Status, 0)
         for r in self.results:
             out[r.status] += 1
