@@ -230,6 +230,9 @@ def test_egg_info_and_egg_link_installs_are_read(venv: Path, tmp_path: Path) -> 
     assert f"-e {project}\n" in frozen
     theirs = pip(venv, "freeze")
     assert frozen == theirs
+    report = environment.verify_records(venv)  # legacy metadata is not "unrecorded"
+    assert report.ok, report.render()
+    assert {"legacy 1.2", "single 3.0", "devpkg 0.1"} <= set(report.without_record)
 
 
 # --- drift ----------------------------------------------------------------------------------------
@@ -378,3 +381,32 @@ def test_cli_env_freeze_and_verify_with_config(venv: Path, tmp_path: Path) -> No
     bad = run_cli("env", "verify", "--config", str(config))
     assert bad.returncode == 1
     assert "changed after it was approved" in bad.stderr
+
+
+def test_an_added_pth_file_is_reported_as_unrecorded(venv: Path) -> None:
+    site = site_packages(venv)
+    (site / "zz-startup.pth").write_text("import os; os.environ['PWNED'] = '1'\n")
+    (site / "_virtualenv.pth").write_text("import _virtualenv\n")  # virtualenv's own: allowed
+    report = environment.verify_records(venv)
+    assert not report.ok
+    assert [(i.path, i.reason) for i in report.unrecorded] == [
+        ("zz-startup.pth", "a .pth file: its import lines run at every interpreter start")]
+    result = run_cli("env", "verify", "--venv", str(venv))
+    assert result.returncode == 1
+    assert "zz-startup.pth" in result.stdout
+
+
+def test_a_subset_check_hashes_only_the_touched_files(venv: Path) -> None:
+    site = site_packages(venv)
+    (site / "tiny_pkg" / "util.py").write_text("patched = True\n")
+    touched = environment.verify_records(venv, paths=[site / "tiny_pkg" / "util.py"])
+    assert [i.path for i in touched.mismatched] == ["tiny_pkg/util.py"]
+    assert touched.files_checked == 1
+    folder = environment.verify_records(venv, paths=[site / "tiny_pkg"])
+    assert [i.path for i in folder.mismatched] == ["tiny_pkg/util.py"]
+    assert folder.files_checked == 2
+    elsewhere = environment.verify_records(venv, paths=[site / "zeta.py"])
+    assert elsewhere.ok and elsewhere.files_checked == 1
+    (site / "new.pth").write_text("")
+    event = environment.verify_records(venv, paths=[site / "new.pth"])
+    assert [i.path for i in event.unrecorded] == ["new.pth"] and event.files_checked == 0
