@@ -133,8 +133,9 @@ def _hash_one(path: Path, view: memoryview,
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
-        if hasattr(os, "posix_fadvise"):
-            # Doubles the kernel's read-ahead window on a cold cache; harmless when warm.
+        if hasattr(os, "posix_fadvise") and st.st_size > len(view):
+            # Doubles the kernel's read-ahead window on a cold cache; harmless when warm, and
+            # a wasted syscall for the thousands of small files of a venv.
             with contextlib.suppress(OSError):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         h = hashlib.sha256()
