@@ -220,6 +220,11 @@ def bench_venv(args: argparse.Namespace) -> None:
           f"{time.perf_counter() - start:.3f} s")
 
 
+def load() -> str:
+    """The 1-minute load average: the figures mean little if other work shares the cores."""
+    return f"{os.getloadavg()[0]:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -234,10 +239,12 @@ def main() -> None:
     parser.add_argument("--venv", type=Path, help="also time RECORD verification of this venv")
     parser.add_argument("--no-weights", action="store_true", help="skip the weights benchmark")
     args = parser.parse_args()
+    print(f"load average at start: {load()} on {os.cpu_count()} CPUs")
     if not args.no_weights:
         bench_weights(args)
     if args.venv:
         bench_venv(args)
+    print(f"\nload average at end: {load()}")
 
 
 if __name__ == "__main__":
