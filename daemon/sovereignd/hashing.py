@@ -23,9 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: Bytes read per call. Large reads amortise the syscall and Python overhead per chunk; from
-#: 128 KiB to 8 MiB the rate was the same within noise (tests/bench/bench_integrity.py
-#: --buffer-sweep), so one that fits a core's L2 cache, and little memory per thread.
+#: Bytes read per call. Reads of 128 KiB to 2 MiB hashed equally fast, 8 and 16 MiB a few
+#: percent slower (tests/bench/bench_integrity.py --buffer-sweep): one that fits a core's L2
+#: cache, so hashlib reads what the kernel just copied, and little memory per thread.
 DEFAULT_BUFFER_SIZE = 2**20
 
 #: Nice value of hashing threads for scheduled re-hashes (Linux; see `lower_thread_priority`).
