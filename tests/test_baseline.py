@@ -9,10 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
-from modeldirs import make_model
-from pyenvs import PyEnv, site_packages
 from sovereignd import environment, manifest
+from tests.helpers import run_cli
+from tests.modeldirs import make_model
+from tests.venvtools import PyEnv, site_packages
+
+# The session's real venv (built once, copied per test): registered as a plugin so that
+# every module using it shares one fixture, not one per importing module.
+pytest_plugins = ("tests.pyenvs",)
 
 
 @pytest.fixture

@@ -11,11 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
-from pyenvs import PyEnv, pip, site_packages
 from sovereignd import environment
 from sovereignd.environment import Pin
 from sovereignd.errors import CheckFailed, FrozenFileError
+from tests.helpers import run_cli
+from tests.venvtools import PyEnv, pip, site_packages
+
+# The session's real venv (built once, copied per test): registered as a plugin so that
+# every module using it shares one fixture, not one per importing module.
+pytest_plugins = ("tests.pyenvs",)
 
 UV = shutil.which("uv") or shutil.which("uv", path=str(Path(sys.executable).parent))
 

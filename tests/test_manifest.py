@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
-from modeldirs import WEIGHTS, make_hf_cache, make_model
 from sovereignd import manifest
 from sovereignd.errors import CheckFailed, ManifestError
 from sovereignd.manifest import Status
+from tests.helpers import run_cli
+from tests.modeldirs import WEIGHTS, make_hf_cache, make_model
 
 SHASUM = shutil.which("shasum")
 SHA256SUM = shutil.which("sha256sum")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sovereignd import __version__
 from sovereignd import config as config_mod
-from sovereignd.errors import CheckFailed, ConfigError, ConfigProblem, SovereigndError
+from sovereignd.errors import CheckFailed, ConfigError, SovereigndError
 
 EX_OK = 0
 EX_FAIL = 1
@@ -64,53 +64,6 @@ def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     e.set_defaults(handler=_cmd_config_example)
     d = csub.add_parser("describe", help="list every setting with its default")
     d.set_defaults(handler=_cmd_config_describe)
-
-
-# --- run / status / restart -------------------------------------------------------------------
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    from sovereignd import daemon
-
-    return daemon.run(cfg, allow_root=args.allow_root)
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    from sovereignd import control
-
-    status = control.fetch_status(cfg)
-    if args.json:
-        sys.stdout.write(control.status_json(status) + "\n")
-    else:
-        print(control.render_status(status))
-    return EX_OK if status.get("state") == "READY" else EX_FAIL
-
-
-def _cmd_restart(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    from sovereignd import control
-
-    print(control.request(cfg, "restart", reason=args.reason))
-    return EX_OK
-
-
-def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("run", help="run the daemon in the foreground (launchd/systemd start this)")
-    _config_arg(p)
-    p.add_argument("--allow-root", action="store_true",
-                   help="allow running as root (also daemon.allow_root in the configuration)")
-    p.set_defaults(handler=_cmd_run)
-    p = sub.add_parser("status", help="show the running daemon's state")
-    _config_arg(p)
-    p.add_argument("--json", action="store_true", help="print the JSON of /status")
-    p.set_defaults(handler=_cmd_status)
-    p = sub.add_parser(
-        "restart", help="restart the server now (also leaves FATAL and resets the failure count)")
-    _config_arg(p)
-    p.add_argument("--reason", default="operator request", help="recorded in the event log")
-    p.set_defaults(handler=_cmd_restart)
 
 
 # --- manifest / env / baseline ------------------------------------------------------------------
@@ -191,6 +144,8 @@ def _env_targets(args: argparse.Namespace) -> tuple[Path, Path | None, bool, int
         record = record and cfg.environment.record_check
         workers = cfg.integrity.hash_workers if workers is None else workers
         if venv is None:
+            from sovereignd.errors import ConfigProblem
+
             raise ConfigError(str(args.config), [ConfigProblem(
                 "server.venv", "is not set: there is no server venv to verify")])
     if venv is None:
@@ -267,6 +222,53 @@ def _add_baseline(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="accept the current weights and software as the approved baseline "
                         "(the files are written as without the flag)")
     p.set_defaults(handler=_cmd_baseline)
+
+
+# --- run / status / restart -------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from sovereignd import daemon
+
+    return daemon.run(cfg, allow_root=args.allow_root)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from sovereignd import control
+
+    status = control.fetch_status(cfg)
+    if args.json:
+        sys.stdout.write(control.status_json(status) + "\n")
+    else:
+        print(control.render_status(status))
+    return EX_OK if status.get("state") == "READY" else EX_FAIL
+
+
+def _cmd_restart(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from sovereignd import control
+
+    print(control.request(cfg, "restart", reason=args.reason))
+    return EX_OK
+
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="run the daemon in the foreground (launchd/systemd start this)")
+    _config_arg(p)
+    p.add_argument("--allow-root", action="store_true",
+                   help="allow running as root (also daemon.allow_root in the configuration)")
+    p.set_defaults(handler=_cmd_run)
+    p = sub.add_parser("status", help="show the running daemon's state")
+    _config_arg(p)
+    p.add_argument("--json", action="store_true", help="print the JSON of /status")
+    p.set_defaults(handler=_cmd_status)
+    p = sub.add_parser("restart", help="restart the server now (also leaves FATAL and resets "
+                       "the failure count)")
+    _config_arg(p)
+    p.add_argument("--reason", default="operator request", help="recorded in the event log")
+    p.set_defaults(handler=_cmd_restart)
 
 
 # --- parser and main ------------------------------------------------------------------------

@@ -30,10 +30,6 @@ class ConfigError(SovereigndError):
         super().__init__(f"{source}: {len(problems)} configuration problem(s):\n{lines}")
 
 
-class CheckFailed(SovereigndError):
-    """A verification (manifest, environment, logs) did not pass; the message says which."""
-
-
 class FileFormatError(SovereigndError):
     """A file the operator wrote or approved cannot be used; names the file and the line."""
 
@@ -63,3 +59,8 @@ class WeightsError(SovereigndError):
         self.path = path
         self.reason = reason
         super().__init__(f"{path}: {reason}" + (f"; {advice}" if advice else ""))
+
+
+class CheckFailed(SovereigndError):
+    """A verification (manifest, environment, logs) did not pass; the message says which."""
+
