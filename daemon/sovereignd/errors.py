@@ -63,4 +63,3 @@ class WeightsError(SovereigndError):
 
 class CheckFailed(SovereigndError):
     """A verification (manifest, environment, logs) did not pass; the message says which."""
-
