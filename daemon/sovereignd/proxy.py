@@ -334,6 +334,10 @@ class Proxy:
             raise _Refused(413, f"request body larger than {limit} bytes",
                            "invalid_request_error", "body_too_large")
         try:
+            if request.content.is_eof():
+                # The whole body arrived with the headers (the usual case): nothing to wait
+                # for, so no timer to arm and cancel.
+                return await request.read()
             async with asyncio.timeout(self.cfg.gateway.body_timeout):
                 return await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
