@@ -13,7 +13,9 @@ Then the added time to first streamed token: the stand-in server (tests/fakes/fa
 streaming SSE, sequential requests alternating direct and through the gateway.
 
 On two or more cores the gateway (the daemon, or LiteLLM) is pinned to core 0 and wrk, nginx
-and the stand-in to core 1, so "requests/s" is what one core of gateway does.
+and the stand-in to core 1, so "requests/s" is what one core of gateway does. The machine may
+be shared: each row waits for other programs' load to settle, then says how much remained
+("other %") and how fast the gateway core ran compared with the other rows ("speed %").
 
 Needs `nginx` and `wrk` on PATH (Debian: apt-get install nginx-light wrk). LiteLLM's venv is
 made at first use in ~/.cache/sovereignd/litellm (several hundred MB from PyPI).
@@ -177,6 +179,7 @@ class Run:
     cpu_pct: float | None = None
     rss_bytes: int | None = None
     foreign: dict[int, float] = field(default_factory=dict)
+    loop_ns: int = 0
     note: str = ""
 
 
@@ -264,6 +267,27 @@ def wait_quiet(limit: float, threshold: float = 10.0) -> float:
             said = True
 
 
+def core_speed_ns(core: int) -> int:
+    """Time of a fixed pure-Python loop on `core`, best of 5: how fast the core runs now.
+
+    On a virtual machine the host's other guests can slow a core without it showing as busy
+    or stolen here; comparing this between rows shows it."""
+    mine = os.sched_getaffinity(0)
+    if pinning():
+        os.sched_setaffinity(0, {core})
+    try:
+        best = 1 << 62
+        for _ in range(5):
+            t0 = time.perf_counter_ns()
+            total = 0
+            for i in range(100_000):
+                total += i
+            best = min(best, time.perf_counter_ns() - t0)
+    finally:
+        os.sched_setaffinity(0, mine)
+    return best
+
+
 def children_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
@@ -276,6 +300,7 @@ def measure(scenario: str, url: str, script: Path, concurrency: int, *, duration
     if warmup > 0:
         wrk(url, script, concurrency, warmup)
     wait_quiet(quiet)
+    speed_before = core_speed_ns(GATEWAY_CORE)
     g0, u0, w0 = cpu_seconds(gateway or []), cpu_seconds(upstream), children_cpu()
     k0, t0 = core_times(), time.monotonic()
     out = wrk(url, script, concurrency, duration)
@@ -283,6 +308,7 @@ def measure(scenario: str, url: str, script: Path, concurrency: int, *, duration
     g1, u1, w1 = cpu_seconds(gateway or []), cpu_seconds(upstream), children_cpu()
     rps, p50, p99, done, errors = parse_wrk(out)
     run = Run(scenario, concurrency, rps, p50, p99, done, errors)
+    run.loop_ns = max(speed_before, core_speed_ns(GATEWAY_CORE))
     wall = t1 - t0
     gw_pct = (g1 - g0) / wall * 100
     if gateway:
@@ -575,20 +601,6 @@ def bench_proxies(root: Path, args: argparse.Namespace) -> tuple[list[Run], str]
             raise RuntimeError(f"the gateway answered {code}: {body[:300]!r}")
         direct_script = write_script(root / "direct.lua", key)
         gateway_script = write_script(root / "gateway.lua", key)
-        litellm_script: Path | None = None
-        if not args.skip_litellm:
-            try:
-                exe = litellm_venv()
-                litellm = LiteLLM(root, exe, d.server_port)
-                print(f"  starting LiteLLM {litellm_version(exe)} (one worker)", flush=True)
-                litellm.start()
-                litellm_script = write_script(root / "litellm.lua", litellm.key)
-            except (RuntimeError, OSError, subprocess.SubprocessError, AssertionError) as exc:
-                notes = f"LiteLLM not measured: {str(exc).strip()[:600]}"
-                print(f"  {notes}", flush=True)
-                if litellm is not None:
-                    litellm.stop()
-                    litellm = None
         for c in CONCURRENCY:
             runs.append(measure("direct", upstream, direct_script, c, duration=args.duration,
                                 warmup=args.warmup, gateway=None, upstream=nginx,
@@ -603,8 +615,24 @@ def bench_proxies(root: Path, args: argparse.Namespace) -> tuple[list[Run], str]
             if last.get("seal") is None:
                 raise RuntimeError("the request records are not sealed")
             runs.append(run)
-            if litellm is not None and litellm_script is not None:
-                assert litellm.proc is not None
+        # LiteLLM only now, so that its 340 MB and background tasks are not on the gateway
+        # core while sovereignd is measured.
+        if not args.skip_litellm:
+            try:
+                exe = litellm_venv()
+                litellm = LiteLLM(root, exe, d.server_port)
+                print(f"  starting LiteLLM {litellm_version(exe)} (one worker)", flush=True)
+                litellm.start()
+            except (RuntimeError, OSError, subprocess.SubprocessError, AssertionError) as exc:
+                notes = f"LiteLLM not measured: {str(exc).strip()[:600]}"
+                print(f"  {notes}", flush=True)
+                if litellm is not None:
+                    litellm.stop()
+                    litellm = None
+        if litellm is not None:
+            assert litellm.proc is not None
+            litellm_script = write_script(root / "litellm.lua", litellm.key)
+            for c in CONCURRENCY:
                 runs.append(measure("LiteLLM", f"{litellm.url}/v1/chat/completions",
                                     litellm_script, c, duration=args.duration,
                                     warmup=args.warmup,
@@ -623,15 +651,17 @@ def fmt_ms(v: float) -> str:
 
 def print_table(runs: list[Run]) -> None:
     head = (f"{'scenario':<11} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-            f"{'gw CPU %':>9} {'gw RSS MiB':>10} {'errors':>6} {'other %':>8}")
+            f"{'gw CPU %':>9} {'gw RSS MiB':>10} {'errors':>6} {'other %':>8} {'speed %':>8}")
     print(head)
     print("-" * len(head))
-    for r in runs:
+    order = {"direct": 0, "sovereignd": 1, "LiteLLM": 2}
+    fastest = min(r.loop_ns for r in runs)
+    for r in sorted(runs, key=lambda r: (r.concurrency, order.get(r.scenario, 9))):
         cpu = f"{r.cpu_pct:.0f}" if r.cpu_pct is not None else "-"
         rss = f"{r.rss_bytes / 2**20:.1f}" if r.rss_bytes is not None else "-"
         print(f"{r.scenario:<11} {r.concurrency:>4} {r.rps:>9,.0f} {fmt_ms(r.p50_ms):>8} "
               f"{fmt_ms(r.p99_ms):>8} {cpu:>9} {rss:>10} {r.errors:>6} "
-              f"{fmt_foreign(r.foreign):>8}")
+              f"{fmt_foreign(r.foreign):>8} {100 * fastest / r.loop_ns:>8.0f}")
 
 
 def find(runs: list[Run], scenario: str, c: int) -> Run | None:
@@ -677,9 +707,11 @@ def main() -> None:
         d50, d90, g50, g90 = ttft(root, args.ttft_rounds, args.quiet)
     print()
     print_table(runs)
-    print(f"  gw = the gateway process (the daemon, whole; LiteLLM with its workers); other % = "
-          f"load from other programs on core {GATEWAY_CORE}/{LOAD_CORE} during the row "
-          "(a row with more than ~10 is skewed)")
+    print("  gw = the gateway process (the daemon, whole; LiteLLM with its workers)")
+    print(f"  other % = load from other programs on core {GATEWAY_CORE}/{LOAD_CORE} during the "
+          "row (above ~10 the row is skewed)")
+    print(f"  speed % = core {GATEWAY_CORE}'s speed around the row (a fixed Python loop) against "
+          "the fastest row: below ~90 the host slowed this machine")
     for r in runs:
         if r.note:
             print(f"  {r.scenario} c={r.concurrency}: {r.note}")
