@@ -57,6 +57,8 @@ TARGET_ADDED_P50_MS = 0.4
 TARGET_RPS_C32 = 4000
 TARGET_RSS_BYTES = 80 * 10**6
 TARGET_ADDED_TTFT_MS = 1.0
+# Load from other programs on a core (%) above which a row is measured again.
+QUIET_PCT = 10.0
 
 CHAT_BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}],
                         "max_tokens": 8}, separators=(",", ":"))
@@ -246,7 +248,7 @@ def foreign_load(before: list[Any], after: list[Any], ours: dict[int, float]) ->
     return out
 
 
-def wait_quiet(limit: float, threshold: float = 10.0) -> float:
+def wait_quiet(limit: float, threshold: float = QUIET_PCT) -> float:
     """Wait (up to `limit` s) until neither core is busier than `threshold` % for a second:
     this machine may be shared, and other work on the cores skews every figure."""
     deadline = time.monotonic() + limit
@@ -295,10 +297,32 @@ def children_cpu() -> float:
 
 def measure(scenario: str, url: str, script: Path, concurrency: int, *, duration: float,
             warmup: float, gateway: list[psutil.Process] | None,
-            upstream: list[psutil.Process], quiet: float) -> Run:
-    """A warm-up run (discarded), then the measured run with the gateway's CPU over it."""
+            upstream: list[psutil.Process], quiet: float, tries: int = 3) -> Run:
+    """A warm-up run (discarded), then the measured run with the gateway's CPU over it.
+
+    A run during which other programs kept a core more than QUIET_PCT % busy is done again
+    (up to `tries` in all); the least disturbed one is kept."""
     if warmup > 0:
         wrk(url, script, concurrency, warmup)
+    best: Run | None = None
+    for attempt in range(1, tries + 1):
+        run = _measure_once(scenario, url, script, concurrency, duration=duration,
+                            gateway=gateway, upstream=upstream, quiet=quiet)
+        disturbed = max(run.foreign.values(), default=0.0)
+        if best is None or disturbed < max(best.foreign.values(), default=0.0):
+            best = run
+        if disturbed <= QUIET_PCT:
+            break
+        if attempt < tries:
+            print(f"    other programs kept a core {disturbed:.0f} % busy: measuring again",
+                  flush=True)
+    assert best is not None
+    return best
+
+
+def _measure_once(scenario: str, url: str, script: Path, concurrency: int, *,
+                  duration: float, gateway: list[psutil.Process] | None,
+                  upstream: list[psutil.Process], quiet: float) -> Run:
     wait_quiet(quiet)
     speed_before = core_speed_ns(GATEWAY_CORE)
     g0, u0, w0 = cpu_seconds(gateway or []), cpu_seconds(upstream), children_cpu()
@@ -611,7 +635,8 @@ def bench_proxies(root: Path, args: argparse.Namespace) -> tuple[list[Run], str]
             run = measure("sovereignd", gateway, gateway_script, c, duration=args.duration,
                           warmup=0, gateway=daemon_proc, upstream=nginx, quiet=args.quiet)
             last = last_record(d.logs)
-            run.note = f"{last['seq'] - before:,} records sealed (epoch {last['epoch']})"
+            run.note = (f"{last['seq'] - before:,} records sealed during the row, repeats "
+                        f"included (epoch {last['epoch']})")
             if last.get("seal") is None:
                 raise RuntimeError("the request records are not sealed")
             runs.append(run)
