@@ -57,7 +57,7 @@ def main() -> None:
         try:
             for _ in range(args.rounds):
                 pid = d.wait_state("READY", timeout=120)["server"]["pid"]
-                offset = os.path.getsize(weights) // 2
+                offset = weights.stat().st_size // 2
                 with weights.open("r+b") as f:
                     f.seek(offset)
                     old = f.read(1)
