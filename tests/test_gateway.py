@@ -68,7 +68,9 @@ def test_allow_listed_routes_pass_with_a_client_key(gw: tuple[Daemon, str]) -> N
         assert code == 200, (path, payload)
         assert len(headers["X-Request-ID"]) == 24
         assert headers["Server"] == "sovereignd"
-    recs = [r for r in records(d) if r["kind"] == "request"]
+    # A record is written once its response has been handed to the transport: wait for it.
+    recs = wait_for(lambda: [r for r in records(d) if r["kind"] == "request"][3:] and
+                    [r for r in records(d) if r["kind"] == "request"], 5, what="four records")
     assert [r["path"] for r in recs] == ["/v1/models", "/v1/chat/completions",
                                          "/v1/completions", "/v1/embeddings"]
     chat = recs[1]

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -31,13 +30,28 @@ from sovereignd.keys import Client, KeyStore
 from sovereignd.metrics import Metrics
 from sovereignd.requestlog import RequestLog, RequestLogError
 from sovereignd.supervisor import Supervisor
+from sovereignd.upstream import Response as UpstreamResponse
+from sovereignd.upstream import (
+    Target,
+    UpstreamClient,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+)
 
+# Not passed to the server: hop-by-hop fields, framing (the upstream client writes its own),
+# the client's credentials, and Accept-Encoding (the client asks for identity: a compressed
+# body would be harder to inspect for usage and is pointless on loopback).
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-                        "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host",
-                        "content-length", "authorization", "api-key", "x-api-key",
-                        "x-request-id", "accept-encoding"})
+                        "proxy-connection", "te", "trailer", "trailers", "transfer-encoding",
+                        "upgrade", "host", "content-length", "expect", "authorization",
+                        "api-key", "x-api-key", "x-request-id", "accept-encoding"})
+# Content-Encoding is kept: should a server compress anyway, the client must know.
 RESPONSE_DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length",
-                           "content-encoding", "server", "date", "x-request-id"})
+                           "server", "date", "x-request-id", "trailer", "upgrade",
+                           "proxy-connection"})
+# Making a connection to a loopback server takes microseconds; seconds mean it is stuck.
+CONNECT_TIMEOUT = 5.0
 MAX_RECORDED_PATH = 512
 # A streamed chunk that carries generated text: `"content": "x...` or `"text": "x...`.
 _TOKEN = re.compile(rb'"(?:content|text)":\s*"[^"]')
@@ -166,8 +180,8 @@ class Proxy:
         self.events = events
         g = cfg.gateway
         self.limits = ClientLimits(g.client_concurrency, g.client_rate)
-        self._session: aiohttp.ClientSession | None = None
-        self._session_for: str | None = None
+        self._upstream = UpstreamClient(connect_timeout=CONNECT_TIMEOUT)
+        self._target: Target | None = None
         self._log_broken: str | None = None
         self._known_paths = {r.path for r in backend.routes if not r.prefix}
         self._known_prefixes = tuple(r.path for r in backend.routes if r.prefix)
@@ -178,24 +192,8 @@ class Proxy:
         """Route everything not otherwise routed (the health endpoints) through the proxy."""
         app.router.add_route("*", "/{tail:.*}", self.handle)
 
-    def _client(self, uds: str | None) -> aiohttp.ClientSession:
-        target = uds or "tcp"
-        if self._session is None or self._session.closed or self._session_for != target:
-            if self._session is not None and not self._session.closed:
-                # The server moved (another socket): drop the old pool, in the background.
-                asyncio.get_running_loop().create_task(self._session.close())
-            connector: aiohttp.BaseConnector = (
-                aiohttp.UnixConnector(path=uds, limit=0) if uds
-                else aiohttp.TCPConnector(limit=0, keepalive_timeout=30))
-            self._session = aiohttp.ClientSession(connector=connector, trust_env=False,
-                                                  auto_decompress=False)
-            self._session_for = target
-        return self._session
-
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._upstream.close()
 
     # --- admin check for /status and /metrics on a network listener ---------------------------
 
@@ -225,12 +223,22 @@ class Proxy:
         client: Client | None = None
         self.metrics.requests_in_flight += 1
         try:
-            client = self._authorise(request, rec)
-            return await self._forward(request, rec, client, t0, rid)
-        except _Refused as refusal:
-            rec["status"], rec["error"] = refusal.status, refusal.error
-            return _error(refusal.status, refusal.message, refusal.type, refusal.code,
-                          {**refusal.headers, "X-Request-ID": rid})
+            try:
+                client = self._authorise(request, rec)
+                resp = await self._forward(request, rec, t0, rid)
+            except _Refused as refusal:
+                rec["status"], rec["error"] = refusal.status, refusal.error
+                resp = _error(refusal.status, refusal.message, refusal.type, refusal.code,
+                              {**refusal.headers, "X-Request-ID": rid})
+            if not resp.prepared:
+                # Sent here, not by aiohttp after the return, so that the latency recorded
+                # below runs from the request's start to the last byte handed to the
+                # transport; the record follows the response, as it does for streams.
+                try:
+                    await resp.prepare(request)
+                    await resp.write_eof()
+                except ConnectionError:
+                    rec["error"] = "client_disconnect"
         except asyncio.CancelledError:
             rec["error"] = "client_disconnect"
             rec["status"] = 499  # nginx's "client closed request": nothing more was sent
@@ -241,6 +249,7 @@ class Proxy:
             rec["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
             self.metrics.requests_in_flight -= 1
             self._finish(rec)
+        return resp
 
     def _authorise(self, request: web.Request, rec: dict[str, Any]) -> Client:
         raw = rec["path"]
@@ -275,9 +284,8 @@ class Proxy:
                            error="rate_limited" if why == "rate" else "concurrency")
         return client
 
-    async def _forward(self, request: web.Request, rec: dict[str, Any], client: Client,
-                       t0: float, rid: str) -> web.StreamResponse:
-        del client  # authorised; the record already names it
+    async def _forward(self, request: web.Request, rec: dict[str, Any], t0: float,
+                       rid: str) -> web.StreamResponse:
         if self._log_broken is not None:
             raise _Refused(503, f"request records cannot be written ({self._log_broken}); "
                            "refusing to serve unrecorded requests", "server_error",
@@ -294,39 +302,40 @@ class Proxy:
         strip_usage = False
         if body and request.method == "POST":
             body, strip_usage = self._inspect_body(body, rec)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        headers["Authorization"] = f"Bearer {upstream.key}"
-        headers["X-Request-ID"] = rid
-        url = upstream.base_url + str(request.rel_url.raw_path_qs)
-        timeout = aiohttp.ClientTimeout(total=self.cfg.gateway.upstream_timeout,
-                                        sock_connect=5)
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+        headers.append(("Authorization", f"Bearer {upstream.key}"))
+        headers.append(("X-Request-ID", rid))
+        target = upstream.target
+        if target != self._target:
+            if self._target is not None:
+                self._upstream.drop(self._target)  # the server moved: its old pool goes
+            self._target = target
         try:
-            async with self._client(upstream.uds).request(
-                    request.method, url, data=body or None, headers=headers,
-                    timeout=timeout, allow_redirects=False) as up:
-                rec["ttfb_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-                out_headers = {k: v for k, v in up.headers.items()
-                               if k.lower() not in RESPONSE_DROP}
-                out_headers["X-Request-ID"] = rid
-                if up.content_type == "text/event-stream":
-                    return await self._stream(request, up, out_headers, rec, t0=t0,
-                                              strip_usage=strip_usage)
-                payload = await up.read()
-                rec["status"] = up.status
-                rec["bytes_out"] = len(payload)
-                self._usage_from_json(payload, rec)
-                self._body_fields(rec, body, payload)
-                return web.Response(body=payload, status=up.status, headers=out_headers)
-        except TimeoutError as exc:
-            raise _Refused(504, "the model server did not answer in time",
-                           "server_error", "upstream_timeout") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise _Refused(502, "the model server refused the connection", "server_error",
-                           "upstream_unavailable") from exc
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
-                aiohttp.ClientOSError) as exc:
-            raise _Refused(502, "the model server closed the connection", "server_error",
-                           "upstream_disconnect") from exc
+            up = await self._upstream.request(
+                target, request.method, request.rel_url.raw_path_qs, headers, body,
+                timeout=self.cfg.gateway.upstream_timeout)
+        except (TimeoutError, UpstreamError) as exc:
+            raise _upstream_refusal(exc) from exc
+        except ValueError as exc:  # a character that cannot be forwarded (CR, LF, NUL)
+            raise _Refused(400, "the request cannot be forwarded", "invalid_request_error",
+                           "bad_request") from exc
+        try:
+            rec["ttfb_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+            rec["status"] = up.status
+            out_headers = [(k, v) for k, v in up.headers if k.lower() not in RESPONSE_DROP]
+            out_headers.append(("X-Request-ID", rid))
+            if up.content_type == "text/event-stream":
+                return await self._stream(request, up, out_headers, rec, t0=t0,
+                                          strip_usage=strip_usage)
+            payload = await up.read()
+        except (TimeoutError, UpstreamError) as exc:
+            raise _upstream_refusal(exc) from exc
+        finally:
+            up.close()  # a no-op once the response is complete; else the server sees us go
+        rec["bytes_out"] = len(payload)
+        self._usage_from_json(payload, rec)
+        self._body_fields(rec, body, payload)
+        return web.Response(body=payload, status=up.status, headers=out_headers)
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.cfg.gateway.max_body
@@ -367,11 +376,10 @@ class Proxy:
                                   "include_usage": True}
         return orjson.dumps(data), True
 
-    async def _stream(self, request: web.Request, up: aiohttp.ClientResponse,
-                      headers: dict[str, str], rec: dict[str, Any], *, t0: float,
+    async def _stream(self, request: web.Request, up: UpstreamResponse,
+                      headers: list[tuple[str, str]], rec: dict[str, Any], *, t0: float,
                       strip_usage: bool) -> web.StreamResponse:
         rec["stream"] = True
-        rec["status"] = up.status
         resp = web.StreamResponse(status=up.status, headers=headers)
         resp.headers["Cache-Control"] = "no-cache"
         resp.headers["X-Accel-Buffering"] = "no"
@@ -379,7 +387,7 @@ class Proxy:
         sse = _Stream(strip_usage)
         sent = 0
         try:
-            async for chunk in up.content.iter_any():
+            async for chunk in up:
                 data = sse.feed(chunk, time.perf_counter())
                 if data:
                     await resp.write(data)
@@ -389,11 +397,15 @@ class Proxy:
                 await resp.write(tail)
                 sent += len(tail)
             await resp.write_eof()
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        except ConnectionError:
             rec["error"] = "client_disconnect"
             up.close()  # the server sees the connection go and aborts the generation
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
-            rec["error"] = "upstream_disconnect"
+        except (TimeoutError, UpstreamError) as exc:
+            rec["error"] = _upstream_refusal(exc).error
+            # The status line went out long ago: cut the client's connection instead of
+            # ending the body, which would tell the client that the stream was whole.
+            if request.transport is not None:
+                request.transport.close()
         finally:
             rec["bytes_out"] = sent
             if sse.ttft is not None:
@@ -402,6 +414,7 @@ class Proxy:
                 rec["prompt_tokens"] = sse.usage.get("prompt_tokens")
                 rec["completion_tokens"] = sse.usage.get("completion_tokens")
         return resp
+
 
     @staticmethod
     def _usage_from_json(payload: bytes, rec: dict[str, Any]) -> None:
@@ -456,6 +469,21 @@ def _bearer(request: web.Request) -> str | None:
     if scheme.lower() != "bearer":
         return ""
     return token.strip()
+
+
+def _upstream_refusal(exc: TimeoutError | UpstreamError) -> _Refused:
+    """How a failed exchange with the server is answered (before any byte was sent)."""
+    if isinstance(exc, TimeoutError):
+        return _Refused(504, "the model server did not answer in time", "server_error",
+                        "upstream_timeout")
+    if isinstance(exc, UpstreamConnectError):
+        return _Refused(502, "the model server refused the connection", "server_error",
+                        "upstream_unavailable")
+    if isinstance(exc, UpstreamProtocolError):
+        return _Refused(502, "the model server sent a malformed response", "server_error",
+                        "upstream_bad_response")
+    return _Refused(502, "the model server closed the connection", "server_error",
+                    "upstream_disconnect")
 
 
 def _error(status: int, message: str, type_: str, code: str | None,

@@ -44,6 +44,7 @@ from sovereignd.server import (
 )
 from sovereignd.serverlog import ServerOutput
 from sovereignd.states import PARKED, State, check_transition
+from sovereignd.upstream import Target
 
 # Output lines searched for a known failure. The tail is cleared at each start, so these are
 # this run's; vLLM's multi-process tracebacks put the root cause ~150 lines before the end.
@@ -76,8 +77,7 @@ Gate = Callable[[], Awaitable[Blocked | None]]
 class Upstream:
     """Where the gateway forwards to, and the internal key it adds."""
 
-    base_url: str
-    uds: str | None
+    target: Target
     key: str
 
 
@@ -123,6 +123,8 @@ class Supervisor:
         self._done = asyncio.Event()
         s = cfg.server
         self.prober = Prober(s.host, s.port, str(s.uds) if s.uds else None)
+        self._target = Target(s.host, s.port, str(s.uds) if s.uds else None)
+        self._upstream: Upstream | None = None
         self.pidfile = cfg.state_dir / "server.pid"
 
     # --- requests from the rest of the daemon ---------------------------------------------------
@@ -157,8 +159,9 @@ class Supervisor:
         """Where to forward requests while READY; None in every other state."""
         if self.state is not State.READY or self._key is None:
             return None
-        s = self.cfg.server
-        return Upstream(self.prober.base_url, str(s.uds) if s.uds else None, self._key)
+        if self._upstream is None or self._upstream.key != self._key:
+            self._upstream = Upstream(self._target, self._key)  # once per server start
+        return self._upstream
 
     async def wait_done(self) -> None:
         await self._done.wait()
