@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import re
 import socket
 from collections.abc import Iterable
@@ -687,8 +688,9 @@ class UpstreamClient:
         except OSError as exc:
             if sock is not None:
                 sock.close()
-            raise UpstreamConnectError(
-                f"cannot connect to {target}: {exc.strerror or exc}") from exc
+            # (asyncio's message is "Connect call failed": the errno says why.)
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise UpstreamConnectError(f"cannot connect to {target}: {why}") from exc
         except BaseException:
             if sock is not None:
                 sock.close()
