@@ -356,3 +356,87 @@ def test_twenty_thousand_requests_with_rotation_verify_exactly(make_daemon: Make
     res = run_cli("logs", "verify", "--config", str(d.config_path), "--key-file", str(keyfile))
     assert res.returncode == 0, res.stdout + res.stderr
     assert "OK" in res.stdout
+
+
+def test_what_the_server_receives(make_daemon: MakeDaemon) -> None:
+    """The internal key instead of the client's, the request id, the client's own fields,
+    and Accept-Encoding: identity whatever the client asked (no compressed bodies)."""
+    d = make_daemon(behaviour={"default": {"echo_headers": True}})
+    key = add_key(d, "alice")
+    d.start()
+    d.wait_state("READY")
+    conn = httpclient.HTTPConnection("127.0.0.1", d.port, timeout=10)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(CHAT),
+                 headers={**bearer(key), "Content-Type": "application/json",
+                          "Accept-Encoding": "gzip, br", "X-Custom": "kept",
+                          "X-Api-Key": key, "Connection": "keep-alive"})
+    resp = conn.getresponse()
+    answer = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 200 and resp.getheader("Content-Encoding") is None
+    seen = {k.lower(): v for k, v in answer["request_headers"].items()}
+    assert seen["accept-encoding"] == "identity" and seen["x-custom"] == "kept"
+    assert seen["authorization"].startswith("Bearer ") and key not in seen["authorization"]
+    assert "x-api-key" not in seen and key not in json.dumps(seen)
+    assert seen["x-request-id"] == resp.getheader("X-Request-ID")
+    assert seen["host"] == f"127.0.0.1:{d.server_port}"
+
+
+def read_cut_stream(d: Daemon, key: str, body: dict[str, Any]) -> list[bytes]:
+    """A stream the gateway must cut: the events that came, then an incomplete body."""
+    conn = httpclient.HTTPConnection("127.0.0.1", d.port, timeout=10)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                 headers={**bearer(key), "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    events = []
+    buf = b""
+    try:
+        with pytest.raises(httpclient.IncompleteRead):
+            while True:
+                chunk = resp.read1(65536)
+                if not chunk:
+                    break  # a clean end: the pytest.raises above fails the test
+                buf += chunk
+                while b"\n\n" in buf:
+                    event, buf = buf.split(b"\n\n", 1)
+                    events.append(event)
+    finally:
+        conn.close()
+    return events
+
+
+def test_a_stream_the_server_cuts_is_cut_for_the_client_too(make_daemon: MakeDaemon) -> None:
+    """Ending the body cleanly would tell the client it got the whole stream."""
+    d = make_daemon(behaviour={"default": {"stream_cut_after": 2, "tokens": 6}})
+    key = add_key(d, "alice")
+    d.start()
+    d.wait_state("READY")
+    events = read_cut_stream(d, key, {**CHAT, "stream": True, "max_tokens": 6})
+    assert len(events) == 2 and b"[DONE]" not in b"".join(events)
+    rec = wait_for(lambda: [r for r in records(d) if r.get("error") == "upstream_disconnect"],
+                   5, what="the record")[0]
+    assert rec["status"] == 200 and rec["stream"] is True and rec["bytes_out"] > 0
+    assert http("GET", d.url + "/v1/models", None, bearer(key))[0] == 200  # still serving
+
+
+def test_upstream_timeout_before_and_during_a_stream(make_daemon: MakeDaemon) -> None:
+    """504 when the answer is late; a stream running past the deadline is cut, and the
+    record keeps the status the client saw."""
+    d = make_daemon({"gateway": {"upstream_timeout": "1s"}},
+                    {"default": {"completion_delay": 5, "stream_delay": 0.3, "tokens": 20}})
+    key = add_key(d, "alice")
+    d.start()
+    d.wait_state("READY")
+    t0 = time.monotonic()
+    code, body, _ = http("POST", d.url + "/v1/chat/completions", CHAT, bearer(key))
+    assert code == 504 and json.loads(body)["error"]["code"] == "upstream_timeout"
+    assert time.monotonic() - t0 < 4
+    events = read_cut_stream(d, key, {**CHAT, "stream": True, "max_tokens": 20})
+    assert 1 <= len(events) < 20
+    recs = wait_for(lambda: [r for r in records(d) if r.get("error") == "upstream_timeout"][1:]
+                    and [r for r in records(d) if r.get("error") == "upstream_timeout"], 5,
+                    what="both records")
+    assert [(r["status"], r["stream"]) for r in recs] == [(504, False), (200, True)]
+    aborted = d.control.with_name("control.json.aborted")
+    wait_for(aborted.exists, 10, what="the server to see the gateway give up the stream")

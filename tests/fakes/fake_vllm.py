@@ -23,6 +23,10 @@ Behaviour comes from a JSON control file named by FAKE_VLLM_CONTROL, read at eac
     log_content: bool      print each user message preview, as vllm-mlx does
     stream_delay: float    seconds between streamed chunks
     tokens: int            completion tokens to produce (default 4)
+    stream_cut_after: int  close the connection after this many streamed chunks, mid-body
+    echo_headers: bool     completions answer with the request headers the server received
+    completion_delay: float  seconds before a client's non-streamed completion is answered
+                           (the canary, max_tokens 1, is answered at once)
 Each start appends {"pid", "pgid", "argv", "has_key", "start"} to `<control>.starts`.
 
 Faults on demand, for benchmarks (straight to the server's port, never via the gateway):
@@ -134,7 +138,12 @@ class Fake:
         prompt_tokens = 7
         if body.get("stream"):
             return await self.stream(request, body, chat, n, prompt_tokens)
+        delay = float(self.b.get("completion_delay", 0))
+        if delay and body.get("max_tokens") != 1:
+            await asyncio.sleep(delay)
         text = " tok" * n
+        extra = ({"request_headers": dict(request.headers)} if self.b.get("echo_headers")
+                 else {})
         choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
@@ -144,7 +153,7 @@ class Fake:
             "id": "cmpl-fake", "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": self.name, "choices": [choice],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
-                      "total_tokens": prompt_tokens + n}})
+                      "total_tokens": prompt_tokens + n}, **extra})
 
     async def stream(self, request: web.Request, body: dict[str, Any], chat: bool, n: int,
                      prompt_tokens: int) -> web.StreamResponse:
@@ -153,8 +162,8 @@ class Fake:
         await resp.prepare(request)
         delay = float(self.b.get("stream_delay", 0))
         try:
-            await self._stream_chunks(resp, body, chat=chat, n=n, prompt_tokens=prompt_tokens,
-                                      delay=delay)
+            await self._stream_chunks(request, resp, body, chat=chat, n=n,
+                                      prompt_tokens=prompt_tokens, delay=delay)
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
             # The client (the gateway) went away: a real server aborts the generation.
             control = os.environ.get("FAKE_VLLM_CONTROL")
@@ -164,9 +173,16 @@ class Fake:
             raise
         return resp
 
-    async def _stream_chunks(self, resp: web.StreamResponse, body: dict[str, Any], *,
+    async def _stream_chunks(self, request: web.Request, resp: web.StreamResponse,
+                             body: dict[str, Any], *,
                              chat: bool, n: int, prompt_tokens: int, delay: float) -> None:
+        cut = self.b.get("stream_cut_after")
         for i in range(n):
+            if cut is not None and i >= cut:
+                # A server that dies mid-stream: no terminating chunk, no [DONE].
+                if request.transport is not None:
+                    request.transport.abort()
+                return
             delta: dict[str, Any] = ({"delta": {"content": f" tok{i}"}} if chat
                                      else {"text": f" tok{i}"})
             chunk = {"id": "cmpl-fake", "object": "chat.completion.chunk" if chat
