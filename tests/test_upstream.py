@@ -448,9 +448,10 @@ def test_a_pooled_connection_the_server_closed_is_not_used() -> None:
 
 def test_a_close_the_loop_has_not_seen_yet_is_caught_by_the_peek_before_writing() -> None:
     """The server's FIN is in the socket but the loop has not run: the POST is not written
-    to the dead connection (it would be lost), it goes on a new one."""
+    to the dead connection (it would be lost), it goes on a new one. (The peek is for
+    connections idle for `peek_after`: here at once.)"""
     async def main() -> None:
-        async with raw(answer(OK)) as srv, client() as c:
+        async with raw(answer(OK)) as srv, client(peek_after=0) as c:
             assert await get(c, srv.target, method="POST", body=b"1") == (200, b"ok")
             pool = c._pools[srv.target]
             (conn,) = pool.idle

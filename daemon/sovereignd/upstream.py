@@ -13,13 +13,17 @@ closed after `keepalive_timeout` (below uvicorn's 5 s, so that the server never 
 under us while idle) and beyond `max_idle` per target.
 
 Retry (RFC 9110 §9.2.2: a request must not be repeated unless it is idempotent or known not to
-have been applied). Just before a pooled connection is written to, a non-blocking peek
-checks that the server has not closed it, reset it or sent something unasked; a connection
-that fails that check is dropped and the next one (or a new one) is used: nothing was
-written, so this holds for every method. After the write, a reused connection that closes
-before any byte of a response is retried once on a new connection only for idempotent
-methods (GET, HEAD, OPTIONS, PUT, DELETE, TRACE); a POST -- a completion -- is never sent
-twice, since the server may have started it: the caller gets `UpstreamDisconnected`.
+have been applied). A pooled connection the loop has seen closed is never written to; one idle
+for `peek_after` (1 s) or more is also peeked at (a non-blocking recv with MSG_PEEK) just
+before the write, for a close, a reset or unasked bytes that arrived since the loop last
+looked. A connection that fails either check is dropped and the next one (or a new one) is
+used: nothing was written, so this holds for every method. (Connections used within the last
+second skip the peek's system call: no idle timeout can have closed them, and a server that
+closes a connection it has just served is going away, where a new connection fails too.)
+After the write, a reused connection that closes before any byte of a response is retried
+once on a new connection only for idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE,
+TRACE); a POST -- a completion -- is never sent twice, since the server may have started it:
+the caller gets `UpstreamDisconnected`.
 
 Timeouts raise `TimeoutError`: `connect_timeout` for making a connection, and the `timeout`
 given per request for the whole exchange (connect, request, the complete response). A caller
@@ -279,11 +283,13 @@ class _Connection(asyncio.Protocol):
 
     # --- use ------------------------------------------------------------------------------------
 
-    def alive(self) -> bool:
+    def alive(self, peek: bool) -> bool:
         """Whether an idle connection can take a request: not closed, and (by a peek at the
         socket) no EOF, error or unasked bytes waiting that the loop has not seen yet."""
         if self.closed or self.transport is None or self.transport.is_closing():
             return False
+        if not peek:
+            return True
         try:
             self.sock.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
@@ -575,10 +581,12 @@ class _Pool:
 
     def take(self, now: float) -> _Connection | None:
         idle = self.idle
-        oldest = now - self.client.keepalive_timeout
+        client = self.client
+        oldest = now - client.keepalive_timeout
+        recent = now - client.peek_after
         while idle:
             conn = idle.pop()
-            if conn.idle_since > oldest and conn.alive():
+            if conn.idle_since > oldest and conn.alive(peek=conn.idle_since <= recent):
                 return conn
             conn.abort()
         return None
@@ -610,9 +618,11 @@ class UpstreamClient:
     """Keep-alive HTTP/1.1 to one or more targets; `request()` returns a `Response`."""
 
     def __init__(self, *, connect_timeout: float = 5.0, keepalive_timeout: float = 4.0,
-                 max_idle: int = 64, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
+                 max_idle: int = 64, max_header_bytes: int = MAX_HEADER_BYTES,
+                 peek_after: float = 1.0) -> None:
         self.connect_timeout = connect_timeout
         self.keepalive_timeout = keepalive_timeout
+        self.peek_after = peek_after
         self.max_idle = max_idle
         self.max_header_bytes = max_header_bytes
         self.closed = False
