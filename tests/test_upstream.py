@@ -627,6 +627,24 @@ def test_total_timeout_covers_the_head_and_the_body() -> None:
     run(main())
 
 
+def test_a_shorter_deadline_on_a_reused_connection_is_kept() -> None:
+    """Deadlines are per request, though the timer belongs to the connection."""
+    async def first_only(s: Raw, _c: int, _r: bytes, writer: asyncio.StreamWriter) -> bool:
+        if len(s.requests) == 1:
+            writer.write(OK)
+        return True
+
+    async def main() -> None:
+        async with raw(first_only) as srv, client() as c:
+            assert await get(c, srv.target, timeout=60) == (200, b"ok")
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await get(c, srv.target, timeout=0.3)
+            assert 0.25 < time.monotonic() - t0 < 3 and srv.connections == 1
+
+    run(main())
+
+
 def test_cancelling_the_caller_closes_the_connection() -> None:
     """A gateway client that goes away cancels its handler: the server must see it."""
     async def streams(_s: Raw, _c: int, _r: bytes, writer: asyncio.StreamWriter) -> bool:

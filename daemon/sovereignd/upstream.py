@@ -53,7 +53,8 @@ MAX_HEADERS: Final = 256
 _MAX_CHUNK_LINE = 4096
 # A consumer that falls this far behind a response pauses reading from the server.
 _HIGH_WATER = 1 << 20
-_LOW_WATER = 1 << 18
+# A deadline timer may fire this much before its time (the loop's clock resolution).
+_EARLY = 0.001
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 _STATUS_LINE = re.compile(r"HTTP/1\.([01]) (\d\d\d)(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
@@ -115,9 +116,8 @@ class Response:
     Use it as an async context manager, or call `close()`: leaving before the body's end
     closes the connection (the server then stops the work)."""
 
-    __slots__ = ("_chunks", "_conn", "_done", "_exc", "_head", "_paused", "_size", "_timer",
-                 "_waiter", "content_length", "headers", "method", "reason", "status",
-                 "version")
+    __slots__ = ("_chunks", "_conn", "_done", "_exc", "_head", "_paused", "_size", "_waiter",
+                 "content_length", "headers", "method", "reason", "status", "version")
 
     def __init__(self, conn: _Connection, method: str, head: asyncio.Future[None]) -> None:
         self._conn: _Connection | None = conn
@@ -134,7 +134,6 @@ class Response:
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
-        self._timer: asyncio.TimerHandle | None = None
 
     # --- for the caller -------------------------------------------------------------------------
 
@@ -149,11 +148,6 @@ class Response:
         """The media type without parameters, lower-cased ("" if none was sent)."""
         value = self.header("content-type")
         return value.partition(";")[0].strip().lower() if value else ""
-
-    @property
-    def complete(self) -> bool:
-        """True once the whole response has arrived (the body may still be buffered here)."""
-        return self._done and self._exc is None
 
     async def read(self) -> bytes:
         """The whole body. Raises what ended the exchange early (TimeoutError,
@@ -241,36 +235,31 @@ class Response:
             return
         self._done = True
         self._exc = exc
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self._conn = None
         head = self._head
         if not head.done():
             if exc is None:
                 head.set_result(None)
             else:
-                head.set_exception(exc)
-                exc = None  # delivered through the head: not again through the body
+                head.set_exception(exc)  # raised by request(); the body has nothing more
                 self._exc = UpstreamDisconnected("no response")
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _expire(self) -> None:
-        self._timer = None
-        conn = self._conn
-        self._end(TimeoutError("the server did not answer completely in time"))
-        if conn is not None:
-            conn.abort()
-
 
 class _Connection(asyncio.Protocol):
     """One connection to the server and the parser of the responses it carries."""
 
-    def __init__(self, pool: _Pool, sock: socket.socket) -> None:
+    def __init__(self, pool: _Pool, sock: socket.socket,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
         self.sock = sock
+        self.loop = loop
+        # The exchange's deadline, and a timer that fires at or before it. The timer outlives
+        # exchanges and is moved only when a deadline comes earlier: no timer per request.
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -298,12 +287,16 @@ class _Connection(asyncio.Protocol):
             return False
         return False
 
-    def send(self, data: bytes, method: str, deadline: float, *,
-             loop: asyncio.AbstractEventLoop) -> Response:
+    def send(self, data: bytes, method: str, deadline: float) -> Response:
         assert self.transport is not None
-        head = loop.create_future()
+        head = self.loop.create_future()
         resp = self.resp = Response(self, method, head)
-        resp._timer = loop.call_at(deadline, resp._expire)
+        self.deadline = deadline
+        timer = self.timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self.timer = self.loop.call_at(deadline, self._check_deadline)
         self.state = _HEAD
         self.received = False
         self.keep_alive = True
@@ -321,8 +314,20 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         self.closed = True
         self.keep_alive = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.transport is not None:
             self.transport.abort()
+
+    def _check_deadline(self) -> None:
+        self.timer = None
+        if self.resp is None or self.closed:
+            return  # idle (or gone): the next exchange arms it again
+        if self.loop.time() + _EARLY >= self.deadline:
+            self._fail(TimeoutError("the server did not answer completely in time"))
+        else:
+            self.timer = self.loop.call_at(self.deadline, self._check_deadline)
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -357,6 +362,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost(exc)
+        if self.timer is not None:
+            self.timer.cancel()  # and with it the timer's reference to this connection
+            self.timer = None
         self.pool.forget(self)
 
     # --- parsing --------------------------------------------------------------------------------
@@ -655,7 +663,7 @@ class UpstreamClient:
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(pool, deadline, loop)
-            resp = conn.send(data, method, deadline, loop=loop)
+            resp = conn.send(data, method, deadline)
             try:
                 await resp._head
             except _Unanswered:
@@ -682,7 +690,7 @@ class UpstreamClient:
                     await loop.sock_connect(sock, target.uds)
                     bound = sock
                     _, conn = await loop.create_unix_connection(
-                        lambda: _Connection(pool, bound), sock=sock)
+                        lambda: _Connection(pool, bound, loop), sock=sock)
                 else:
                     family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
                     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -690,7 +698,7 @@ class UpstreamClient:
                     await loop.sock_connect(sock, (target.host, target.port))
                     bound = sock
                     _, conn = await loop.create_connection(
-                        lambda: _Connection(pool, bound), sock=sock)
+                        lambda: _Connection(pool, bound, loop), sock=sock)
         except TimeoutError:
             if sock is not None:
                 sock.close()
