@@ -415,7 +415,6 @@ class Proxy:
                 rec["completion_tokens"] = sse.usage.get("completion_tokens")
         return resp
 
-
     @staticmethod
     def _usage_from_json(payload: bytes, rec: dict[str, Any]) -> None:
         if b'"usage"' not in payload:
