@@ -60,6 +60,7 @@ class Raw:
         self.connections = 0
         self.requests: list[bytes] = []
         self.client_gone = asyncio.Event()
+        self.gone = 0  # connections the client closed
         self.request_seen = asyncio.Event()
         self.writers: list[asyncio.StreamWriter] = []
         self.server: asyncio.Server | None = None
@@ -86,6 +87,7 @@ class Raw:
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
                 except (asyncio.IncompleteReadError, ConnectionError):
+                    self.gone += 1
                     self.client_gone.set()
                     return
                 length = 0
@@ -346,6 +348,35 @@ def test_idle_connections_are_bounded() -> None:
             assert srv.connections == 4 and c.idle_connections(srv.target) == 2
 
     run(main())
+
+
+def test_dropping_a_target_closes_its_connections_busy_ones_when_they_end() -> None:
+    go = asyncio.Event()
+
+    async def waits(s: Raw, _c: int, _r: bytes, writer: asyncio.StreamWriter) -> bool:
+        if len(s.requests) == 2:
+            await go.wait()
+        writer.write(OK)
+        return True
+
+    async def main() -> None:
+        async with raw(waits) as srv, client() as c:
+            assert await get(c, srv.target) == (200, b"ok")
+            busy = asyncio.create_task(get(c, srv.target))  # on the same connection
+            await asyncio.wait_for(_nth_request(srv, 2), 5)
+            c.drop(srv.target)
+            go.set()
+            assert await busy == (200, b"ok")
+            await until(lambda: srv.gone == 1, what="the connection to be closed")
+            assert srv.connections == 1
+
+    run(main())
+
+
+async def _nth_request(srv: Raw, n: int) -> None:
+    while len(srv.requests) < n:
+        srv.request_seen.clear()
+        await srv.request_seen.wait()
 
 
 def test_idle_connection_is_closed_after_the_keep_alive_timeout() -> None:

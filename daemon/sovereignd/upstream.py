@@ -586,6 +586,7 @@ class _Pool:
         self.max_header_bytes = client.max_header_bytes
         self.idle: list[_Connection] = []
         self.all: set[_Connection] = set()
+        self.dropped = False
 
     def take(self, now: float) -> _Connection | None:
         idle = self.idle
@@ -601,7 +602,7 @@ class _Pool:
 
     def release(self, conn: _Connection) -> None:
         client = self.client
-        if client.closed or len(self.idle) >= client.max_idle:
+        if client.closed or self.dropped or len(self.idle) >= client.max_idle:
             conn.abort()
             return
         conn.idle_since = client.loop_time()
@@ -742,9 +743,11 @@ class UpstreamClient:
         return len(pool.idle) if pool else 0
 
     def drop(self, target: Target) -> None:
-        """Close the idle connections to `target` (it moved or went away)."""
+        """Close the idle connections to `target` (it moved or went away); busy ones are
+        closed when their responses end."""
         pool = self._pools.pop(target, None)
         if pool is not None:
+            pool.dropped = True
             for conn in list(pool.idle):
                 conn.abort()
 
