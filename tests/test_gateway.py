@@ -369,7 +369,8 @@ def test_what_the_server_receives(make_daemon: MakeDaemon) -> None:
     conn.request("POST", "/v1/chat/completions", body=json.dumps(CHAT),
                  headers={**bearer(key), "Content-Type": "application/json",
                           "Accept-Encoding": "gzip, br", "X-Custom": "kept",
-                          "X-Api-Key": key, "Connection": "keep-alive"})
+                          "X-Api-Key": key, "Connection": "keep-alive, X-Hop",
+                          "X-Hop": "for the gateway only"})
     resp = conn.getresponse()
     answer = json.loads(resp.read())
     conn.close()
@@ -378,6 +379,7 @@ def test_what_the_server_receives(make_daemon: MakeDaemon) -> None:
     assert seen["accept-encoding"] == "identity" and seen["x-custom"] == "kept"
     assert seen["authorization"].startswith("Bearer ") and key not in seen["authorization"]
     assert "x-api-key" not in seen and key not in json.dumps(seen)
+    assert "x-hop" not in seen and "connection" not in seen
     assert seen["x-request-id"] == resp.getheader("X-Request-ID")
     assert seen["host"] == f"127.0.0.1:{d.server_port}"
 

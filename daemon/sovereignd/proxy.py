@@ -39,9 +39,10 @@ from sovereignd.upstream import (
     UpstreamProtocolError,
 )
 
-# Not passed to the server: hop-by-hop fields, framing (the upstream client writes its own),
-# the client's credentials, and Accept-Encoding (the client asks for identity: a compressed
-# body would be harder to inspect for usage and is pointless on loopback).
+# Not passed to the server: hop-by-hop fields (and those the client's Connection field names),
+# framing (the upstream client writes its own), the client's credentials, and Accept-Encoding
+# (the gateway asks for identity: usage is read from the bodies, and loopback needs no
+# compression).
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "proxy-connection", "te", "trailer", "trailers", "transfer-encoding",
                         "upgrade", "host", "content-length", "expect", "authorization",
@@ -302,7 +303,10 @@ class Proxy:
         strip_usage = False
         if body and request.method == "POST":
             body, strip_usage = self._inspect_body(body, rec)
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+        named = request.headers.get("Connection")
+        drop = HOP_BY_HOP if named is None else HOP_BY_HOP | {
+            t.strip().lower() for t in named.split(",")}
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in drop]
         headers.append(("Authorization", f"Bearer {upstream.key}"))
         headers.append(("X-Request-ID", rid))
         target = upstream.target
@@ -471,7 +475,8 @@ def _bearer(request: web.Request) -> str | None:
 
 
 def _upstream_refusal(exc: TimeoutError | UpstreamError) -> _Refused:
-    """How a failed exchange with the server is answered (before any byte was sent)."""
+    """How a failed exchange with the server is answered; once a stream has begun, only
+    its `error` is used, for the record."""
     if isinstance(exc, TimeoutError):
         return _Refused(504, "the model server did not answer in time", "server_error",
                         "upstream_timeout")
