@@ -1375,14 +1375,20 @@ def _coverage_control(i: _Inputs) -> Control:
     if not h.files:
         c.verdict = FAIL
         c.finding = f"no event log in {i.cfg.logs.dir}: nothing shows what the daemon did"
-    elif i.period.lo is not None and (h.first_ts is None or h.first_ts > i.period.lo):
+    elif i.period.lo is not None and (h.first_ts is None or h.first_ts > i.period.lo) \
+            and len(h.files) - 1 >= i.cfg.logs.keep:
+        # Only once `keep` rotated files exist has rotation started dropping the oldest.
         c.verdict = WARN
         c.finding = (f"the kept events begin at {short_ts(h.first_ts or '?')}, after the "
-                     f"period's start: earlier events were rotated away (raise logs.keep, or "
-                     "ship events.log elsewhere)")
+                     f"period's start, and rotation has been removing the oldest files: "
+                     "earlier events are gone (raise logs.keep, or ship events.log elsewhere)")
     elif h.malformed:
         c.verdict = WARN
         c.finding = f"{h.malformed} line(s) of the event log are not valid JSON events"
+    elif i.period.lo is not None and (h.first_ts is None or h.first_ts > i.period.lo):
+        c.finding = (f"events begin at {short_ts(h.first_ts or '?')}, after the period's "
+                     f"start; no rotated file was removed ({len(h.files) - 1} of "
+                     f"{i.cfg.logs.keep} kept), so nothing earlier was logged")
     else:
         c.finding = (f"events kept from {short_ts(h.first_ts or '?')}, covering the period")
     return c
@@ -1474,6 +1480,10 @@ def _changes_control(i: _Inputs, data: dict[str, Any]) -> Control:
         elif name == "daemon_stop":
             actions.append({"ts": ev["ts"], "action": "daemon stopped",
                             "detail": f"pid {ev.get('pid')}, state {ev.get('state')}"})
+        elif name == "state" and str(ev.get("reason", "")).startswith("restarting: operator"):
+            # `sovereignd restart` while serving: the supervisor logs it as this transition.
+            actions.append({"ts": ev["ts"], "action": "restart",
+                            "detail": str(ev["reason"]).removeprefix("restarting: ")})
         elif name == "state" and ev.get("to") == "STOPPING":
             actions.append({"ts": ev["ts"], "action": "shutdown", "detail": ev.get("reason")})
     at = c.table("operator_actions", "Operator actions and service starts/stops",

@@ -91,7 +91,7 @@ def format_event(rec: dict[str, Any], style: Style) -> str:
     return "  ".join([
         style(_time(rec.get("ts")), "2"),
         style(f"{level:<8}", _LEVEL_COLOR.get(level, "")),
-        style(f"{rec.get('event', '')!s:<18}", "1;36"),
+        style(f"{rec.get('event', '')!s:<20}", "1;36"),
         _pairs(rec, ("ts", "level", "event"), style)]).rstrip()
 
 
