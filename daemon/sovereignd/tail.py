@@ -124,7 +124,7 @@ def format_request(rec: dict[str, Any], style: Style) -> str:
     seq = f"{style('seq=', '2')}{rec.get('seq')}"
     if kind != "request":
         rest = _pairs(rec, ("ts", "seq", "kind", "prev", "epoch", "seal"), style)
-        return "  ".join([ts, "---", style(f"[{kind}]", "35"), seq, rest]).rstrip()
+        return "  ".join([ts, "---", style(f"[{kind}]", "35"), f"{seq} {rest}".rstrip()])
     status = rec.get("status")
     tokens = ""
     if rec.get("prompt_tokens") is not None or rec.get("completion_tokens") is not None:
