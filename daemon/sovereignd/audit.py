@@ -1034,8 +1034,9 @@ def _egress_control(i: _Inputs) -> Control:
                      + ", ".join(found.checked))
     else:
         c.verdict = WARN
-        c.finding = ("cannot be checked here: no systemd unit, launchd pf anchor, nft or "
-                     "iptables rules could be read"
+        where = ("no pf anchor for sovereignd could be read" if i.probe.system == "Darwin"
+                 else "no systemd unit, nft or iptables rules could be read")
+        c.finding = (f"cannot be checked here: {where}"
                      + (f" ({'; '.join(found.unreadable)})" if found.unreadable else ""))
     return c
 
