@@ -22,6 +22,7 @@ fi
 
 ops/demo/setup.sh --only daemon
 ops/demo/setup.sh --only model
+ops/demo/setup.sh --only mlx
 
 venv="$repo/.venv"
 echo "test: ruff" >&2

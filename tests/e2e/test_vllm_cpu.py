@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+from http.client import HTTPConnection
 from pathlib import Path
 
 import psutil
 import pytest
 
+from sovereignd.requestlog import iter_records
 from tests.harness import Daemon, group_processes, http
-from tests.helpers import wait_for
+from tests.helpers import run_cli, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -61,6 +64,49 @@ def test_real_vllm_becomes_ready_and_answers_with_the_internal_key(vllm_daemon: 
     assert st["probe"]["last_canary_ms"] > 0
 
 
+def test_chat_and_streamed_chat_through_the_gateway_with_a_client_key(
+        vllm_daemon: Daemon) -> None:
+    d = vllm_daemon
+    d.wait_state("READY", timeout=READY_TIMEOUT)
+    auth = {"Authorization": f"Bearer {d.client_key}"}
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 8}
+    code, body, _ = http("POST", d.url + "/v1/chat/completions", chat, auth, timeout=60)
+    assert code == 200, body
+    answer = json.loads(body)
+    assert answer["choices"][0]["message"]["role"] == "assistant"
+    conn = HTTPConnection("127.0.0.1", d.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({**chat, "stream": True}),
+                 headers={**auth, "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    raw = resp.read()
+    conn.close()
+    events = [e for e in raw.split(b"\n\n") if e.strip()]
+    assert events[-1] == b"data: [DONE]" and len(events) >= 3
+    assert not any(b'"usage"' in e for e in events)  # not asked for: withheld
+    wait_for(lambda: len([r for r in iter_records(d.logs)
+                          if r["client"] == "e2e-client"]) >= 2, 5, what="records")
+    records = [r for r in iter_records(d.logs) if r["client"] == "e2e-client"]
+    streamed = [r for r in records if r["stream"]][-1]
+    assert streamed["completion_tokens"] and streamed["prompt_tokens"]  # usage from vLLM
+    assert streamed["ttft_ms"] is not None and streamed["model"] == "tiny"
+    plain = [r for r in records if not r["stream"]][-1]
+    assert plain["completion_tokens"] == answer["usage"]["completion_tokens"]
+
+
+def test_invocations_is_404_at_the_gateway_but_open_at_vllm_itself(vllm_daemon: Daemon) -> None:
+    """vLLM serves /invocations to anyone who reaches its port; the gateway does not pass it."""
+    d = vllm_daemon
+    d.wait_state("READY", timeout=READY_TIMEOUT)
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
+    auth = {"Authorization": f"Bearer {d.client_key}"}
+    assert http("POST", d.url + "/invocations", body, auth, timeout=60)[0] == 404
+    direct, payload, _ = http("POST", f"http://127.0.0.1:{d.server_port}/invocations", body,
+                              timeout=60)
+    assert direct == 200 and b'"choices"' in payload  # no key at all, and it answers
+
+
 def test_kill_9_of_the_api_server_is_recovered_without_orphans(vllm_daemon: Daemon) -> None:
     """vLLM's engine outlives a SIGKILLed API server; the daemon ends the whole group."""
     d = vllm_daemon
@@ -97,3 +143,7 @@ def test_sigterm_stops_the_real_server_and_leaves_nothing(vllm_daemon: Daemon) -
     assert d.leftover_processes() == []
     stopped = d.events("server_stopped")[-1]
     assert stopped["why"] == "shutdown" and stopped["survivors"] == []
+    keyfile = d.root / "auditor.key"
+    keyfile.write_text(d.auditor_key + "\n")
+    res = run_cli("logs", "verify", "--config", str(d.config_path), "--key-file", str(keyfile))
+    assert res.returncode == 0, res.stdout + res.stderr
