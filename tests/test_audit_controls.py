@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sovereignd import audit, cli, hostfacts, sealing
+from sovereignd import audit, auditevidence, cli, hostfacts, sealing
 from sovereignd import config as config_mod
 from sovereignd import keys as keys_mod
 from sovereignd.logfiles import utc_timestamp
@@ -355,13 +355,14 @@ def test_launchd_plist_is_found_on_macos(tmp_path: Path) -> None:
 
 
 def test_dates_accept_iso_forms_in_utc() -> None:
-    assert audit.parse_date("2026-11-22", "--since") == 1795305600.0
-    assert audit.parse_date("2026-11-22", "--until", end_of_day=True) == 1795305600.0 + 86400
-    assert audit.parse_date("2026-11-22T02:11Z", "--since") == 1795313460.0
-    assert audit.parse_date("2026-11-22 03:11:00+01:00", "--since") == 1795313460.0
-    assert audit.parse_date("2026-11-22T02:11:00", "--since") == 1795313460.0
-    with pytest.raises(audit.AuditError, match="--since 'yesterday' is not a date"):
-        audit.parse_date("yesterday", "--since")
+    parse = auditevidence.parse_date
+    assert parse("2026-11-22", "--since") == 1795305600.0
+    assert parse("2026-11-22", "--until", end_of_day=True) == 1795305600.0 + 86400
+    assert parse("2026-11-22T02:11Z", "--since") == 1795313460.0
+    assert parse("2026-11-22 03:11:00+01:00", "--since") == 1795313460.0
+    assert parse("2026-11-22T02:11:00", "--since") == 1795313460.0
+    with pytest.raises(auditevidence.AuditError, match="--since 'yesterday' is not a date"):
+        parse("yesterday", "--since")
 
 
 def test_secret_looking_server_env_is_shown_as_a_fingerprint(site: Site,

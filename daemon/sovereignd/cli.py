@@ -292,10 +292,10 @@ def _add_logs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from sovereignd import audit, auditrender
+    from sovereignd import audit, auditevidence, auditrender
 
-    since = audit.parse_date(args.since, "--since") if args.since else None
-    until = audit.parse_date(args.until, "--until", end_of_day=True) if args.until else None
+    since = auditevidence.parse_date(args.since, "--since") if args.since else None
+    until = auditevidence.parse_date(args.until, "--until", end_of_day=True) if args.until else None
     fmt = args.format
     if fmt is None:
         suffix = args.output.suffix.lower() if args.output is not None else ""

@@ -1,0 +1,386 @@
+"""Evidence for the audit: what the event log, the request log and the files say.
+
+Reading only, no verdicts: the kept events up to the period's end, stretches spent in a
+supervisor state, who may write a file, what a manifest or frozen file lists, and the request
+records' counts, tokens, errors and latency. `audit` judges the controls from these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import functools
+import grp
+import hashlib
+import math
+import os
+import pwd
+import re
+import stat
+import time
+from array import array
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from sovereignd.errors import SovereigndError
+from sovereignd.logfiles import rotated_files, utc_timestamp
+
+_MANIFEST_LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
+UNAUTHENTICATED = "(not authenticated)"
+
+
+class AuditError(SovereigndError):
+    """The audit cannot be produced as asked (a bad date, an unreadable file)."""
+
+
+@dataclass(frozen=True)
+class Period:
+    """The time the report covers: [since, until) in POSIX seconds; since None = the logs' start."""
+
+    since: float | None
+    until: float
+
+    # Cached: `holds` runs once per event, and formatting a time is the costly part.
+    @functools.cached_property
+    def lo(self) -> str | None:
+        return utc_timestamp(self.since) if self.since is not None else None
+
+    @functools.cached_property
+    def hi(self) -> str:
+        return utc_timestamp(self.until)
+
+    def holds(self, ts: object) -> bool:
+        """True if the log timestamp `ts` lies in the period (ISO strings compare in time order)."""
+        if not isinstance(ts, str):
+            return False
+        lo = self.lo
+        return (lo is None or ts >= lo) and ts < self.hi
+
+
+def parse_ts(ts: str) -> float:
+    """POSIX seconds of a log timestamp (`2026-11-22T02:11:00.123Z`)."""
+    return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+def parse_date(text: str, option: str, end_of_day: bool = False) -> float:
+    """POSIX seconds for an ISO date or date-time (UTC unless it names an offset).
+
+    A bare date means the start of that day, or with `end_of_day` its end (so `--until
+    2026-11-30` includes the 30th). Raises AuditError with the accepted forms.
+    """
+    raw = text.strip()
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", raw):
+            day = dt.date.fromisoformat(raw)
+            stamp = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
+            if end_of_day:
+                stamp += dt.timedelta(days=1)
+            return stamp.timestamp()
+        parsed = dt.datetime.fromisoformat(raw.replace("Z", "+00:00").replace(" ", "T", 1))
+    except ValueError as exc:
+        raise AuditError(f"{option} {text!r} is not a date or time: use ISO 8601, e.g. "
+                         "2026-11-22, 2026-11-22T14:00 or 2026-11-22T14:00:00Z (UTC unless "
+                         "an offset such as +01:00 is given)") from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the event log
+
+
+@dataclass
+class EventHistory:
+    """Every kept event up to the period's end, oldest first, with what the files held."""
+
+    events: list[dict[str, Any]]
+    files: list[Path]
+    malformed: int
+    first_ts: str | None
+
+    def named(self, *names: str) -> Iterator[dict[str, Any]]:
+        wanted = set(names)
+        return (e for e in self.events if e.get("event") in wanted)
+
+    def in_period(self, period: Period, *names: str) -> list[dict[str, Any]]:
+        return [e for e in self.named(*names) if period.holds(e.get("ts"))]
+
+    def last(self, *names: str,
+             where: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any] | None:
+        """The most recent event with one of `names` (and matching `where`)."""
+        for e in self.events[::-1]:
+            if e.get("event") not in names or (where is not None and not where(e)):
+                continue
+            return e
+        return None
+
+
+def read_events(logs_dir: Path, until: str) -> EventHistory:
+    """Events of `events.log` and its rotations with `ts` before `until`."""
+    files = rotated_files(logs_dir / "events.log")
+    events: list[dict[str, Any]] = []
+    malformed = 0
+    first: str | None = None
+    for path in files:
+        try:
+            f = path.open("rb")
+        except FileNotFoundError:
+            continue  # rotated away while listing
+        except OSError as exc:
+            raise AuditError(f"{path}: cannot read the event log: {exc.strerror or exc}") from exc
+        with f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    ev = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    malformed += 1
+                    continue
+                ts = ev.get("ts") if isinstance(ev, dict) else None
+                if not isinstance(ts, str):
+                    malformed += 1
+                    continue
+                if first is None or ts < first:
+                    first = ts
+                if ts < until:
+                    events.append(ev)
+    return EventHistory(events, files, malformed, first)
+
+
+@dataclass
+class Interval:
+    """A stretch of time in one supervisor state (FATAL, QUARANTINED)."""
+
+    state: str
+    start: str
+    end: str | None     # None: still in that state when the logs end
+    reason: str
+    ended_by: str
+
+    def seconds(self, until: float) -> float:
+        end = parse_ts(self.end) if self.end is not None else min(until, time.time())
+        return end - parse_ts(self.start)
+
+
+def state_intervals(history: EventHistory, state: str) -> list[Interval]:
+    """Every stretch spent in `state`: from the transition in, to the next transition out or
+    the next daemon start (a daemon killed while parked left no transition out)."""
+    out: list[Interval] = []
+    current: dict[str, Any] | None = None
+    for ev in history.events:
+        name = ev.get("event")
+        if current is not None:
+            if name == "state" and ev.get("from") == state:
+                out.append(Interval(state, current["ts"], ev["ts"], str(current.get("reason")),
+                                    f"-> {ev.get('to')}: {ev.get('reason')}"))
+                current = None
+            elif name == "daemon_start":
+                out.append(Interval(state, current["ts"], ev["ts"], str(current.get("reason")),
+                                    "the daemon stopped without leaving the state (killed?)"))
+                current = None
+        if current is None and name == "state" and ev.get("to") == state:
+            current = ev
+    if current is not None:
+        out.append(Interval(state, current["ts"], None, str(current.get("reason")),
+                            "still in this state at the end of the period"))
+    return out
+
+
+def overlaps(iv: Interval, period: Period) -> bool:
+    starts_before_end = iv.start < period.hi
+    ends_after_start = iv.end is None or period.lo is None or iv.end >= period.lo
+    return starts_before_end and ends_after_start
+
+
+# ---------------------------------------------------------------------------------------------
+# File facts
+
+
+@dataclass(frozen=True)
+class Account:
+    """The service account the daemon runs as: its uid and groups, for "who can write this"."""
+
+    uid: int
+    name: str | None
+    gids: frozenset[int]
+
+    @classmethod
+    def of_uid(cls, uid: int) -> Account:
+        try:
+            pw = pwd.getpwuid(uid)
+        except KeyError:
+            return cls(uid, None, frozenset())
+        gids = {pw.pw_gid}
+        with contextlib.suppress(OSError):
+            gids |= {g.gr_gid for g in grp.getgrall() if pw.pw_name in g.gr_mem}
+        return cls(uid, pw.pw_name, frozenset(gids))
+
+    @classmethod
+    def of_name(cls, name: str) -> Account | None:
+        try:
+            return cls.of_uid(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            return None
+
+    def label(self) -> str:
+        return f"{self.name} (uid {self.uid})" if self.name else f"uid {self.uid}"
+
+    def can_write(self, st: os.stat_result) -> bool:
+        if self.uid == 0:
+            return True
+        mode = st.st_mode
+        if st.st_uid == self.uid:
+            return bool(mode & stat.S_IWUSR)
+        if st.st_gid in self.gids:
+            return bool(mode & stat.S_IWGRP)
+        return bool(mode & stat.S_IWOTH)
+
+
+def owner(st: os.stat_result) -> str:
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"{user}:{group}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class ManifestFacts:
+    """What a shasum-format manifest lists, and how much of it is on disk now."""
+
+    sha256: str
+    entries: int
+    bytes_present: int
+    missing: list[str]
+    malformed: int
+
+
+def manifest_facts(manifest: Path, model_dir: Path) -> ManifestFacts:
+    """Count a manifest's entries and the bytes of the files they name (sizes as of now)."""
+    data = manifest.read_bytes()
+    entries = malformed = present = 0
+    missing: list[str] = []
+    for raw in data.decode("utf-8", "replace").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = _MANIFEST_LINE.match(line)
+        if m is None:
+            malformed += 1
+            continue
+        entries += 1
+        rel = m.group(2).removeprefix("./")
+        try:
+            present += (model_dir / rel).stat().st_size
+        except OSError:
+            missing.append(rel)
+    return ManifestFacts(hashlib.sha256(data).hexdigest(), entries, present, missing, malformed)
+
+
+def frozen_packages(text: str) -> int:
+    """Distributions listed in a `pip freeze` / `uv pip freeze` file."""
+    return sum(1 for ln in text.splitlines()
+               if ln.strip() and not ln.lstrip().startswith(("#", "--")))
+
+
+def companion_digest(path: Path) -> str | None:
+    """The digest in `<file>.sha256` (shasum format), or None if there is none."""
+    companion = path.with_name(path.name + ".sha256")
+    try:
+        text = companion.read_text()
+    except OSError:
+        return None
+    m = re.match(r"\s*([0-9a-fA-F]{64})", text)
+    return m.group(1).lower() if m else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Request statistics
+
+
+def percentile(sorted_values: Sequence[float], pct: float) -> float | None:
+    """Nearest-rank percentile of already sorted values."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+@dataclass
+class _Tally:
+    requests: int = 0
+    errors: int = 0
+    prompt: int = 0
+    completion: int = 0
+    # Doubles in an array, not Python floats: a month of records fits in a few MB per key.
+    latencies: array[float] = field(default_factory=lambda: array("d"))
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self.requests += 1
+        status = rec.get("status")
+        if isinstance(status, int) and status >= 400:
+            self.errors += 1
+        for attr, key in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
+            n = rec.get(key)
+            if isinstance(n, int) and not isinstance(n, bool):
+                setattr(self, attr, getattr(self, attr) + n)
+        latency = rec.get("latency_ms")
+        if isinstance(latency, int | float) and not isinstance(latency, bool):
+            self.latencies.append(float(latency))
+
+    def to_json(self) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+        return {"requests": self.requests, "errors": self.errors,
+                "error_rate": round(self.errors / self.requests, 4) if self.requests else 0.0,
+                "prompt_tokens": self.prompt, "completion_tokens": self.completion,
+                "latency_ms_p50": percentile(lat, 50), "latency_ms_p99": percentile(lat, 99)}
+
+
+def request_stats(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Counts by client, model and day; tokens; error rates and classes; latency p50/p99."""
+    total = _Tally()
+    by_client: dict[str, _Tally] = defaultdict(_Tally)
+    by_model: dict[str, _Tally] = defaultdict(_Tally)
+    by_day: dict[str, _Tally] = defaultdict(_Tally)
+    statuses: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    first = last = None
+    for rec in records:
+        total.add(rec)
+        by_client[str(rec.get("client") or UNAUTHENTICATED)].add(rec)
+        by_model[str(rec.get("model") or "(none)")].add(rec)
+        ts = str(rec.get("ts", ""))
+        by_day[ts[:10]].add(rec)
+        statuses[str(rec.get("status"))] += 1
+        if rec.get("error"):
+            errors[str(rec["error"])] += 1
+        first = first or ts
+        last = ts
+    return {
+        "total": total.to_json(),
+        "first_ts": first, "last_ts": last,
+        "by_client": {k: v.to_json() for k, v in sorted(by_client.items())},
+        "by_model": {k: v.to_json() for k, v in sorted(by_model.items())},
+        "by_day": {k: v.to_json() for k, v in sorted(by_day.items())},
+        "by_status": dict(sorted(statuses.items())),
+        "error_classes": dict(errors.most_common()),
+    }
