@@ -6,8 +6,8 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
-# Debian packages the tests need, installed once when we may: shellcheck lints ops/ (a test
-# runs it), chromium renders the audit report's HTML (a test screenshots it headless).
+# Debian packages the tests need, installed once when we may: a test lints every script in
+# ops/ with shellcheck; another renders the audit report's HTML in headless chromium.
 missing=()
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)

@@ -79,6 +79,10 @@ def _size(value: object, _ctx: _Context) -> int:
     return parse_size(value)
 
 
+def _opt_size(value: object, _ctx: _Context) -> int | None:
+    return None if value is None else parse_size(value)
+
+
 def _path(value: object, ctx: _Context) -> Path:
     text = _str(value, ctx)
     path = Path(text).expanduser()
@@ -394,6 +398,20 @@ class RequestsSection:
         _duration(1.0), 300.0)
 
 
+@dataclass(frozen=True)
+class MemorySection:
+    """The memory preflight: will the model fit, asked before the server spends a minute loading."""
+
+    check: bool = setting(
+        "Estimate the server's memory needs (weights, KV cache of one full-length sequence) "
+        "before each start and refuse (FATAL, with the numbers) when they cannot fit.",
+        _bool, True)
+    overhead: int | None = setting(
+        "Memory the server needs beyond weights and KV cache (runtime, activations, compiled "
+        "graphs, its helper processes). Unset: 2GiB on the CPU build, 1GiB on Metal.",
+        _opt_size, None)
+
+
 SECTIONS: dict[str, type] = {
     "daemon": DaemonSection,
     "server": ServerSection,
@@ -404,6 +422,7 @@ SECTIONS: dict[str, type] = {
     "environment": EnvironmentSection,
     "logs": LogsSection,
     "requests": RequestsSection,
+    "memory": MemorySection,
 }
 
 # Arguments the daemon sets itself; passing them in server.args would conflict or leak.
@@ -435,6 +454,7 @@ class Config:
     environment: EnvironmentSection
     logs: LogsSection
     requests: RequestsSection
+    memory: MemorySection
 
     @property
     def state_dir(self) -> Path:

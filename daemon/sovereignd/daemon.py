@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from sovereignd import __version__, backends
+from sovereignd import __version__, backends, guards, memory, upgrade
 from sovereignd.config import Config
 from sovereignd.control import ControlServer
 from sovereignd.eventlog import EventLog
@@ -24,7 +24,11 @@ from sovereignd.supervisor import Request, Supervisor
 
 
 def run(cfg: Config, allow_root: bool = False) -> int:
-    """Run until SIGTERM/SIGINT; return the exit status (0 after a clean shutdown)."""
+    """Run until SIGTERM/SIGINT; return the exit status (0 after a clean shutdown).
+
+    The guard rails run first: a refusal (UnsafeHost) happens before any file is written or
+    any process is spawned."""
+    guards.enforce(cfg, allow_root)
     return asyncio.run(_main(cfg, allow_root))
 
 
@@ -40,6 +44,7 @@ async def _main(cfg: Config, allow_root: bool) -> int:
                           cfg.server.output_buffer, backend.content_line,
                           cfg.server.content_lines)
     supervisor = Supervisor(cfg, backend, events, metrics, output=output)
+    supervisor.add_gate(memory.gate(memory.Preflight(cfg), events))
     keys = KeyStore(cfg.gateway.keys_file, cfg.state_dir / "keys-usage.json", emit=events.emit)
     keys.load()
     requests = RequestLog.from_config(cfg, emit=events.emit)
@@ -50,6 +55,7 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     proxy.install(gateway.app)
     gateway.admin_check = proxy.admin_check
     control = ControlServer(cfg.control_socket, supervisor)
+    control.add_action("upgrade", upgrade.event_action(events))  # `sovereignd upgrade` steps
 
     def on_sighup() -> None:
         # SIGHUP: re-read the client keys, and leave FATAL / re-check a quarantine.

@@ -32,3 +32,9 @@ class ConfigError(SovereigndError):
 
 class CheckFailed(SovereigndError):
     """A verification (manifest, environment, logs) did not pass; the message says which."""
+
+
+class UnsafeHost(SovereigndError):
+    """The host is set up so that the daemon must not start (running as root, files its own
+    account could change); a configuration error of the host, so exit status 78 like a bad
+    configuration file."""

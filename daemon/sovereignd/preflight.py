@@ -8,8 +8,9 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sovereignd import backends
+from sovereignd import backends, guards, memory
 from sovereignd.config import Config
+from sovereignd.errors import SovereigndError
 from sovereignd.units import format_duration
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -67,6 +68,8 @@ def run_checks(cfg: Config) -> Report:
     _check_ports(cfg, report)
     _check_dirs(cfg, report)
     _check_backend(cfg, report)
+    _check_guards(cfg, report)
+    _check_memory(cfg, report)
     for check in EXTRA_CHECKS:
         check(cfg, report)
     return report
@@ -139,3 +142,38 @@ def _check_backend(cfg: Config, report: Report) -> None:
     if backend.logs_content:
         report.add(WARN, "server output", f"{backend.name} logs request content; "
                    f"server.content_lines is {cfg.server.content_lines!r}")
+
+
+def _check_guards(cfg: Config, report: Report) -> None:
+    # `run` refuses on these; `check` shows them for the account that will run the daemon.
+    try:
+        account = guards.account_for_check(cfg)
+    except SovereigndError as exc:
+        report.add(FAIL, "service account", str(exc))
+        return
+    problems = guards.check_protected(cfg, account) + guards.check_logs(cfg)
+    if cfg.daemon.user is not None:
+        problems += guards.check_identity(cfg, account, allow_root=False)
+    elif account.uid == 0 and not cfg.daemon.allow_root:
+        # Who runs `check` as root is usually the operator, not the service.
+        report.add(WARN, "service account", "daemon.user is not set, so this was checked as "
+                   "root; `sovereignd run` refuses root unless --allow-root or "
+                   "daemon.allow_root: set daemon.user to the service account")
+    for p in problems:
+        report.add(FAIL, "guard rails", str(p))
+    if not problems:
+        who = "no other account" if account.uid == 0 else "it"
+        report.add(OK, "guard rails", f"as {account.name}: {who} can change the protected "
+                   "files; the log folder is closed to others")
+
+
+def _check_memory(cfg: Config, report: Report) -> None:
+    verdict = memory.Preflight(cfg).evaluate()
+    if verdict is None:
+        report.add(OK, "memory", "not checked (memory.check is off, or not a vLLM server)")
+    elif not verdict.ok:
+        report.add(FAIL, "memory", verdict.sentence())
+    elif verdict.summary.startswith("not estimated"):
+        report.add(WARN, "memory", verdict.summary)
+    else:
+        report.add(OK, "memory", verdict.summary)

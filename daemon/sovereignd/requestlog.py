@@ -432,7 +432,7 @@ class RequestLog:
 
     def open(self) -> None:
         """Recover the chain's head from the files, reconcile the key, and write an open marker."""
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="requests-gzip")
         self._finish_interrupted_compression()

@@ -10,12 +10,24 @@ if [ "${1:-}" = "--dir" ]; then demo="$2"; fi
 "$repo/ops/demo/setup.sh" --dir "$demo"
 sovereignd="$repo/.venv/bin/sovereignd"
 cfg="$demo/sovereignd.yaml"
+# The request log's sealing key: its first (verification) key goes to the auditor, here a file.
+if [ ! -f "$demo/auditor.key" ]; then
+  (umask 077; "$sovereignd" logs init-key --config "$cfg" > "$demo/auditor.key")
+fi
+# A client key for the demo's requests; production operators hand one to each client.
+if [ ! -f "$demo/client.key" ]; then
+  (umask 077; "$sovereignd" keys add demo --config "$cfg" > "$demo/client.key")
+fi
 "$sovereignd" check --config "$cfg" >/dev/null || "$sovereignd" check --config "$cfg"
 
 cat >&2 <<TEXT
 
 sovereignd demo — configuration $cfg
   readiness   curl -s http://127.0.0.1:8000/readyz
+  a request   curl -s http://127.0.0.1:8000/v1/chat/completions \\
+                -H "Authorization: Bearer \$(cat $demo/client.key)" -H 'Content-Type: application/json' \\
+                -d '{"model":"tiny","messages":[{"role":"user","content":"hello"}],"max_tokens":16}'
+  records     $sovereignd logs verify --config $cfg --key-file $demo/auditor.key
   status      $sovereignd status --config $cfg
   metrics     curl -s http://127.0.0.1:8000/metrics
   logs        tail -f $demo/logs/events.log | jq .

@@ -45,7 +45,7 @@ setup_daemon_venv() {
     "$python" -m venv "$daemon_venv"
   fi
   say "installing sovereignd (editable, with dev tools) into $daemon_venv"
-  "$daemon_venv/bin/pip" install --quiet --disable-pip-version-check -e "$repo[dev]"
+  "$daemon_venv/bin/pip" install --quiet --disable-pip-version-check -e "${repo}[dev]"
 }
 
 setup_server_venv() {

