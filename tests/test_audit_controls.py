@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pwd
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -276,15 +277,34 @@ def test_unset_baselines_and_a_root_daemon_fail(site: Site, host: FakeHost) -> N
 
 
 def test_writable_baselines_and_open_secrets_fail_posture(site: Site, host: FakeHost) -> None:
+    """The daemon's own guard rails judge the baselines for the service account."""
     site.manifest.chmod(0o666)
+    site.model.chmod(0o777)
     sealing.state_path(site.logs).chmod(0o644)
     report = site.report(host.probe())
     posture = report.control("file_posture")
     rows = {r[0]: r for r in posture.tables[0].rows}
-    assert rows["weights manifest"][4] == "FAIL"
+    assert rows["integrity manifest"][4] == "FAIL"
+    assert "writable by every account" in rows["integrity manifest"][5]
+    assert "fix: chmod o-w" in rows["integrity manifest"][5]
+    folder = rows["folder above a protected file"]
+    assert folder[1] == str(site.model) and folder[4] == "FAIL"
     assert rows["sealing state"][4] == "FAIL"
     assert rows["configuration"][4] == "PASS"
     assert posture.verdict == "FAIL"
+
+
+def test_baselines_owned_by_the_service_account_fail_posture(site: Site,
+                                                             host: FakeHost) -> None:
+    """An owner can always chmod: a frozen file owned by the account approves its own drift."""
+    assert NOBODY is not None
+    import os
+
+    os.chown(site.frozen, NOBODY.pw_uid, -1)
+    report = site.report(host.probe())
+    rows = {r[0]: r for r in report.control("file_posture").tables[0].rows}
+    assert rows["frozen environment"][4] == "FAIL"
+    assert "is owned by nobody" in rows["frozen environment"][5]
 
 
 def test_fatal_periods_and_unclean_stops_are_incidents(site: Site, host: FakeHost) -> None:
@@ -334,24 +354,47 @@ def test_egress_verdicts(site: Site, tmp_path: Path) -> None:
     assert launch.verdict == "WARN" and "how the daemon is launched is unknown" in launch.finding
 
 
-def test_launchd_plist_is_found_on_macos(tmp_path: Path) -> None:
-    import plistlib
+def test_installed_launchd_plist_and_pf_anchor_are_recognised(tmp_path: Path) -> None:
+    """The plist and pf anchor that ops/macos/install.sh puts in place, as the audit sees them."""
+    from tests.helpers import REPO
 
     root = tmp_path / "mac"
     (root / "Library/LaunchDaemons").mkdir(parents=True)
-    with (root / "Library/LaunchDaemons/org.sovereignd.daemon.plist").open("wb") as f:
-        plistlib.dump({"Label": "org.sovereignd.daemon", "UserName": "_sovereignd",
-                       "ProgramArguments": ["/usr/local/bin/sovereignd", "run"]}, f)
+    (root / "etc/pf.anchors").mkdir(parents=True)
+    shutil.copy(REPO / "launchd/org.sovereignd.plist", root / "Library/LaunchDaemons")
+    shutil.copy(REPO / "ops/macos/pf.anchors/org.sovereignd", root / "etc/pf.anchors")
+    (root / "etc/pf.conf").write_text('anchor "org.sovereignd"\nload anchor "org.sovereignd" '
+                                      'from "/etc/pf.anchors/org.sovereignd"\n')
     calls: list[list[str]] = []
 
     def run(argv: Sequence[str]) -> tuple[int, str]:
         calls.append(list(argv))
-        return 0, "system/org.sovereignd.daemon = {\n\tstate = running\n"
+        if argv[0] == "launchctl":
+            return 0, "system/org.sovereignd = {\n\tstate = running\n"
+        return 1, "pfctl: Permission denied"
 
-    launch = hostfacts.launch_method(hostfacts.HostProbe(root=root, run=run, system="Darwin"))
+    probe = hostfacts.HostProbe(root=root, run=run, system="Darwin")
+    launch = hostfacts.launch_method(probe)
     assert (launch.manager, launch.loaded, launch.state, launch.user) == (
         "launchd", True, "running", "_sovereignd")
-    assert calls == [["launchctl", "print", "system/org.sovereignd.daemon"]]
+    found = hostfacts.egress(probe, launch, 260, "_sovereignd")
+    assert found.blocked and "block drop out log quick" in found.blocking[0]
+    assert ["launchctl", "print", "system/org.sovereignd"] in calls
+    (root / "etc/pf.conf").write_text("")
+    assert not hostfacts.egress(probe, launch, 260, "_sovereignd").blocked
+
+
+def test_installed_systemd_unit_is_recognised(tmp_path: Path) -> None:
+    """The unit ops/linux/install.sh installs blocks egress with IPAddressDeny."""
+    from tests.helpers import REPO
+
+    host = FakeHost(tmp_path / "linux", (REPO / "ops/linux/sovereignd.service").read_text(),
+                    commands={"systemctl": (3, "inactive\n")})
+    launch = hostfacts.launch_method(host.probe())
+    assert (launch.manager, launch.loaded, launch.state, launch.user) == (
+        "systemd", False, "inactive", "sovereignd")
+    found = hostfacts.egress(host.probe(), launch, None, "sovereignd")
+    assert found.blocked and "IPAddressDeny=any (IPAddressAllow=localhost)" in found.blocking[0]
 
 
 def test_dates_accept_iso_forms_in_utc() -> None:

@@ -12,6 +12,7 @@ could not be fully judged or needs a person's look; INFO facts without a verdict
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import os
@@ -24,16 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sovereignd import __version__, hostfacts, logverify, sealing
+from sovereignd import __version__, guards, hostfacts, logverify, sealing
 from sovereignd import keys as keys_mod
 from sovereignd.auditevidence import (
     UNAUTHENTICATED,
-    Account,
     AuditError,
     EventHistory,
     Interval,
     ManifestFacts,
     Period,
+    account_label,
+    account_of_uid,
     companion_digest,
     frozen_packages,
     manifest_facts,
@@ -45,6 +47,7 @@ from sovereignd.auditevidence import (
     state_intervals,
 )
 from sovereignd.config import Config, is_loopback
+from sovereignd.errors import SovereigndError
 from sovereignd.logfiles import utc_timestamp
 from sovereignd.requestlog import iter_records
 from sovereignd.units import format_size
@@ -246,7 +249,7 @@ class _Inputs:
     probe: hostfacts.HostProbe
     keys: list[bytes]
     launch: hostfacts.Launch
-    account: Account | None
+    account: guards.Account | None
     account_source: str
     uids: list[int]
 
@@ -331,13 +334,12 @@ def _daemon_uids(history: EventHistory, period: Period) -> list[int]:
     return sorted({int(e["uid"]) for e in chosen})
 
 
-def _service_account(cfg: Config, uids: list[int]) -> tuple[Account | None, str]:
+def _service_account(cfg: Config, uids: list[int]) -> tuple[guards.Account | None, str]:
     if cfg.daemon.user is not None:
-        acct = Account.of_name(cfg.daemon.user)
-        if acct is not None:
-            return acct, "daemon.user"
+        with contextlib.suppress(SovereigndError):  # no such account here: fall back to uids
+            return guards.Account.named(cfg.daemon.user), "daemon.user"
     if uids:
-        return Account.of_uid(uids[-1]), "the uid in the daemon_start events"
+        return account_of_uid(uids[-1]), "the uid in the daemon_start events"
     return None, "unknown"
 
 
@@ -370,9 +372,9 @@ def _account_control(i: _Inputs) -> Control:
     expected = i.cfg.daemon.user
     c.fact("configured_user", "daemon.user", expected,
            None if expected else "not set (the account is not checked at start)")
-    ran = [Account.of_uid(u) for u in i.uids]
+    ran = [account_of_uid(u) for u in i.uids]
     c.fact("daemon_uids", "The daemon ran as (daemon_start events)", [a.uid for a in ran],
-           ", ".join(a.label() for a in ran) or "no daemon start recorded")
+           ", ".join(account_label(a) for a in ran) or "no daemon start recorded")
     if not ran:
         c.verdict = WARN
         c.finding = "no daemon start is recorded in the period or before it: the account it " \
@@ -383,12 +385,12 @@ def _account_control(i: _Inputs) -> Control:
                      "unprivileged account (set daemon.user and start it as that account)")
     elif expected is not None and any(a.name != expected for a in ran):
         c.verdict = FAIL
-        c.finding = (f"the daemon ran as {', '.join(a.label() for a in ran)}, not as the "
+        c.finding = (f"the daemon ran as {', '.join(account_label(a) for a in ran)}, not as the "
                      f"configured account {expected}")
     elif expected is None:
         c.verdict = WARN
-        c.finding = (f"ran as {', '.join(a.label() for a in ran)}; daemon.user is not set, so "
-                     "the account is not checked at start")
+        c.finding = (f"ran as {', '.join(account_label(a) for a in ran)}; daemon.user is not "
+                     "set, so the account is not checked at start")
     else:
         c.finding = f"ran as {expected}, the configured service account"
     return c
@@ -563,114 +565,108 @@ def _secrets_control(i: _Inputs) -> Control:
 
 
 @dataclass(frozen=True)
-class _Rule:
-    """What a file's owner and mode must be: who may write it, who may read it."""
+class _Item:
+    """A file or folder shown with its owner and mode, and what it must not be."""
 
     what: str
     path: Path | None
-    directory: bool = False
-    baseline: bool = False        # the service must not be able to change it (or replace it)
-    secret: bool = False          # others must not read it
+    kind: str           # "protected" (guards decide), "logs", "folder", "secret"
     required: bool = True
-    service_may_write: bool = True
 
 
-def _posture_rules(cfg: Config) -> list[_Rule]:
-    rules = [
-        _Rule("configuration", cfg.source, baseline=True),
-        _Rule("keys file", cfg.gateway.keys_file, required=False, service_may_write=False),
-        _Rule("weights manifest", cfg.integrity.manifest, baseline=True),
-        _Rule("frozen requirements", cfg.environment.frozen, baseline=True),
-    ]
-    if cfg.environment.frozen is not None:
-        frozen = cfg.environment.frozen
-        rules.append(_Rule("frozen .sha256", frozen.with_name(frozen.name + ".sha256"),
-                           baseline=True))
-    rules += [
-        _Rule("logs folder", cfg.logs.dir, directory=True),
-    ]
+def _posture_items(cfg: Config) -> list[_Item]:
+    named = {what: path for what, path in guards.protected_paths(cfg)}
+    items = [_Item(what, path, "protected", required=what != "keys file")
+             for what, path in named.items()]
+    if cfg.integrity.manifest is None:
+        items.append(_Item("integrity manifest", None, "protected"))
+    if cfg.environment.frozen is None:
+        items.append(_Item("frozen environment", None, "protected"))
+    items.append(_Item("logs folder", cfg.logs.dir, "logs"))
     if cfg.state_dir != cfg.logs.dir:
-        rules.append(_Rule("state folder", cfg.state_dir, directory=True))
-    rules += [
-        _Rule("sealing state", sealing.state_path(cfg.state_dir), secret=True, required=False),
-    ]
+        items.append(_Item("state folder", cfg.state_dir, "folder"))
+    items.append(_Item("sealing state", sealing.state_path(cfg.state_dir), "secret",
+                       required=False))
     if cfg.gateway.tls_key is not None:
-        rules.append(_Rule("TLS key", cfg.gateway.tls_key, secret=True))
-    return rules
+        items.append(_Item("TLS key", cfg.gateway.tls_key, "secret"))
+    return items
 
 
-def _judge_file(rule: _Rule, st: os.stat_result, parent: os.stat_result | None,
-                account: Account | None) -> tuple[str, str]:
+def _judge_item(item: _Item, st: os.stat_result,
+                problems: dict[str, guards.Problem]) -> tuple[str, str]:
+    assert item.path is not None
     mode = stat.S_IMODE(st.st_mode)
-    if rule.directory:
-        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
-            return FAIL, "writable by every user"
-        if mode & stat.S_IROTH:
-            return WARN, "readable by every user (logs name clients and paths)"
-        return PASS, "not open to other users"
-    if rule.secret:
+    if item.kind == "protected":
+        found = problems.pop(str(item.path), None)
+        if found is not None:
+            return FAIL, f"{found.message} — fix: {found.fix}"
+        return PASS, "the service account cannot change it"
+    if item.kind == "secret":
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             return FAIL, "readable by others than its owner: it holds a secret key"
         return PASS, "owner only"
-    if mode & stat.S_IWOTH:
-        return FAIL, "writable by every user"
-    if rule.baseline:
-        if mode & stat.S_IWGRP:
-            return FAIL, "writable by its group"
-        if account is not None and account.can_write(st):
-            return FAIL, f"writable by the service account {account.label()}"
-        if account is not None and parent is not None and account.can_write(parent) \
-                and not parent.st_mode & stat.S_ISVTX:
-            return FAIL, (f"its folder is writable by the service account {account.label()}, "
-                          "which could replace it")
-        return PASS, "the service account cannot change it" if account else "not group/world-" \
-            "writable (service account unknown)"
-    if not rule.service_may_write and account is not None and account.can_write(st):
-        return WARN, f"writable by the service account {account.label()} (only the operator " \
-                     "should change it)"
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        return FAIL, "writable by every account"
+    if item.kind == "logs" and mode & 0o007:
+        return FAIL, ("open to every account: its files can hold prompt content (the daemon "
+                      "refuses to start so) — fix: chmod o-rwx " + str(item.path))
     if mode & stat.S_IROTH:
-        return WARN, "readable by every user"
-    return PASS, "not open to other users"
+        return WARN, "readable by every account"
+    return PASS, "not open to other accounts"
 
 
 def _posture_control(i: _Inputs) -> Control:
+    """Owners and modes, judged by the daemon's own guard rails for the service account."""
     c = Control("file_posture", SECTIONS[2], "File owners and modes", PASS, "")
     t = c.table("files", "Files and folders", ["what", "path", "owner", "mode", "verdict",
                                                 "why"])
-    c.fact("service_account", "Judged against the service account",
-           i.account.label() if i.account else None,
-           f"{i.account.label()} (from {i.account_source})" if i.account
-           else "unknown (no daemon.user and no daemon start recorded)")
+    account = i.account
+    if account is None:
+        # Unknown account: judged as for root, i.e. whether any other account could change them.
+        account = guards.Account("an unknown account", 0, frozenset())
+        c.fact("service_account", "Judged for", None, "an unknown service account (no "
+               "daemon.user, no daemon start recorded): whether any other account could "
+               "change the files")
+    else:
+        c.fact("service_account", "Judged for", account.uid,
+               f"{account_label(account)} (from {i.account_source})")
+    problems = {p.path: p for p in guards.check_protected(i.cfg, account)}
     worst = PASS
-    for rule in _posture_rules(i.cfg):
-        if rule.path is None:
-            t.rows.append([rule.what, None, None, None, WARN, "not configured"])
+    for item in _posture_items(i.cfg):
+        if item.path is None:
+            t.rows.append([item.what, None, None, None, WARN, "not configured"])
             worst = _worse(worst, WARN)
             continue
         try:
-            st = rule.path.stat()
+            st = item.path.stat()
         except FileNotFoundError:
-            verdict = FAIL if rule.required else WARN
-            t.rows.append([rule.what, str(rule.path), None, None, verdict, "does not exist"])
+            verdict = FAIL if item.required else WARN
+            t.rows.append([item.what, str(item.path), None, None, verdict, "does not exist"])
             worst = _worse(worst, verdict)
             continue
         except OSError as exc:
-            t.rows.append([rule.what, str(rule.path), None, None, WARN,
+            t.rows.append([item.what, str(item.path), None, None, WARN,
                            f"cannot be read: {exc.strerror or exc}"])
             worst = _worse(worst, WARN)
             continue
-        try:
-            parent: os.stat_result | None = rule.path.parent.stat()
-        except OSError:
-            parent = None
-        verdict, why = _judge_file(rule, st, parent, i.account)
+        verdict, why = _judge_item(item, st, problems)
         worst = _worse(worst, verdict)
-        t.rows.append([rule.what, str(rule.path), owner(st), f"{stat.S_IMODE(st.st_mode):04o}",
+        t.rows.append([item.what, str(item.path), owner(st), f"{stat.S_IMODE(st.st_mode):04o}",
                        verdict, why])
+    # What is left are folders above the protected files (or their symlink targets).
+    for path, p in problems.items():
+        try:
+            st = Path(path).stat()
+        except OSError:
+            continue
+        t.rows.append(["folder above a protected file", path, owner(st),
+                       f"{stat.S_IMODE(st.st_mode):04o}", FAIL, f"{p.message} — fix: {p.fix}"])
+        worst = FAIL
     c.verdict = worst
     bad = [r for r in t.rows if r[4] in (FAIL, WARN)]
-    c.finding = ("owners and modes as they should be" if not bad else
-                 "; ".join(f"{r[0]}: {r[5]}" for r in bad))
+    c.finding = ("owners and modes as they should be: the service account cannot change what "
+                 "approves its model, software and clients" if not bad else
+                 "; ".join(f"{r[0]}: {str(r[5]).split(' — fix:')[0]}" for r in bad))
     return c
 
 

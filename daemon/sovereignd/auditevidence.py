@@ -7,7 +7,6 @@ records' counts, tokens, errors and latency. `audit` judges the controls from th
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import functools
 import grp
@@ -16,7 +15,6 @@ import math
 import os
 import pwd
 import re
-import stat
 import time
 from array import array
 from collections import Counter, defaultdict
@@ -27,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from sovereignd import guards
 from sovereignd.errors import SovereigndError
 from sovereignd.logfiles import rotated_files, utc_timestamp
 
@@ -203,44 +202,20 @@ def overlaps(iv: Interval, period: Period) -> bool:
 # File facts
 
 
-@dataclass(frozen=True)
-class Account:
-    """The service account the daemon runs as: its uid and groups, for "who can write this"."""
+def account_of_uid(uid: int) -> guards.Account:
+    """The account with this uid and its groups, as the guard rails judge it."""
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return guards.Account(f"uid {uid}", uid, frozenset())
+    return guards.Account.named(name)
 
-    uid: int
-    name: str | None
-    gids: frozenset[int]
 
-    @classmethod
-    def of_uid(cls, uid: int) -> Account:
-        try:
-            pw = pwd.getpwuid(uid)
-        except KeyError:
-            return cls(uid, None, frozenset())
-        gids = {pw.pw_gid}
-        with contextlib.suppress(OSError):
-            gids |= {g.gr_gid for g in grp.getgrall() if pw.pw_name in g.gr_mem}
-        return cls(uid, pw.pw_name, frozenset(gids))
-
-    @classmethod
-    def of_name(cls, name: str) -> Account | None:
-        try:
-            return cls.of_uid(pwd.getpwnam(name).pw_uid)
-        except KeyError:
-            return None
-
-    def label(self) -> str:
-        return f"{self.name} (uid {self.uid})" if self.name else f"uid {self.uid}"
-
-    def can_write(self, st: os.stat_result) -> bool:
-        if self.uid == 0:
-            return True
-        mode = st.st_mode
-        if st.st_uid == self.uid:
-            return bool(mode & stat.S_IWUSR)
-        if st.st_gid in self.gids:
-            return bool(mode & stat.S_IWGRP)
-        return bool(mode & stat.S_IWOTH)
+def account_label(account: guards.Account) -> str:
+    """`_sovereignd (uid 998)`, or `uid 998` for an account this host does not know."""
+    if account.name == f"uid {account.uid}":
+        return account.name
+    return f"{account.name} (uid {account.uid})"
 
 
 def owner(st: os.stat_result) -> str:

@@ -269,11 +269,20 @@ def egress(probe: HostProbe, launch: Launch, uid: int | None, user: str | None) 
                 pf_conf = probe.path("etc", "pf.conf").read_text()
             except OSError:
                 pf_conf = ""
-            if blocks and anchor.name in pf_conf:
-                found.blocking.extend(f"{anchor}: {b}" for b in blocks)
-            elif blocks:
+            if not blocks:
+                continue
+            if f'anchor "{anchor.name}"' not in pf_conf:
                 found.unreadable.append(f"{anchor} has block rules but /etc/pf.conf does not "
                                         "load it")
+                continue
+            # What pf has loaded now (root only); the files say what loads at boot.
+            code, out = probe.run(["pfctl", "-a", anchor.name, "-s", "rules"])
+            if code == 0 and "block" not in out:
+                found.unreadable.append(f"pf has no rules loaded in anchor {anchor.name} "
+                                        "(`pfctl -f /etc/pf.conf` was not run, or pf is off)")
+                continue
+            loaded = "loaded" if code == 0 else "loaded at boot by /etc/pf.conf"
+            found.blocking.extend(f"{anchor} ({loaded}): {b}" for b in blocks)
     else:
         _firewall(probe, found, ["nft", "list", "ruleset"], "skuid", account)
         for prog in ("iptables", "ip6tables"):
