@@ -71,6 +71,164 @@ def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     d.set_defaults(handler=_cmd_config_describe)
 
 
+# --- manifest / env / baseline ------------------------------------------------------------------
+
+
+def _workers_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", "-j", type=int, default=None, metavar="N",
+                   help="threads hashing files in parallel (default: one per CPU, or "
+                        "integrity.hash_workers with --config)")
+
+
+def _workers(args: argparse.Namespace) -> int:
+    if args.workers is not None and args.workers < 0:
+        raise SovereigndError("--workers must be 0 (one per CPU) or more")
+    return args.workers or 0
+
+
+def _cmd_manifest_create(args: argparse.Namespace) -> int:
+    from sovereignd import manifest
+    from sovereignd.units import human_rate, human_size
+
+    out: Path = args.output or args.model_dir / manifest.DEFAULT_NAME
+    result = manifest.create_manifest(args.model_dir, manifest_path=out,
+                                      allowed_roots=args.allowed_root, workers=_workers(args))
+    digest = manifest.write_manifest(out, result.manifest)
+    print(f"wrote {out}: {len(result.manifest)} files, {human_size(result.bytes_hashed)} hashed "
+          f"in {result.seconds:.2f} s ({human_rate(result.bytes_hashed, result.seconds)})\n"
+          f"manifest sha256 {digest} (integrity.manifest_sha256 pins this)", file=sys.stderr)
+    return EX_OK
+
+
+def _cmd_manifest_verify(args: argparse.Namespace) -> int:
+    from sovereignd import manifest
+
+    path: Path = args.manifest or args.model_dir / manifest.DEFAULT_NAME
+    approved = manifest.read_manifest(path)
+    report = manifest.verify_manifest(args.model_dir, approved, manifest_path=path,
+                                      allowed_roots=args.allowed_root, workers=_workers(args))
+    for line in report.lines(quiet=args.quiet):
+        print(line)
+    sys.stdout.flush()
+    print(report.summary(), file=sys.stderr)
+    if not report.ok:
+        raise CheckFailed(f"{args.model_dir} does not match {path}: "
+                          f"{len(report.problems)} of {len(report.results)} files are not OK")
+    return EX_OK
+
+
+def _add_manifest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("manifest", help="write or check a model folder's checksums "
+                                        "(shasum -a 256 format)")
+    msub = p.add_subparsers(dest="manifest_cmd", required=True)
+    c = msub.add_parser("create", help="hash every file of MODEL_DIR into a manifest")
+    c.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    c.add_argument("--output", "-o", type=Path, metavar="FILE",
+                   help="manifest to write (default: MODEL_DIR/CHECKSUMS.sha256)")
+    for q in (c, v := msub.add_parser(
+            "verify", help="check MODEL_DIR against its manifest; exit 0 only if all is OK")):
+        _workers_arg(q)
+        q.add_argument("--allowed-root", action="append", type=Path, default=[], metavar="DIR",
+                       help="folder outside MODEL_DIR that its symlinks may point into "
+                            "(repeatable; integrity.allowed_roots)")
+    c.set_defaults(handler=_cmd_manifest_create)
+    v.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    v.add_argument("--manifest", "-m", type=Path, metavar="FILE",
+                   help="manifest to check against (default: MODEL_DIR/CHECKSUMS.sha256)")
+    v.add_argument("--quiet", "-q", action="store_true", help="print only files that are not OK")
+    v.set_defaults(handler=_cmd_manifest_verify)
+
+
+def _env_targets(args: argparse.Namespace) -> tuple[Path, Path | None, bool, int]:
+    """(venv, frozen file or None, whether to check RECORD, workers) from flags and config."""
+    venv, frozen, record, workers = args.venv, args.frozen, not args.no_record, args.workers
+    if args.config is not None:
+        cfg = _load(args)
+        venv = venv or cfg.server.venv
+        frozen = frozen or cfg.environment.frozen
+        record = record and cfg.environment.record_check
+        workers = cfg.integrity.hash_workers if workers is None else workers
+        if venv is None:
+            from sovereignd.errors import ConfigProblem
+
+            raise ConfigError(str(args.config), [ConfigProblem(
+                "server.venv", "is not set: there is no server venv to verify")])
+    if venv is None:
+        raise SovereigndError("say which venv to verify: --config FILE or --venv DIR")
+    return venv, frozen, record, workers or 0
+
+
+def _cmd_env_verify(args: argparse.Namespace) -> int:
+    from sovereignd import environment
+
+    venv, frozen, record, workers = _env_targets(args)
+    failed = []
+    if frozen is not None:
+        diff = environment.compare(environment.read_frozen(frozen), venv)
+        print(diff.render())
+        if not diff.ok:
+            failed.append("installed packages differ from the frozen requirements")
+    if record:
+        report = environment.verify_records(venv, workers=workers)
+        print(report.render())
+        if not report.ok:
+            failed.append("installed files differ from their RECORD")
+    if frozen is None and not record:
+        raise SovereigndError("nothing to verify: no frozen file (--frozen or "
+                              "environment.frozen) and RECORD checking is off")
+    if failed:
+        raise CheckFailed(f"{venv}: " + "; ".join(failed))
+    return EX_OK
+
+
+def _cmd_env_freeze(args: argparse.Namespace) -> int:
+    from sovereignd import environment
+
+    sys.stdout.write(environment.freeze(args.venv, all=args.all))
+    return EX_OK
+
+
+def _add_env(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("env", aliases=["environment"],
+                       help="check or freeze the server's virtual environment")
+    esub = p.add_subparsers(dest="env_cmd", required=True)
+    v = esub.add_parser("verify", help="compare the server venv with the frozen requirements "
+                                       "and hash its files against their RECORD")
+    _config_arg(v, required=False)
+    v.add_argument("--venv", type=Path, metavar="DIR", help="venv to check (server.venv)")
+    v.add_argument("--frozen", type=Path, metavar="FILE",
+                   help="frozen requirements with a .sha256 beside them (environment.frozen)")
+    v.add_argument("--no-record", action="store_true", help="skip the RECORD hash check")
+    _workers_arg(v)
+    v.set_defaults(handler=_cmd_env_verify)
+    f = esub.add_parser("freeze", help="print VENV's packages as pip freeze does, without "
+                                       "running its Python")
+    f.add_argument("venv", type=Path, metavar="VENV")
+    f.add_argument("--all", action="store_true",
+                   help="also list pip, setuptools and wheel (as pip freeze --all, uv pip freeze)")
+    f.set_defaults(handler=_cmd_env_freeze)
+
+
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from sovereignd import baseline
+
+    result = baseline.write_baselines(cfg, workers=args.workers)
+    print(result.render())
+    return EX_OK
+
+
+def _add_baseline(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("baseline", help="approve the current weights and server venv: write "
+                                        "integrity.manifest and environment.frozen (+ .sha256)")
+    _config_arg(p)
+    _workers_arg(p)
+    p.add_argument("--accept", action="store_true",
+                   help="accept the current weights and software as the approved baseline "
+                        "(the files are written as without the flag)")
+    p.set_defaults(handler=_cmd_baseline)
+
+
 # --- run / status / restart -------------------------------------------------------------------
 
 
@@ -460,8 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a local LLM server as a supervised, audited production service.")
     parser.add_argument("--version", action="version", version=f"sovereignd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_check, _add_keys, _add_logs, _add_audit, _add_service,
-                _add_upgrade):
+    for add in (_add_run, _add_check, _add_manifest, _add_env, _add_baseline, _add_keys,
+                _add_logs, _add_audit, _add_service, _add_upgrade):
         add(sub)
     return parser
 

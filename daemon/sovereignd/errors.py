@@ -30,6 +30,37 @@ class ConfigError(SovereigndError):
         super().__init__(f"{source}: {len(problems)} configuration problem(s):\n{lines}")
 
 
+class FileFormatError(SovereigndError):
+    """A file the operator wrote or approved cannot be used; names the file and the line."""
+
+    def __init__(self, message: str, *, source: str | None = None,
+                 line: int | None = None) -> None:
+        self.source = source
+        self.line = line
+        self.reason = message
+        where = source or ""
+        if line is not None:
+            where = f"{where}, line {line}" if where else f"line {line}"
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class ManifestError(FileFormatError):
+    """The weights manifest (or a `.sha256` companion) is unreadable, malformed or not pinned."""
+
+
+class FrozenFileError(FileFormatError):
+    """The frozen requirements file is unreadable, malformed, or does not match its `.sha256`."""
+
+
+class WeightsError(SovereigndError):
+    """A weight file is corrupt in a way its header shows (truncated, bad offsets, bad JSON)."""
+
+    def __init__(self, path: str, reason: str, advice: str = "") -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}" + (f"; {advice}" if advice else ""))
+
+
 class CheckFailed(SovereigndError):
     """A verification (manifest, environment, logs) did not pass; the message says which."""
 

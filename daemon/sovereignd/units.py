@@ -62,3 +62,16 @@ def format_size(size: int) -> str:
         if size >= scale and size % scale == 0:
             return f"{size // scale}{unit}"
     return str(size)
+
+
+def human_size(size: float) -> str:
+    """Render bytes for people, e.g. "1.5 GiB", "640 KiB", "12 B"."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{int(size)} B"
+
+
+def human_rate(size: float, seconds: float) -> str:
+    """Throughput in decimal GB/s, the unit hashing benchmarks are quoted in."""
+    return f"{size / seconds / 1e9:.2f} GB/s" if seconds > 0 else "n/a"

@@ -1,0 +1,105 @@
+"""Writing the approved baselines: the weights manifest and the frozen requirements (+ .sha256).
+
+Everything is computed and checked first (weights hashed, safetensors headers, installed files
+against RECORD), then the files are written, each atomically, so a failed check leaves the
+previous baseline in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sovereignd import environment, manifest
+from sovereignd.config import Config
+from sovereignd.errors import CheckFailed, ConfigError, ConfigProblem
+from sovereignd.fsutil import atomic_write
+from sovereignd.units import human_rate, human_size
+
+
+@dataclass(frozen=True)
+class Written:
+    """One file written: where, its SHA-256, and a phrase saying what it holds."""
+
+    path: Path
+    sha256: str
+    what: str
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    """The files written, and notes for the operator (e.g. a pin to update)."""
+
+    written: tuple[Written, ...]
+    notes: tuple[str, ...] = ()
+
+    def render(self) -> str:
+        """What was written, one file per entry with its digest, then the notes."""
+        lines = [f"wrote {w.path} ({w.what})\n  sha256 {w.sha256}" for w in self.written]
+        return "\n".join(lines + list(self.notes))
+
+
+def _targets(cfg: Config) -> tuple[Path | None, Path | None]:
+    """(manifest, frozen) to write; raise ConfigError when the configuration cannot say."""
+    problems = []
+    frozen = cfg.environment.frozen
+    if cfg.integrity.manifest is None and frozen is None:
+        problems.append(ConfigProblem("integrity.manifest", "neither integrity.manifest nor "
+                                      "environment.frozen is set: there is no baseline to write"))
+    if frozen is not None and cfg.server.venv is None:
+        problems.append(ConfigProblem("server.venv", "must be set to write environment.frozen "
+                                      "(the frozen file describes that venv)"))
+    if problems:
+        raise ConfigError(str(cfg.source), problems)
+    return cfg.integrity.manifest, frozen
+
+
+def write_baselines(cfg: Config, *, workers: int | None = None) -> BaselineResult:
+    """Approve the current weights and server software: write integrity.manifest and
+    environment.frozen (with its .sha256) from server.model and server.venv.
+
+    Raises CheckFailed, writing nothing, if the model folder holds unsafe paths or corrupt
+    safetensors, or if installed files differ from their RECORD (environment.record_check).
+    """
+    manifest_path, frozen_path = _targets(cfg)
+    threads = cfg.integrity.hash_workers if workers is None else workers
+    notes: list[str] = []
+    created = None
+    if manifest_path is not None:
+        created = manifest.create_manifest(cfg.server.model, manifest_path=manifest_path,
+                                           allowed_roots=cfg.integrity.allowed_roots,
+                                           workers=threads)
+    frozen_data = None
+    venv = cfg.server.venv
+    if frozen_path is not None and venv is not None:
+        if cfg.environment.record_check:
+            report = environment.verify_records(venv, workers=threads)
+            if not report.ok:
+                raise CheckFailed("refusing to approve the server venv: installed files differ "
+                                  f"from their RECORD:\n{report.render()}\nReinstall the "
+                                  "affected packages, then run the baseline again")
+        # --all: pip, setuptools and wheel are server software too (uv pip freeze lists them).
+        frozen_data = environment.freeze(venv, all=True).encode()
+
+    written: list[Written] = []
+    if created is not None and manifest_path is not None:
+        digest = manifest.write_manifest(manifest_path, created.manifest)
+        written.append(Written(manifest_path, digest, (
+            f"{len(created.manifest)} files of {cfg.server.model}, "
+            f"{human_size(created.bytes_hashed)} hashed in {created.seconds:.2f} s, "
+            f"{human_rate(created.bytes_hashed, created.seconds)}")))
+        pin = cfg.integrity.manifest_sha256
+        if pin is not None and pin != digest:
+            notes.append(f"integrity.manifest_sha256 pins {pin}: set it to {digest} in "
+                         f"{cfg.source}, or the daemon will refuse the new manifest")
+    if frozen_data is not None and frozen_path is not None:
+        atomic_write(frozen_path, frozen_data, mode=0o644)
+        companion = environment.companion_path(frozen_path)
+        companion_data = environment.render_companion(frozen_path, frozen_data)
+        atomic_write(companion, companion_data, mode=0o644)
+        count = len(environment.parse_frozen(frozen_data).requirements)
+        written.append(Written(frozen_path, companion_data.split(b" ", 1)[0].decode(),
+                               f"{count} packages of {venv}, pip freeze --all format"))
+        written.append(Written(companion, manifest.file_sha256(companion),
+                               f"shasum -a 256 of {frozen_path.name}"))
+    return BaselineResult(written=tuple(written), notes=tuple(notes))
