@@ -432,3 +432,17 @@ def test_events_rotated_away_before_the_period_are_a_warning(site: Site,
     report = site.report(host.probe())
     coverage = report.control("event_coverage")
     assert coverage.verdict == "WARN" and "earlier events are gone" in coverage.finding
+
+
+def test_baselines_the_daemon_would_refuse_fail_with_its_reasons(site: Site,
+                                                                 host: FakeHost) -> None:
+    """A frozen file edited after approval, a manifest with a bad line: the daemon's readers'
+    own messages, with the line and the fix."""
+    site.frozen.write_text(site.frozen.read_text() + "evil==1.0\n")
+    site.manifest.write_text(site.manifest.read_text() + "not a checksum line\n")
+    report = site.report(host.probe())
+    env = report.control("environment")
+    assert env.verdict == "FAIL" and "sovereignd baseline" in env.finding
+    assert {f.key: f.value for f in env.facts}["companion_matches"] is False
+    integrity = report.control("integrity")
+    assert integrity.verdict == "FAIL" and "line 3" in integrity.finding

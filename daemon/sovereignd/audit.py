@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sovereignd import __version__, guards, hostfacts, logverify, sealing
+from sovereignd import __version__, environment, guards, hostfacts, logverify, sealing
 from sovereignd import keys as keys_mod
 from sovereignd.auditevidence import (
     UNAUTHENTICATED,
@@ -36,18 +36,15 @@ from sovereignd.auditevidence import (
     Period,
     account_label,
     account_of_uid,
-    companion_digest,
-    frozen_packages,
     manifest_facts,
     overlaps,
     owner,
     read_events,
     request_stats,
-    sha256_file,
     state_intervals,
 )
 from sovereignd.config import Config, is_loopback
-from sovereignd.errors import SovereigndError
+from sovereignd.errors import FrozenFileError, ManifestError, SovereigndError
 from sovereignd.logfiles import utc_timestamp
 from sovereignd.requestlog import iter_records
 from sovereignd.units import format_size
@@ -717,8 +714,8 @@ def _integrity_control(i: _Inputs, incidents: dict[str, Any]) -> Control:
     facts: ManifestFacts | None = None
     try:
         facts = manifest_facts(manifest, cfg.server.model)
-    except OSError as exc:
-        problems.append((FAIL, f"the manifest {manifest} cannot be read: {exc.strerror or exc}"))
+    except ManifestError as exc:
+        problems.append((FAIL, str(exc)))
     if facts is not None:
         c.fact("manifest_sha256", "Manifest SHA-256 (now)", facts.sha256)
         c.fact("files", "Files listed", facts.entries)
@@ -800,21 +797,22 @@ def _environment_control(i: _Inputs) -> Control:
     c.fact("frozen", "Frozen requirements", str(env.frozen))
     digest: str | None = None
     try:
-        digest = sha256_file(env.frozen)
-        packages = frozen_packages(env.frozen.read_text(errors="replace"))
+        data = env.frozen.read_bytes()
     except OSError as exc:
-        problems.append((FAIL, f"{env.frozen} cannot be read: {exc.strerror or exc}"))
+        problems.append((FAIL, f"{env.frozen}: cannot be read: {exc.strerror or exc}"))
     else:
+        digest = hashlib.sha256(data).hexdigest()
         c.fact("frozen_sha256", "Frozen file SHA-256 (now)", digest)
-        c.fact("packages", "Packages listed", packages)
-        companion = companion_digest(env.frozen)
-        c.fact("companion_matches", "Matches its .sha256 companion",
-               companion == digest if companion is not None else None,
-               "no .sha256 companion" if companion is None else None)
-        if companion is None:
-            problems.append((FAIL, f"{env.frozen.name}.sha256 is missing"))
-        elif companion != digest:
-            problems.append((FAIL, f"{env.frozen.name} does not match its .sha256 companion"))
+        # The daemon's own readers: what they refuse at start, the audit fails.
+        try:
+            frozen = environment.parse_frozen(data, str(env.frozen))
+            c.fact("packages", "Packages listed", len(frozen.requirements))
+            environment.check_companion(env.frozen, data)
+        except FrozenFileError as exc:
+            c.fact("companion_matches", "Approved by its .sha256 companion", False)
+            problems.append((FAIL, str(exc)))
+        else:
+            c.fact("companion_matches", "Approved by its .sha256 companion", True)
     if not env.record_check:
         problems.append((WARN, "environment.record_check is off: installed files are not "
                          "checked against their RECORD hashes"))

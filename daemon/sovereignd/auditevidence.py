@@ -25,11 +25,10 @@ from typing import Any
 
 import orjson
 
-from sovereignd import guards
+from sovereignd import guards, manifest
 from sovereignd.errors import SovereigndError
 from sovereignd.logfiles import rotated_files, utc_timestamp
 
-_MANIFEST_LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
 UNAUTHENTICATED = "(not authenticated)"
 
 
@@ -240,52 +239,26 @@ def sha256_file(path: Path) -> str:
 
 @dataclass
 class ManifestFacts:
-    """What a shasum-format manifest lists, and how much of it is on disk now."""
+    """What the weights manifest lists, and how much of it is on disk now."""
 
     sha256: str
     entries: int
     bytes_present: int
     missing: list[str]
-    malformed: int
 
 
-def manifest_facts(manifest: Path, model_dir: Path) -> ManifestFacts:
-    """Count a manifest's entries and the bytes of the files they name (sizes as of now)."""
-    data = manifest.read_bytes()
-    entries = malformed = present = 0
+def manifest_facts(path: Path, model_dir: Path) -> ManifestFacts:
+    """Read the manifest as the daemon does (ManifestError if it would refuse it) and add up
+    the sizes of the files it names, as they are now."""
+    found = manifest.read_manifest(path)
+    present = 0
     missing: list[str] = []
-    for raw in data.decode("utf-8", "replace").splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = _MANIFEST_LINE.match(line)
-        if m is None:
-            malformed += 1
-            continue
-        entries += 1
-        rel = m.group(2).removeprefix("./")
+    for rel in found.digests:
         try:
             present += (model_dir / rel).stat().st_size
         except OSError:
             missing.append(rel)
-    return ManifestFacts(hashlib.sha256(data).hexdigest(), entries, present, missing, malformed)
-
-
-def frozen_packages(text: str) -> int:
-    """Distributions listed in a `pip freeze` / `uv pip freeze` file."""
-    return sum(1 for ln in text.splitlines()
-               if ln.strip() and not ln.lstrip().startswith(("#", "--")))
-
-
-def companion_digest(path: Path) -> str | None:
-    """The digest in `<file>.sha256` (shasum format), or None if there is none."""
-    companion = path.with_name(path.name + ".sha256")
-    try:
-        text = companion.read_text()
-    except OSError:
-        return None
-    m = re.match(r"\s*([0-9a-fA-F]{64})", text)
-    return m.group(1).lower() if m else ""
+    return ManifestFacts(found.sha256, len(found), present, missing)
 
 
 # ---------------------------------------------------------------------------------------------
