@@ -72,7 +72,8 @@ def test_a_working_venv_is_switched_in_baselined_and_proven_ready(
     st = d.status()
     assert st["state"] == "READY" and st["server"]["pid"] != first
     data = frozen.read_bytes()
-    assert data == b"fakeserver==2.0\n"  # pip itself is left out, as pip freeze does
+    # The same format as `sovereignd baseline`: pip freeze --all, so pip is pinned too.
+    assert data.splitlines()[0] == b"fakeserver==2.0" and b"pip==" in data
     companion = frozen.with_name(frozen.name + ".sha256").read_text()
     assert companion == f"{hashlib.sha256(data).hexdigest()}  server-requirements.txt\n"
     assert steps(d) == ["begin", "build", "baseline", "switch", "restart", "ready", "done"]

@@ -215,6 +215,10 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 
     result = baseline.write_baselines(cfg, workers=args.workers)
     print(result.render())
+    if args.accept:
+        from sovereignd import control
+
+        print(control.request(cfg, "baseline-accepted", reason=args.reason))
     return EX_OK
 
 
@@ -224,8 +228,10 @@ def _add_baseline(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     _config_arg(p)
     _workers_arg(p)
     p.add_argument("--accept", action="store_true",
-                   help="accept the current weights and software as the approved baseline "
-                        "(the files are written as without the flag)")
+                   help="also tell the running daemon: it re-reads the baselines, verifies, "
+                        "and leaves QUARANTINED if everything matches (recorded as an event)")
+    p.add_argument("--reason", default="operator accepted a new baseline",
+                   help="recorded with --accept in the event log")
     p.set_defaults(handler=_cmd_baseline)
 
 

@@ -8,8 +8,9 @@ import contextlib
 import os
 import signal
 import sys
+from typing import Any
 
-from sovereignd import __version__, backends, guards, memory, upgrade
+from sovereignd import __version__, backends, guards, integrity, memory, upgrade
 from sovereignd.config import Config
 from sovereignd.control import ControlServer
 from sovereignd.eventlog import EventLog
@@ -44,6 +45,8 @@ async def _main(cfg: Config, allow_root: bool) -> int:
                           cfg.server.output_buffer, backend.content_line,
                           cfg.server.content_lines)
     supervisor = Supervisor(cfg, backend, events, metrics, output=output)
+    # Gates run in order before every start: drifted files quarantine before memory is judged.
+    watchers = integrity.guards_for(cfg, supervisor, events)
     supervisor.add_gate(memory.gate(memory.Preflight(cfg), events))
     keys = KeyStore(cfg.gateway.keys_file, cfg.state_dir / "keys-usage.json", emit=events.emit)
     keys.load()
@@ -56,6 +59,19 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     gateway.admin_check = proxy.admin_check
     control = ControlServer(cfg.control_socket, supervisor)
     control.add_action("upgrade", upgrade.event_action(events))  # `sovereignd upgrade` steps
+    pending: set[asyncio.Task[None]] = set()
+
+    def baseline_accepted(body: dict[str, Any]) -> dict[str, Any]:
+        # `sovereignd baseline --accept` wrote new baselines: reload, verify, leave quarantine.
+        reason = str(body.get("reason") or "operator accepted a new baseline")
+        task = asyncio.get_running_loop().create_task(
+            integrity.accept(watchers, supervisor, events, reason))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        return {"ok": True, "message": f"baseline accepted; re-verifying (state was "
+                                       f"{supervisor.state})"}
+
+    control.add_action("baseline-accepted", baseline_accepted)
 
     def on_sighup() -> None:
         # SIGHUP: re-read the client keys, and leave FATAL / re-check a quarantine.
@@ -82,8 +98,12 @@ async def _main(cfg: Config, allow_root: bool) -> int:
                     config=str(cfg.source), config_sha256=cfg.digest, backend=backend.name,
                     listen=cfg.gateway.listen, python=sys.version.split()[0],
                     clients=len(keys.clients()))
+        for watcher in watchers:
+            watcher.start()
         await supervisor.run()
     finally:
+        for watcher in watchers:
+            await watcher.stop()
         await control.stop()
         await gateway.stop()
         await proxy.close()

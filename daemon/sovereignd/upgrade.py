@@ -10,16 +10,13 @@ control socket (action `upgrade`) and it records `{"event": "upgrade", "step": .
 with the state changes the restart causes. An upgrade therefore needs the daemon running; it
 refuses to start otherwise, before anything is built or switched.
 
-The frozen baseline (environment.frozen and its .sha256) is written here by a minimal freezer
-(`freeze_venv`: name==version of each installed distribution, in `pip freeze` order). When
-the environment module with its full freezer (direct references, editables) is on main, it
-takes that function's place; the interface is the same: venv in, frozen bytes out.
+The frozen baseline (environment.frozen and its .sha256) is written with the same freezer as
+`sovereignd baseline` (environment.freeze, `pip freeze --all` format).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import email.parser
 import hashlib
 import os
 import re
@@ -31,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from sovereignd import control
+from sovereignd import control, environment
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
 from sovereignd.eventlog import EventLog
@@ -70,44 +67,18 @@ def event_action(events: EventLog) -> Callable[[dict[str, Any]], dict[str, Any]]
 # --- freezing ---------------------------------------------------------------------------------
 
 
-def site_packages(venv: Path) -> list[Path]:
-    """The venv's site-packages folders (lib/ and lib64/, any Python 3)."""
-    return sorted(p for p in venv.glob("lib*/python3*/site-packages") if p.is_dir())
-
-
-def _python_version(site: Path) -> tuple[int, int] | None:
-    m = re.fullmatch(r"python(\d+)\.(\d+)", site.parent.name)
-    return (int(m[1]), int(m[2])) if m else None
-
-
 def freeze_venv(venv: Path) -> bytes:
-    """The venv's distributions as `pip freeze` lists plain installs: `Name==version`, sorted
-    case-insensitively, without pip (and setuptools/wheel/distribute before Python 3.12)."""
-    found: dict[str, str] = {}
-    for site in site_packages(venv):
-        skip = {"pip"}
-        version = _python_version(site)
-        if version is None or version < (3, 12):
-            skip |= {"setuptools", "wheel", "distribute"}
-        for info in site.glob("*.dist-info"):
-            try:
-                meta = email.parser.Parser().parsestr((info / "METADATA").read_text(),
-                                                      headersonly=True)
-            except (OSError, UnicodeDecodeError):
-                continue
-            name, ver = meta.get("Name"), meta.get("Version")
-            if name and ver and re.sub(r"[-_.]+", "-", name).lower() not in skip:
-                found.setdefault(name, ver)
-    if not found:
-        raise UpgradeFailed(f"{venv} holds no installed distributions (no lib/python3*/"
-                            "site-packages/*.dist-info): not a built venv")
-    lines = [f"{n}=={v}\n" for n, v in sorted(found.items(), key=lambda kv: kv[0].lower())]
-    return "".join(lines).encode()
+    """The venv's installed set as `baseline` writes it (`pip freeze --all` format), read from
+    its package metadata without running its Python."""
+    if not environment.freeze(venv).strip():
+        raise UpgradeFailed(f"{venv} holds no installed distributions besides pip's own (no "
+                            "lib/python3*/site-packages/*.dist-info): not a built server venv")
+    return environment.freeze(venv, all=True).encode()
 
 
 def companion_bytes(frozen: Path, data: bytes) -> bytes:
     """The .sha256 companion, as `shasum -a 256 NAME` run beside the frozen file writes it."""
-    return f"{hashlib.sha256(data).hexdigest()}  {frozen.name}\n".encode()
+    return environment.render_companion(frozen, data)
 
 
 @dataclass(frozen=True)
