@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,32 @@ def _bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+def _approve_weights(d: Daemon) -> Path:
+    """Weights for the stand-in's model folder, approved in a manifest kept outside it."""
+    weights = d.model / "model.bin"
+    weights.write_bytes(os.urandom(256 * 1024))
+    (d.model / "tokenizer.json").write_text('{"version": "1.0"}')
+    (d.root / "baseline").mkdir()
+    d.cfg["integrity"] = {"manifest": str(d.root / "baseline" / "model.sha256"),
+                          "stat_interval": "500ms"}
+    d.write_config()
+    res = run_cli("baseline", "--config", str(d.config_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    return weights
+
+
+def _state(d: Daemon, state: str) -> Callable[[], bool]:
+    return lambda: d.get("/readyz")[1].get("state") == state
+
+
 @pytest.fixture(scope="module")
 def period(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Period]:
-    """Runs with a crash and restart, an operator restart, two clients, a revoked key."""
+    """Runs with a crash and restart, a quarantine for tampered weights, an operator restart,
+    two clients, a revoked key."""
     root = tmp_path_factory.mktemp("audit")
     d = Daemon(root / "d", behaviour={"starts": [{"crash_after": 1}], "default": {}})
     try:
+        weights = _approve_weights(d)
         alice, bob = _add_key(d, "alice"), _add_key(d, "bob")
         init = run_cli("logs", "init-key", "--config", str(d.config_path))
         assert init.returncode == 0, init.stderr
@@ -65,9 +86,15 @@ def period(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Period]:
             assert code == 200
         assert http("GET", d.url + "/v1/models")[0] == 401
         assert http("GET", d.url + "/invocations", None, _bearer(alice))[0] == 404
+        # One byte of the weights changes while serving: quarantined until it is put back.
+        original = weights.read_bytes()
+        weights.write_bytes(original[:1000] + bytes([original[1000] ^ 0xFF]) + original[1001:])
+        wait_for(_state(d, "QUARANTINED"), 15, what="the quarantine")
+        weights.write_bytes(original)
+        d.wait_state("READY")
         res = run_cli("restart", "--config", str(d.config_path), "--reason", "audit drill")
         assert res.returncode == 0, res.stderr
-        wait_for(lambda: len(d.starts()) == 3, 15, what="the operator's restart")
+        wait_for(lambda: len(d.starts()) == 4, 15, what="the operator's restart")
         d.wait_state("READY")
         res = run_cli("keys", "revoke", "bob", "--config", str(d.config_path))
         assert res.returncode == 0, res.stderr
@@ -116,16 +143,33 @@ def test_report_figures_match_the_logs(period: Period) -> None:
 
     restarts = report["incidents"]["restarts"]
     spawns = [e for e in period.daemon.events("spawn") if e["start"] > 1]
-    assert len(restarts) == len(spawns) == 2
+    assert len(restarts) == len(spawns) == 3
     assert restarts[0]["kind"] == "exit" and "status 1" in restarts[0]["message"]
-    assert restarts[1]["reason"] == "operator: audit drill" and restarts[1]["kind"] is None
-    assert sum(n for _, n in report["charts"]["restarts_per_day"]) == 2
+    assert restarts[1]["reason"] == "weights verify again" and restarts[1]["kind"] is None
+    assert restarts[2]["reason"] == "operator: audit drill" and restarts[2]["kind"] is None
+    assert sum(n for _, n in report["charts"]["restarts_per_day"]) == 3
+
+    quarantines = report["incidents"]["quarantines"]
+    entered = [e for e in period.daemon.events("state") if e["to"] == "QUARANTINED"]
+    assert len(quarantines) == len(entered) == 1
+    assert quarantines[0]["start"] == entered[0]["ts"] and quarantines[0]["end"] is not None
+    assert "model.bin" in quarantines[0]["reason"]
+    integrity = control(report, "integrity")
+    assert integrity["verdict"] == "PASS", integrity["finding"]
+    assert integrity["evidence"]["files"] == 3  # config.json, model.bin, tokenizer.json
+    assert integrity["evidence"]["bytes"] == sum(
+        p.stat().st_size for p in period.daemon.model.iterdir())
+    [drift] = integrity["tables"]["drifts"]["rows"]
+    assert drift[1] == "stop" and drift[2] == "model.bin FAILED"
+    assert len(integrity["tables"]["quarantines"]["rows"]) == 1
+    assert "1 drift(s) and 1 quarantine(s)" in integrity["finding"]
+    assert control(report, "incidents")["verdict"] == "WARN"  # a quarantine to review
     assert sum(n for _, n in report["charts"]["requests_per_day"]) == 8
 
     changes = [(c["change"], c["name"]) for c in report["incidents"]["key_changes"]]
     assert changes == [("added", "alice"), ("added", "bob"), ("revoked", "bob")]
     actions = [a["action"] for a in report["incidents"]["operator_actions"]]
-    assert actions == ["daemon started", "restart", "shutdown", "daemon stopped"]
+    assert actions == ["daemon started", "release", "restart", "shutdown", "daemon stopped"]
 
     chain = control(report, "request_chain")
     assert chain["verdict"] == "PASS", chain["finding"]
@@ -200,7 +244,7 @@ def test_html_is_self_contained_and_renders_its_charts(period: Period, tmp_path:
     assert page.count("<svg") == 2
     bars = page.count('<rect class="bar"') + page.count('<rect class="bar restart"')
     assert bars >= 2
-    assert "8 requests</title>" in page and "2 restarts</title>" in page
+    assert "8 requests</title>" in page and "3 restarts</title>" in page
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed (ops/test.sh installs Debian's package)")

@@ -257,13 +257,21 @@ def test_unresolved_drift_fails_integrity(site: Site, host: FakeHost) -> None:
 
 
 def test_software_drift_under_alert_fails_environment(site: Site, host: FakeHost) -> None:
-    site.event(12, "environment_drift", level="error", policy="alert", added=["evil==1.0"],
-               removed=[], changed=[], record_mismatches=[{"path": "vllm/x.py"}])
+    # The shape the daemon's environment guard logs.
+    site.event(12, "environment_drift", level="error", scope="full", policy="alert", count=25,
+               files=[{"path": "package evil", "status": "ADDED", "installed": "evil==1.0"},
+                      {"path": "package numpy", "status": "CHANGED", "frozen": "numpy==1.26.4",
+                       "installed": "numpy==2.0.0"},
+                      {"path": "file vllm/x.py", "status": "FAILED", "dist": "vllm",
+                       "expected": "a", "actual": "b", "detail": None}],
+               frozen=str(site.frozen), frozen_sha256="0" * 64)
     report = site.report(host.probe())
     env = report.control("environment")
     assert env.verdict == "FAIL" and "policy alert" in env.finding
+    assert "differs from the frozen requirements since" in env.finding
     row = next(t for t in env.tables if t.key == "drifts").rows[0]
-    assert row[2] == "evil==1.0" and row[5] == "vllm/x.py"
+    assert row[2:] == ["evil==1.0", "—", "numpy==1.26.4 -> numpy==2.0.0",
+                       "vllm/x.py FAILED; 22 more not named"]
 
 
 def test_unset_baselines_and_a_root_daemon_fail(site: Site, host: FakeHost) -> None:

@@ -734,18 +734,10 @@ def _integrity_control(i: _Inputs, incidents: dict[str, Any]) -> Control:
         c.fact("last_full_verification", "Last full verification", full["ts"],
                f"{short_ts(full['ts'])}: OK, {full.get('files')} files, "
                f"{human_size(int(full.get('bytes') or 0))} in {full.get('seconds')} s")
-    last = i.history.last("integrity_verified", "integrity_drift", "baseline_accepted")
-    if last is not None:
-        result = {"integrity_verified": "verified", "integrity_drift": "DRIFT",
-                  "baseline_accepted": "re-baselined"}[last["event"]]
-        c.fact("last_result", "Last integrity result", f"{result} at {last['ts']}",
-               f"{result} at {short_ts(last['ts'])}")
-        if last["event"] == "integrity_drift":
-            problems.append((FAIL, f"the weights differ from the manifest since "
-                             f"{short_ts(last['ts'])} and were not verified again"))
-        known = last.get("manifest_sha256")
-        if facts is not None and isinstance(known, str) and known != facts.sha256:
-            problems.append((WARN, "the manifest file changed after the daemon last used it"))
+    last = _last_check(c, i, "integrity", problems, "the weights differ from the manifest")
+    known = last.get("manifest_sha256") if last is not None else None
+    if facts is not None and isinstance(known, str) and known != facts.sha256:
+        problems.append((WARN, "the manifest file changed after the daemon last used it"))
     drifts = i.history.in_period(i.period, "integrity_drift")
     t = c.table("drifts", "Drift detected in the period", ["time", "policy", "files"])
     for d in drifts:
@@ -768,6 +760,27 @@ def _integrity_control(i: _Inputs, incidents: dict[str, Any]) -> Control:
         f"weights verified against the manifest ({facts.entries if facts else '?'} files, "
         f"{human_size(facts.bytes_present) if facts else '?'}); {len(drifts)} drift(s) and "
         f"{len(q.rows)} quarantine(s) in the period"))
+
+
+def _last_check(c: Control, i: _Inputs, guard: str, problems: list[tuple[str, str]],
+                drifted: str) -> dict[str, Any] | None:
+    """The guard's most recent verdict (verified, drift, or a baseline it could not read),
+    as a fact; a drift or an unreadable baseline not verified since is a failure."""
+    last = i.history.last(f"{guard}_verified", f"{guard}_drift", f"{guard}_baseline_unreadable")
+    if last is None:
+        return None
+    kind = str(last["event"]).removeprefix(f"{guard}_")
+    result = {"verified": "verified", "drift": "DRIFT",
+              "baseline_unreadable": "baseline unreadable"}[kind]
+    c.fact("last_check", "Last check", f"{result} at {last['ts']}",
+           f"{result} at {short_ts(last['ts'])} ({last.get('scope') or 'start'})")
+    if kind == "drift":
+        problems.append((FAIL, f"{drifted} since {short_ts(last['ts'])} and were not "
+                         "verified again"))
+    elif kind == "baseline_unreadable":
+        problems.append((FAIL, f"at {short_ts(last['ts'])} the daemon could not read the "
+                         f"baseline ({last.get('error')}) and it was not verified since"))
+    return last
 
 
 def _conclude(c: Control, problems: list[tuple[str, str]], ok: Any) -> Control:
@@ -827,28 +840,48 @@ def _environment_control(i: _Inputs) -> Control:
         known = last_ok.get("frozen_sha256")
         if digest is not None and isinstance(known, str) and known != digest:
             problems.append((WARN, "the frozen file changed after the daemon last verified"))
-    last = i.history.last("environment_verified", "environment_drift", "baseline_accepted")
-    if last is not None:
-        result = {"environment_verified": "verified", "environment_drift": "DRIFT",
-                  "baseline_accepted": "re-baselined"}[last["event"]]
-        c.fact("last_check", "Last check", f"{result} at {last['ts']}",
-               f"{result} at {short_ts(last['ts'])}")
-    if last is not None and last["event"] == "environment_drift":
-        problems.append((FAIL, f"the server's software differs from the frozen requirements "
-                         f"since {short_ts(last['ts'])} and was not verified again"))
+    _last_check(c, i, "environment", problems,
+                "the server's software differs from the frozen requirements")
     t = c.table("drifts", "Drift detected in the period",
                 ["time", "policy", "added", "removed", "changed", "RECORD mismatches"])
     drifts = i.history.in_period(i.period, "environment_drift")
     for d in drifts:
-        t.rows.append([d["ts"], d.get("policy"), _names(d.get("added")),
-                       _names(d.get("removed")), _names(d.get("changed")),
-                       _names(d.get("record_mismatches"))])
+        t.rows.append([d["ts"], d.get("policy"), *_software_drift(d)])
         if d.get("policy") == "alert":
             problems.append((FAIL, f"drift at {short_ts(d['ts'])} under policy alert: the "
                              "server kept running drifted software"))
     return _conclude(c, problems, lambda: (
         f"software verified at {short_ts(last_ok['ts']) if last_ok else '?'}; "
         f"{len(drifts)} drift(s) in the period"))
+
+
+def _software_drift(event: dict[str, Any]) -> list[str]:
+    """Added, removed, changed packages and RECORD mismatches of an environment_drift event.
+
+    The daemon lists them as `files`: {"path": "package vllm" | "file vllm/x.py", "status"};
+    separate lists (added, removed, changed, record_mismatches) are read too."""
+    if not isinstance(event.get("files"), list):
+        return [_names(event.get(k)) for k in ("added", "removed", "changed",
+                                               "record_mismatches")]
+    groups: dict[str, list[str]] = {"ADDED": [], "REMOVED": [], "CHANGED": [], "file": []}
+    for item in event["files"]:
+        if not isinstance(item, dict):
+            continue
+        path, status = str(item.get("path", "")), str(item.get("status", ""))
+        if path.startswith("package "):
+            name = path.removeprefix("package ")
+            shown = item.get("installed") or item.get("frozen") or name
+            if status == "CHANGED":
+                shown = f"{item.get('frozen')} -> {item.get('installed')}"
+            groups.setdefault(status, []).append(str(shown))
+        else:
+            groups["file"].append(f"{path.removeprefix('file ')} {status}".strip())
+    cells = [_names(groups[k]) for k in ("ADDED", "REMOVED", "CHANGED", "file")]
+    count, listed = event.get("count"), sum(len(v) for v in groups.values())
+    if isinstance(count, int) and count > listed:
+        # The daemon names the first few; the rest are only counted.
+        cells[3] = f"{'' if cells[3] == '—' else cells[3] + '; '}{count - listed} more not named"
+    return cells
 
 
 def _names(value: Any) -> str:
