@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Generic, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from sovereignd import __version__
@@ -10,6 +12,26 @@ from sovereignd.states import State
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                    30.0, 60.0, 120.0, 300.0)
 PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class _Children(Generic[M]):
+    """A labelled metric's children by label values, looked up once per label set.
+
+    prometheus_client's `labels()` checks the names, converts every value and takes a lock on
+    each call: on the gateway's path that cost more than the increments it was for.
+    """
+
+    def __init__(self, metric: M) -> None:
+        self._metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -47,8 +69,15 @@ class Metrics:
                               ["client", "kind"], registry=r)
         self.in_flight = Gauge("sovereignd_requests_in_flight", "Requests being served",
                                registry=r)
+        # The gateway counts in this plain integer; the gauge reads it when scraped.
+        self.requests_in_flight = 0
+        self.in_flight.set_function(lambda: self.requests_in_flight)
         self.auth_failures = Counter("sovereignd_auth_failures", "Failed authentications",
                                      ["reason"], registry=r)
+        self._requests = _Children(self.requests)
+        self._latency = _Children(self.request_latency)
+        self._ttft = _Children(self.ttft)
+        self._tokens = _Children(self.tokens)
         for s in State:
             self.state.labels(state=s.value).set(0)
         self.state.labels(state=State.STOPPED.value).set(1)
@@ -57,6 +86,19 @@ class Metrics:
         self.state.labels(state=old.value).set(0)
         self.state.labels(state=new.value).set(1)
         self.server_up.set(1 if new is State.READY else 0)
+
+    def count_request(self, route: str, status: int, client: str, *, latency_ms: float | None,
+                      ttft_ms: float | None, prompt_tokens: Any, completion_tokens: Any) -> None:
+        """One finished gateway request: its count, latency, time to first token, tokens."""
+        self._requests(route, str(status), client).inc()
+        if latency_ms is not None:
+            self._latency(route).observe(latency_ms / 1000)
+        if ttft_ms is not None:
+            self._ttft(route).observe(ttft_ms / 1000)
+        if isinstance(prompt_tokens, int) and prompt_tokens > 0:
+            self._tokens(client, "prompt").inc(prompt_tokens)
+        if isinstance(completion_tokens, int) and completion_tokens > 0:
+            self._tokens(client, "completion").inc(completion_tokens)
 
     def set_info(self, backend: str) -> None:
         self.info.labels(version=__version__, backend=backend).set(1)

@@ -223,7 +223,7 @@ class Proxy:
             "completion_tokens": None, "bytes_in": 0, "bytes_out": 0,
             "remote": request.remote, "error": None}
         client: Client | None = None
-        self.metrics.in_flight.inc()
+        self.metrics.requests_in_flight += 1
         try:
             client = self._authorise(request, rec)
             return await self._forward(request, rec, client, t0, rid)
@@ -239,7 +239,7 @@ class Proxy:
             if client is not None:  # only set once the limits admitted the request
                 self.limits.release(client.name)
             rec["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-            self.metrics.in_flight.dec()
+            self.metrics.requests_in_flight -= 1
             self._finish(rec)
 
     def _authorise(self, request: web.Request, rec: dict[str, Any]) -> Client:
@@ -334,6 +334,10 @@ class Proxy:
             raise _Refused(413, f"request body larger than {limit} bytes",
                            "invalid_request_error", "body_too_large")
         try:
+            if request.content.is_eof():
+                # The whole body arrived with the headers (the usual case): nothing to wait
+                # for, so no timer to arm and cancel.
+                return await request.read()
             async with asyncio.timeout(self.cfg.gateway.body_timeout):
                 return await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
@@ -425,18 +429,11 @@ class Proxy:
 
     def _finish(self, rec: dict[str, Any]) -> None:
         """Record the request (fail closed if that is impossible) and count it."""
-        m = self.metrics
-        client = rec["client"] or "-"
-        route = rec["path"] if rec["status"] != 404 else "other"
-        m.requests.labels(route=route, status=str(rec["status"]), client=client).inc()
-        if rec["latency_ms"] is not None:
-            m.request_latency.labels(route=route).observe(rec["latency_ms"] / 1000)
-        if rec["ttft_ms"] is not None:
-            m.ttft.labels(route=route).observe(rec["ttft_ms"] / 1000)
-        for kind in ("prompt", "completion"):
-            n = rec.get(f"{kind}_tokens")
-            if isinstance(n, int) and n > 0:
-                m.tokens.labels(client=client, kind=kind).inc(n)
+        status = rec["status"]
+        self.metrics.count_request(
+            rec["path"] if status != 404 else "other", status, rec["client"] or "-",
+            latency_ms=rec["latency_ms"], ttft_ms=rec["ttft_ms"],
+            prompt_tokens=rec["prompt_tokens"], completion_tokens=rec["completion_tokens"])
         try:
             self.log.record(rec)
         except RequestLogError as exc:

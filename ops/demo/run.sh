@@ -10,6 +10,10 @@ if [ "${1:-}" = "--dir" ]; then demo="$2"; fi
 "$repo/ops/demo/setup.sh" --dir "$demo"
 sovereignd="$repo/.venv/bin/sovereignd"
 cfg="$demo/sovereignd.yaml"
+# Approve the demo's weights and server software as they are now (the operator's step).
+if [ ! -f "$demo/baseline/model.sha256" ]; then
+  "$sovereignd" baseline --config "$cfg"
+fi
 # The request log's sealing key: its first (verification) key goes to the auditor, here a file.
 if [ ! -f "$demo/auditor.key" ]; then
   (umask 077; "$sovereignd" logs init-key --config "$cfg" > "$demo/auditor.key")

