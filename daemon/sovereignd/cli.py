@@ -218,7 +218,11 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     if args.accept:
         from sovereignd import control
 
-        print(control.request(cfg, "baseline-accepted", reason=args.reason))
+        if cfg.control_socket.exists():
+            print(control.request(cfg, "baseline-accepted", reason=args.reason))
+        else:
+            print("no daemon is running for this configuration; it will verify against the "
+                  "new baselines when it starts")
     return EX_OK
 
 
