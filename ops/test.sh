@@ -6,13 +6,17 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
-# A test lints every script in ops/ with shellcheck: Debian's package, installed once when we may.
-if ! command -v shellcheck >/dev/null 2>&1; then
+# Debian packages the tests need, installed once when we may: a test lints every script in
+# ops/ with shellcheck; another renders the audit report's HTML in headless chromium.
+missing=()
+command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "test: installing shellcheck (Debian package)" >&2
-    apt-get update -qq >/dev/null && apt-get install -y -qq shellcheck >/dev/null
+    echo "test: installing ${missing[*]} (Debian packages)" >&2
+    apt-get update -qq >/dev/null && apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "test: shellcheck is missing; install it (apt-get install shellcheck)" >&2
+    echo "test: ${missing[*]} missing; install (apt-get install ${missing[*]})" >&2
   fi
 fi
 

@@ -7,6 +7,7 @@ modes and refusals for real.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pwd
@@ -142,11 +143,12 @@ def host() -> Iterator[Host]:
         env = user_env(src)
         python = python_for(user, env["PYTHONPATH"])
         (base / "model").mkdir(mode=0o755)
-        (base / "model" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+        config_json = b'{"architectures": ["LlamaForCausalLM"]}'
+        (base / "model" / "config.json").write_bytes(config_json)
         baseline = base / "baseline"
         baseline.mkdir(mode=0o755)
-        manifest = baseline / "model.sha256"
-        manifest.write_text("")
+        manifest = baseline / "model.sha256"  # the approved weights: what the model holds
+        manifest.write_text(f"{hashlib.sha256(config_json).hexdigest()}  ./config.json\n")
         (baseline / "frozen.txt").write_text("")
         logs, state = base / "logs", base / "state"
         for d in (logs, state):

@@ -28,8 +28,20 @@ TINY = {"architectures": ["LlamaForCausalLM"], "dtype": "bfloat16", "head_dim": 
 def tiny_model(path: Path, **changes: Any) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps({**TINY, **changes}))
-    (path / "model.safetensors").write_bytes(b"\0" * 4096)
+    (path / "model.safetensors").write_bytes(safetensors_bytes(4096))
     return path
+
+
+def safetensors_bytes(total: int) -> bytes:
+    """A valid safetensors file of exactly `total` bytes (one U8 tensor), so the header
+    check before start passes and only the size matters."""
+    n = total
+    while True:
+        header = json.dumps({"w": {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}})
+        header += " " * (-len(header) % 8)
+        if 8 + len(header) + n == total:
+            return len(header).to_bytes(8, "little") + header.encode() + b"\0" * n
+        n = total - 8 - len(header)
 
 
 def vllm_line(name: str, pattern: str) -> re.Match[str]:

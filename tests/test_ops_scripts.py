@@ -226,6 +226,8 @@ def test_linux_install_for_real_then_the_daemon_runs_as_its_account(installed_us
             f"#!/bin/sh\nPYTHONPATH={src} exec {py} -m sovereignd \"$@\"\n")
         server_venv = base / "server-venvs" / "fake-1"
         (server_venv / "bin").mkdir(parents=True)
+        # An empty venv's layout: the installer freezes and baselines it (no packages).
+        (server_venv / "lib" / "python3.11" / "site-packages").mkdir(parents=True)
         model = base / "model"
         model.mkdir()
         (model / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
@@ -233,8 +235,7 @@ def test_linux_install_for_real_then_the_daemon_runs_as_its_account(installed_us
         argv = [OPS / "linux" / "install.sh", "--model", model, "--user", user,
                 "--prefix", where["prefix"], "--etc", where["etc"], "--logs", where["logs"],
                 "--home", where["home"], "--unit-dir", where["units"], "--skip-venvs",
-                "--daemon-venv", daemon_venv, "--server-venv", server_venv, "--no-baseline",
-                "--no-systemctl"]
+                "--daemon-venv", daemon_venv, "--server-venv", server_venv, "--no-systemctl"]
         (daemon_venv / "bin" / "sovereignd").chmod(0o755)
         res = sh(*argv)
         assert res.returncode == 0, res.stderr

@@ -218,7 +218,11 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     if args.accept:
         from sovereignd import control
 
-        print(control.request(cfg, "baseline-accepted", reason=args.reason))
+        if cfg.control_socket.exists():
+            print(control.request(cfg, "baseline-accepted", reason=args.reason))
+        else:
+            print("no daemon is running for this configuration; it will verify against the "
+                  "new baselines when it starts")
     return EX_OK
 
 
@@ -503,8 +507,26 @@ def _cmd_logs_verify(args: argparse.Namespace) -> int:
     return EX_OK if result.ok else EX_FAIL
 
 
+def _cmd_logs_tail(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    import signal
+    import threading
+
+    from sovereignd import tail
+
+    source = args.source or ("requests" if args.client is not None else "events")
+    stop = threading.Event()
+    if args.follow:
+        # Ctrl-C or SIGTERM ends the follow after what was written so far is shown.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda _sig, _frame: stop.set())
+    tail.tail(cfg.logs.dir, source, n=args.lines, follow=args.follow, client=args.client,
+              stop=stop)
+    return EX_OK
+
+
 def _add_logs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("logs", help="request-log sealing key and verification")
+    p = sub.add_parser("logs", help="follow the logs; request-log sealing key and verification")
     lsub = p.add_subparsers(dest="logs_cmd", required=True, metavar="ACTION")
     i = lsub.add_parser("init-key", help="make the request log's sealing key; print the "
                         "verification key once, for the auditor")
@@ -524,6 +546,77 @@ def _add_logs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="do not compare with the checkpoints in the event log")
     _config_arg(v)
     v.set_defaults(handler=_cmd_logs_verify)
+    t = lsub.add_parser("tail", help="show the logs for a person (aligned, coloured on a "
+                        "terminal), following rotation with -f")
+    which = t.add_mutually_exclusive_group()
+    which.add_argument("--events", dest="source", action="store_const", const="events",
+                       help="the daemon's events (the default)")
+    which.add_argument("--requests", dest="source", action="store_const", const="requests",
+                       help="the request records")
+    which.add_argument("--server", dest="source", action="store_const", const="server",
+                       help="the model server's output")
+    t.add_argument("-f", "--follow", action="store_true",
+                   help="keep showing new lines, across rotations, until Ctrl-C or SIGTERM")
+    t.add_argument("-n", "--lines", type=int, default=10, metavar="N",
+                   help="show the last N lines first (default 10; 0: only new ones)")
+    t.add_argument("--client", metavar="NAME",
+                   help="only the request records of this client (implies --requests)")
+    _config_arg(t)
+    t.set_defaults(handler=_cmd_logs_tail, source=None)
+
+
+# --- audit ----------------------------------------------------------------------------------
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from sovereignd import audit, auditevidence, auditrender
+
+    since = auditevidence.parse_date(args.since, "--since") if args.since else None
+    until = auditevidence.parse_date(args.until, "--until", end_of_day=True) if args.until else None
+    fmt = args.format
+    if fmt is None:
+        suffix = args.output.suffix.lower() if args.output is not None else ""
+        fmt = {".html": "html", ".htm": "html", ".json": "json"}.get(suffix, "md")
+    report = audit.build_report(cfg, since, until,
+                                verification_keys=_read_verification_keys(args))
+    text = auditrender.render(report, fmt)
+    if args.output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        from sovereignd.fsutil import atomic_write
+
+        try:
+            atomic_write(args.output, text.encode(), mode=0o644)
+        except OSError as exc:
+            raise SovereigndError(f"{args.output}: cannot write the report: "
+                                  f"{exc.strerror or exc}") from exc
+        print(f"sovereignd: audit report written to {args.output}: {report.summary()}",
+              file=sys.stderr)
+    return EX_FAIL if report.failed else EX_OK
+
+
+def _add_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "audit", help="compliance report for a period: one PASS/FAIL line per control "
+        "with its evidence (exit 1 if a control fails)")
+    _config_arg(p)
+    p.add_argument("--since", metavar="DATE",
+                   help="start of the period, ISO 8601 UTC (2026-11-01 or 2026-11-01T08:00Z); "
+                        "default: the oldest kept log")
+    p.add_argument("--until", metavar="DATE",
+                   help="end of the period (exclusive); a bare date includes that whole day; "
+                        "default: now")
+    p.add_argument("--format", choices=("md", "html", "json"),
+                   help="md (a ticket), html (one self-contained file with charts) or json "
+                        "(tools); default: from the -o suffix, else md")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE",
+                   help="write the report here instead of standard output")
+    p.add_argument("--key-file", type=Path, metavar="PATH",
+                   help="the auditor's verification key(s), one per line (- reads standard "
+                        "input): the request records' seals are checked with them")
+    p.set_defaults(handler=_cmd_audit, key=None)
 
 
 # --- parser and main ------------------------------------------------------------------------
@@ -536,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sovereignd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run, _add_check, _add_manifest, _add_env, _add_baseline, _add_keys,
-                _add_logs, _add_service, _add_upgrade):
+                _add_logs, _add_audit, _add_service, _add_upgrade):
         add(sub)
     return parser
 

@@ -295,7 +295,8 @@ class HealthSection:
         "Consecutive failed probes (health or canary) that restart the server.",
         _int_range(1, 1000), 3)
     startup_poll: float = setting(
-        "Time between /health polls while the server starts.", _duration(0.05), 1.0)
+        "Time between /health polls while the server starts (and canary retries while it "
+        "warms up): READY is noticed at most this late.", _duration(0.05), 0.25)
     canary_interval: float = setting(
         "Time between canary completions (1 token) while READY.", _duration(0.1), 60.0)
     canary_timeout: float = setting(

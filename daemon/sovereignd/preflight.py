@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sovereignd import backends, guards, memory
+from sovereignd import backends, environment, guards, manifest, memory
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
 from sovereignd.units import format_duration
@@ -56,10 +55,6 @@ class Report:
         return "\n".join(lines)
 
 
-Check = Callable[[Config, Report], None]
-EXTRA_CHECKS: list[Check] = []  # features add theirs (integrity, memory) at import time
-
-
 def run_checks(cfg: Config) -> Report:
     """Everything that can be known before starting, each with a verdict."""
     report = Report(cfg)
@@ -70,8 +65,7 @@ def run_checks(cfg: Config) -> Report:
     _check_backend(cfg, report)
     _check_guards(cfg, report)
     _check_memory(cfg, report)
-    for check in EXTRA_CHECKS:
-        check(cfg, report)
+    _check_baselines(cfg, report)
     return report
 
 
@@ -177,3 +171,34 @@ def _check_memory(cfg: Config, report: Report) -> None:
         report.add(WARN, "memory", verdict.summary)
     else:
         report.add(OK, "memory", verdict.summary)
+
+
+def _check_baselines(cfg: Config, report: Report) -> None:
+    """The baselines exist, parse, and match their pins (hashing everything is for
+    `sovereignd manifest verify` / `env verify`, or the daemon's first start)."""
+    path = cfg.integrity.manifest
+    if path is None:
+        report.add(WARN, "weights baseline", "integrity.manifest is not set: the weights will "
+                   "not be verified (write one with `sovereignd baseline`)")
+    else:
+        try:
+            if cfg.integrity.manifest_sha256 is not None:
+                manifest.check_manifest_pin(path, cfg.integrity.manifest_sha256)
+            listed = manifest.read_manifest(path)
+            report.add(OK, "weights baseline", f"{path}: {len(listed.digests)} files listed"
+                       + (", pin matches" if cfg.integrity.manifest_sha256 else ""))
+        except (SovereigndError, OSError) as exc:
+            report.add(FAIL, "weights baseline", f"{exc} (write it with `sovereignd baseline`)")
+    frozen = cfg.environment.frozen
+    if frozen is None:
+        report.add(WARN, "software baseline", "environment.frozen is not set: the server "
+                   "software will not be verified")
+    elif cfg.server.venv is None:
+        report.add(FAIL, "software baseline", "environment.frozen needs server.venv")
+    else:
+        try:
+            reqs = environment.read_frozen(frozen)
+            report.add(OK, "software baseline", f"{frozen}: {len(reqs.requirements)} packages, "
+                       ".sha256 companion matches")
+        except (SovereigndError, OSError) as exc:
+            report.add(FAIL, "software baseline", f"{exc} (write it with `sovereignd baseline`)")
