@@ -193,9 +193,8 @@ def test_freeze_equals_pip_freeze_for_a_real_venv(pyenv: PyEnv) -> None:
     assert "-e " in ours and " @ file://" in ours and "Tiny_Pkg==1.0.0rc1" in ours
 
 
-@pytest.mark.skipif(UV is None, reason="uv is not installed")
 def test_a_uv_pip_freeze_file_matches_the_venv(pyenv: PyEnv, tmp_path: Path) -> None:
-    assert UV is not None
+    assert UV is not None, "uv is a dev dependency: pip install -e .[dev]"
     text = subprocess.run([UV, "pip", "freeze", "--python", str(pyenv.venv / "bin" / "python")],
                           capture_output=True, text=True, check=True).stdout
     diff = environment.compare(environment.parse_frozen(text, "uv.txt"), pyenv.venv)
