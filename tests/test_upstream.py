@@ -300,6 +300,24 @@ def test_server_sent_events_arrive_one_by_one_as_they_are_sent() -> None:
     run(main())
 
 
+def test_a_response_that_ends_while_reading_is_paused_leaves_a_reading_connection() -> None:
+    """The last byte is the one that crosses the pause mark, and the consumer reads only after
+    the end: the connection goes back to the pool reading again, and carries the next
+    request (a paused one would leave that request waiting for its deadline)."""
+    body = b"x" * ((1 << 20) + 1)
+
+    async def main() -> None:
+        header = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        async with raw(answer(header + body)) as srv, client() as c:
+            for _ in range(2):
+                async with await c.request(srv.target, "GET", "/", timeout=5) as resp:
+                    await until(lambda r=resp: r._done, what="the whole response")
+                    assert await resp.read() == body
+            assert srv.connections == 1
+
+    run(main())
+
+
 def test_large_body_is_read_whole_and_streams_past_the_pause_mark() -> None:
     big = bytes(range(256)) * (5 * 4096)  # 5 MiB, beyond the point where reading pauses
 

@@ -41,7 +41,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
+from typing import Final, cast
 
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Framing and negotiation are this client's business: never taken from the caller.
@@ -235,6 +235,11 @@ class Response:
             return
         self._done = True
         self._exc = exc
+        if self._paused and self._conn is not None:
+            # The rest arrived while the consumer lagged: the connection goes back to the
+            # pool, and must be reading again there.
+            self._paused = False
+            self._conn.resume()
         self._conn = None
         head = self._head
         if not head.done():
@@ -332,8 +337,8 @@ class _Connection(asyncio.Protocol):
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # (uvloop's transports implement asyncio.Transport without subclassing it.)
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self.state == _LENGTH and not self.buf:
