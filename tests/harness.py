@@ -113,11 +113,12 @@ class Daemon:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, extra_args: tuple[str, ...] = ()) -> None:
+    def start(self, extra_args: tuple[str, ...] = (),
+              env: dict[str, str] | None = None) -> None:
         with self.stdout.open("ab") as out, self.stderr.open("ab") as err:
             self.proc = subprocess.Popen(
                 cli_argv("run", "--config", str(self.config_path), *extra_args),
-                stdout=out, stderr=err, env=cli_env(), start_new_session=True)
+                stdout=out, stderr=err, env=cli_env(env), start_new_session=True)
 
     # --- observing ----------------------------------------------------------------------------
 

@@ -216,6 +216,23 @@ def stream(d: Daemon, key: str, body: dict[str, Any]) -> list[tuple[float, bytes
         conn.close()
 
 
+@pytest.mark.parametrize("loop", ["default", "asyncio"])
+def test_the_daemon_serves_on_uvloop_and_on_the_standard_loop_when_asked(
+        make_daemon: MakeDaemon, loop: str) -> None:
+    """uvloop by default; SOVEREIGND_LOOP=asyncio, the escape hatch, serves the same."""
+    d = make_daemon(behaviour={"default": {"stream_delay": 0.05, "tokens": 3}})
+    key = add_key(d, "alice")
+    d.start(env={} if loop == "default" else {"SOVEREIGND_LOOP": "asyncio"})
+    d.wait_state("READY")
+    [start] = d.events("daemon_start")
+    assert start["loop"] == ("uvloop" if loop == "default" else "asyncio")
+    code, payload, _ = http("POST", d.url + "/v1/chat/completions", CHAT, bearer(key))
+    assert code == 200 and json.loads(payload)["usage"]["completion_tokens"] == 3
+    events = stream(d, key, {**CHAT, "stream": True})
+    assert [e for _, e in events][-1] == b"data: [DONE]" and len(events) >= 4
+    assert d.stop() == 0
+
+
 def test_stream_arrives_chunk_by_chunk_with_tokens_recorded(make_daemon: MakeDaemon) -> None:
     d = make_daemon(behaviour={"default": {"stream_delay": 0.25, "tokens": 4}})
     key = add_key(d, "alice")

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import select
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
+import uvloop
 from aiohttp import web
 
 from sovereignd.upstream import (
@@ -28,11 +30,24 @@ T = TypeVar("T")
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
 
 
+# Every test runs on the loop the daemon uses (uvloop) and on the standard one (its fallback).
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+_loop_factory: list[Callable[[], asyncio.AbstractEventLoop]] = [asyncio.new_event_loop]
+
+
+@pytest.fixture(autouse=True, params=sorted(LOOPS))
+def event_loop_kind(request: pytest.FixtureRequest) -> str:
+    _loop_factory[0] = LOOPS[request.param]
+    return str(request.param)
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
     async def bounded() -> T:
         return await asyncio.wait_for(coro, 20)
 
-    return asyncio.run(bounded())
+    with asyncio.Runner(loop_factory=_loop_factory[0]) as runner:
+        return runner.run(bounded())
 
 
 async def until(condition: Callable[[], bool], timeout: float = 5,
@@ -450,8 +465,7 @@ def test_an_answer_before_the_request_was_fully_sent_does_not_leave_it_pooled() 
 
     class EarlyAnswer(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            assert isinstance(transport, asyncio.Transport)
-            self.transport = transport
+            self.transport = cast(asyncio.Transport, transport)  # uvloop's do not subclass it
             transports.append(transport)
 
         def data_received(self, data: bytes) -> None:
@@ -505,7 +519,10 @@ def test_a_close_the_loop_has_not_seen_yet_is_caught_by_the_peek_before_writing(
             pool = c._pools[srv.target]
             (conn,) = pool.idle
             # The server's FIN goes out now, and the loop does not run until it has arrived.
-            srv.writers[0].get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+            # (through a duplicate: uvloop's transports lend a socket that cannot shut down)
+            fd = srv.writers[0].get_extra_info("socket").fileno()
+            with socket.socket(fileno=os.dup(fd)) as dup:
+                dup.shutdown(socket.SHUT_RDWR)
             readable, _, _ = select.select([conn.sock], [], [], 5)
             assert readable and not conn.closed  # the client has not processed the EOF
             assert await get(c, srv.target, method="POST", body=b"2") == (200, b"ok")
