@@ -36,7 +36,9 @@ skip_venvs=0
 baseline=1
 systemctl=1
 
-die() { echo "install.sh: $*" >&2; exit 1; }
+me=install
+# shellcheck source-path=SCRIPTDIR/.. source=lib.sh
+. "$repo/ops/lib.sh"
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry_run=1; shift ;;
@@ -59,19 +61,7 @@ while [ $# -gt 0 ]; do
 done
 
 [ -n "$model" ] || die "--model DIR is required (the model directory the server loads)"
-if [ "$dry_run" = 0 ] && [ "$(id -u)" != 0 ]; then
-  die "run as root (it creates an account and root-owned folders), or pass --dry-run"
-fi
-
-# run CMD...: run it, or in a dry run print it (shell-quoted) and do nothing.
-run() {
-  if [ "$dry_run" = 1 ]; then
-    printf '+'; printf ' %q' "$@"; printf '\n'
-  else
-    "$@"
-  fi
-}
-note() { echo "install: $*" >&2; }
+need_root "run as root (it creates an account and root-owned folders), or pass --dry-run"
 
 daemon_venv="${daemon_venv:-$prefix/venv}"
 sovereignd="$daemon_venv/bin/sovereignd"
@@ -87,24 +77,11 @@ else
 fi
 
 # --- folders: what decides what is served is root's; logs and state are the account's ------
-run install -d -o root -g root -m 0755 "$prefix"
-run install -d -o root -g "$user" -m 0750 "$etc"
-run install -d -o root -g "$user" -m 0750 "$etc/baseline"
-run install -d -o "$user" -g "$user" -m 0750 "$logs"
-run install -d -o "$user" -g "$user" -m 0750 "$home"
-run install -d -o "$user" -g "$user" -m 0750 "$home/state"
-
-# The model must be readable by the account, and should not be writable by it.
-if [ "$dry_run" = 0 ] && ! runuser -u "$user" -- test -r "$model/config.json"; then
-  note "warning: $user cannot read $model/config.json; make the model readable by it" \
-    "(e.g. chgrp -R $user $model && chmod -R g+rX,g-w $model)"
-fi
+make_folders root
+warn_unless_model_readable runuser -u "$user" --
 
 # --- venvs: root-owned, so the account cannot change the code it runs -----------------------
-if [ "$skip_venvs" = 0 ] && [ ! -x "$sovereignd" ]; then
-  run "$python" -m venv "$daemon_venv"
-  run "$daemon_venv/bin/pip" install --quiet --disable-pip-version-check "$repo"
-fi
+install_daemon_venv "$daemon_venv"
 if [ -n "$server_venv" ]; then
   target="$server_venv"
 else
@@ -124,26 +101,10 @@ fi
 run ln -sfn "$target" "$prefix/server-venv"
 
 # --- configuration: written once, never overwritten ---------------------------------------
-if [ -f "$cfg" ]; then
-  note "configuration $cfg exists; left as it is"
-else
-  tmp="$(mktemp)"
-  sed -e "s|@USER@|$user|g" -e "s|@GROUP@|$user|g" -e "s|@PREFIX@|$prefix|g" \
-      -e "s|@ETC@|$etc|g" -e "s|@LOGS@|$logs|g" -e "s|@HOME@|$home|g" \
-      -e "s|@MODEL@|$model|g" "$repo/ops/linux/sovereignd.yaml.in" > "$tmp"
-  if [ "$dry_run" = 1 ]; then
-    sed 's/^/#   /' "$tmp"  # what would be written
-  fi
-  run install -o root -g "$user" -m 0640 "$tmp" "$cfg"
-  rm -f "$tmp"
-fi
+write_config "$repo/ops/linux/sovereignd.yaml.in"
 
 # --- baselines: the approved weights and software, root-owned ------------------------------
-if [ "$baseline" = 1 ]; then
-  run "$sovereignd" baseline --config "$cfg"
-  run chown -R "root:$user" "$etc/baseline"
-  run chmod -R u=rwX,g=rX,o= "$etc/baseline"
-fi
+write_baselines
 
 # --- the unit ----------------------------------------------------------------------------
 run "$sovereignd" systemd render --config "$cfg" --program "$sovereignd" --user "$user" \

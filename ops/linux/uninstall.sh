@@ -18,6 +18,9 @@
 #   --remove-logs        also remove the logs (audit records: keep a copy first)
 set -euo pipefail
 
+me=uninstall
+# shellcheck source-path=SCRIPTDIR/.. source=lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 dry_run=0
 user=sovereignd
 prefix=/opt/sovereignd
@@ -49,19 +52,7 @@ while [ $# -gt 0 ]; do
     *) echo "uninstall.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-if [ "$dry_run" = 0 ] && [ "$(id -u)" != 0 ]; then
-  echo "uninstall.sh: run as root, or pass --dry-run" >&2
-  exit 1
-fi
-
-run() {
-  if [ "$dry_run" = 1 ]; then
-    printf '+'; printf ' %q' "$@"; printf '\n'
-  else
-    "$@"
-  fi
-}
-note() { echo "uninstall: $*" >&2; }
+need_root "run as root, or pass --dry-run"
 
 unit="$unit_dir/sovereignd.service"
 if [ "$systemctl" = 1 ]; then
@@ -74,21 +65,9 @@ fi
 if [ "$systemctl" = 1 ]; then
   run systemctl daemon-reload
 fi
-if [ "$software" = 1 ]; then
-  run rm -rf "$prefix"
-fi
-if [ "$config" = 1 ]; then
-  run rm -rf "$etc"
-fi
-if [ "$account" = 1 ]; then
+remove_account() {
   if getent passwd "$user" >/dev/null || [ "$dry_run" = 1 ]; then
     run userdel "$user"
   fi
-  run rm -rf "$home"
-fi
-if [ "$remove_logs" = 1 ]; then
-  note "removing $logs: the request and event records go with it"
-  run rm -rf "$logs"
-else
-  note "logs kept in $logs (audit records; --remove-logs removes them)"
-fi
+}
+remove_what_was_asked remove_account

@@ -54,7 +54,9 @@ newsyslog_dir=/etc/newsyslog.d
 pf_conf=/etc/pf.conf
 pf_anchors=/etc/pf.anchors
 
-die() { echo "install.sh: $*" >&2; exit 1; }
+me=install
+# shellcheck source-path=SCRIPTDIR/.. source=lib.sh
+. "$repo/ops/lib.sh"
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry_run=1; shift ;;
@@ -80,9 +82,7 @@ while [ $# -gt 0 ]; do
 done
 
 [ -n "$model" ] || die "--model DIR is required (the model directory the server loads)"
-if [ "$dry_run" = 0 ] && [ "$(id -u)" != 0 ]; then
-  die "run as root (sudo): it creates an account and root-owned folders; or pass --dry-run"
-fi
+need_root "run as root (sudo): it creates an account and root-owned folders; or pass --dry-run"
 if [ "$dry_run" = 0 ] && [ "$(uname -s)" != Darwin ]; then
   die "this installs a macOS LaunchDaemon; on Linux use ops/linux/install.sh"
 fi
@@ -92,15 +92,6 @@ if [ "$skip_venvs" = 0 ] && [ -z "$server_venv" ]; then
         "SHA-256 of $installer_url, from a copy you have reviewed), or --server-venv DIR"
   fi
 fi
-
-run() {
-  if [ "$dry_run" = 1 ]; then
-    printf '+'; printf ' %q' "$@"; printf '\n'
-  else
-    "$@"
-  fi
-}
-note() { echo "install: $*" >&2; }
 
 # pick_uid: role accounts live below 500 (hidden from the login window, no /Users folder);
 # the highest id free as both a uid and a gid, so the group can share the number.
@@ -147,22 +138,11 @@ else
 fi
 
 # --- folders: what decides what is served is root's; logs and state are the account's ------
-run install -d -o root -g wheel -m 0755 "$prefix"
-run install -d -o root -g "$user" -m 0750 "$etc"
-run install -d -o root -g "$user" -m 0750 "$etc/baseline"
-run install -d -o "$user" -g "$user" -m 0750 "$logs"
-run install -d -o "$user" -g "$user" -m 0750 "$home"
-run install -d -o "$user" -g "$user" -m 0750 "$home/state"
-if [ "$dry_run" = 0 ] && ! sudo -u "$user" test -r "$model/config.json"; then
-  note "warning: $user cannot read $model/config.json; make the model readable by it" \
-    "(e.g. chgrp -R $user $model && chmod -R g+rX,g-w $model)"
-fi
+make_folders wheel
+warn_unless_model_readable sudo -u "$user"
 
 # --- venvs: root-owned, so the account cannot change the code it runs -----------------------
-if [ "$skip_venvs" = 0 ] && [ ! -x "$sovereignd" ]; then
-  run "$python" -m venv "$prefix/venv"
-  run "$prefix/venv/bin/pip" install --quiet --disable-pip-version-check "$repo"
-fi
+install_daemon_venv "$prefix/venv"
 if [ -n "$server_venv" ]; then
   target="$server_venv"
 else
@@ -193,26 +173,10 @@ fi
 run ln -sfn "$target" "$prefix/server-venv"
 
 # --- configuration: written once, never overwritten ---------------------------------------
-if [ -f "$cfg" ]; then
-  note "configuration $cfg exists; left as it is"
-else
-  tmp="$(mktemp -t sovereignd-yaml.XXXXXX)"
-  sed -e "s|@USER@|$user|g" -e "s|@GROUP@|$user|g" -e "s|@PREFIX@|$prefix|g" \
-      -e "s|@ETC@|$etc|g" -e "s|@LOGS@|$logs|g" -e "s|@HOME@|$home|g" \
-      -e "s|@MODEL@|$model|g" "$repo/ops/macos/sovereignd.yaml.in" > "$tmp"
-  if [ "$dry_run" = 1 ]; then
-    sed 's/^/#   /' "$tmp"  # what would be written
-  fi
-  run install -o root -g "$user" -m 0640 "$tmp" "$cfg"
-  rm -f "$tmp"
-fi
+write_config "$repo/ops/macos/sovereignd.yaml.in"
 
 # --- baselines: the approved weights and software, root-owned ------------------------------
-if [ "$baseline" = 1 ]; then
-  run "$sovereignd" baseline --config "$cfg"
-  run chown -R "root:$user" "$etc/baseline"
-  run chmod -R u=rwX,g=rX,o= "$etc/baseline"
-fi
+write_baselines
 
 # --- the LaunchDaemon and the rotation of its stdout/stderr files -----------------------------
 spec=(--config "$cfg" --program "$sovereignd" --user "$user" --group "$user" --home "$home")

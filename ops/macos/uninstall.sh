@@ -19,6 +19,9 @@
 #   --remove-logs        also remove the logs (audit records: keep a copy first)
 set -euo pipefail
 
+me=uninstall
+# shellcheck source-path=SCRIPTDIR/.. source=lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 dry_run=0
 user=_sovereignd
 label=org.sovereignd
@@ -53,19 +56,7 @@ while [ $# -gt 0 ]; do
     *) echo "uninstall.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-if [ "$dry_run" = 0 ] && [ "$(id -u)" != 0 ]; then
-  echo "uninstall.sh: run as root (sudo), or pass --dry-run" >&2
-  exit 1
-fi
-
-run() {
-  if [ "$dry_run" = 1 ]; then
-    printf '+'; printf ' %q' "$@"; printf '\n'
-  else
-    "$@"
-  fi
-}
-note() { echo "uninstall: $*" >&2; }
+need_root "run as root (sudo), or pass --dry-run"
 loaded() { launchctl print "system/$1" >/dev/null 2>&1; }
 
 # bootout sends SIGTERM and waits up to the plist's ExitTimeOut: the daemon drains and stops
@@ -86,24 +77,12 @@ if [ "$keep_pf" = 0 ]; then
     run pfctl -f "$pf_conf"
   fi
 fi
-if [ "$software" = 1 ]; then
-  run rm -rf "$prefix"
-fi
-if [ "$config" = 1 ]; then
-  run rm -rf "$etc"
-fi
-if [ "$account" = 1 ]; then
+remove_account() {
   if dscl . -read "/Users/$user" >/dev/null 2>&1 || [ "$dry_run" = 1 ]; then
     run dscl . -delete "/Users/$user"
   fi
   if dscl . -read "/Groups/$user" >/dev/null 2>&1 || [ "$dry_run" = 1 ]; then
     run dscl . -delete "/Groups/$user"
   fi
-  run rm -rf "$home"
-fi
-if [ "$remove_logs" = 1 ]; then
-  note "removing $logs: the request and event records go with it"
-  run rm -rf "$logs"
-else
-  note "logs kept in $logs (audit records; --remove-logs removes them)"
-fi
+}
+remove_what_was_asked remove_account
