@@ -244,6 +244,17 @@ def test_systemd_analyze_verify_accepts_the_rendered_unit(tmp_path: Path, progra
     assert "protect home value" in broken.stderr and "maybe" in broken.stderr
 
 
+@pytest.mark.parametrize("kind", ["systemd", "launchd"])
+def test_a_relative_program_is_refused_with_what_to_give(tmp_path: Path, kind: str) -> None:
+    out = tmp_path / "unit"
+    res = run_cli(kind, "render", "--config", str(linux_config_file(tmp_path)), "--program",
+                  "venv/bin/sovereignd", "--output", str(out))
+    assert res.returncode == 1 and res.stdout == ""
+    assert "--program must be an absolute path" in res.stderr
+    assert "venv/bin/sovereignd" in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists()
+
+
 def linux_config_file(tmp_path: Path) -> Path:
     """The Linux installer's configuration with its defaults, as a file."""
     path = tmp_path / "etc" / "sovereignd.yaml"

@@ -316,10 +316,7 @@ def _cmd_launchd(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from sovereignd import launchd
 
-    try:
-        spec = launchd.service_spec(cfg, args.program, args.user, args.group, args.home)
-    except ValueError as exc:
-        raise SovereigndError(str(exc)) from exc
+    spec = launchd.service_spec(cfg, args.program, args.user, args.group, args.home)
     if args.launchd_cmd == "newsyslog":
         _emit(launchd.newsyslog_conf(cfg, spec).encode(), args.output)
     else:
@@ -331,10 +328,7 @@ def _cmd_systemd(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from sovereignd import systemd
 
-    try:
-        spec = systemd.service_spec(cfg, args.program, args.user, args.group, args.home)
-    except ValueError as exc:
-        raise SovereigndError(str(exc)) from exc
+    spec = systemd.service_spec(cfg, args.program, args.user, args.group, args.home)
     _emit(systemd.render(cfg, spec).encode(), args.output)
     return EX_OK
 

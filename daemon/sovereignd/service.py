@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sovereignd.config import Config
+from sovereignd.errors import SovereigndError
 
 # After stop_grace the server's group gets SIGKILL and up to server.KILL_WAIT (5 s) to vanish;
 # then the gateway and control socket close and the last events are written. 15 s covers that
@@ -47,7 +48,9 @@ def spec(cfg: Config, *, program: Path | None, user: str | None, group: str | No
     default name; the group of the same name; the account's home."""
     prog = program or default_program()
     if not prog.is_absolute():
-        raise ValueError(f"--program must be an absolute path, got {prog}")
+        raise SovereigndError(f"--program must be an absolute path (the service manager starts "
+                              f"it from /), got {prog}: give the daemon venv's bin/sovereignd "
+                              "in full")
     name = user or cfg.daemon.user or default_user
     return ServiceSpec(prog, name, group or name, home or default_home)
 
