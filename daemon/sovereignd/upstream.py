@@ -686,38 +686,34 @@ class UpstreamClient:
                        loop: asyncio.AbstractEventLoop) -> _Connection:
         target = pool.target
         limit = min(self.connect_timeout, deadline - loop.time())
+        address: str | tuple[str, int]
+        if target.uds:
+            family, address = socket.AF_UNIX, target.uds
+        else:
+            family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
+            address = (target.host, target.port)
         sock: socket.socket | None = None
         try:
             async with asyncio.timeout(limit):
                 # Our own socket, so that `alive()` can peek at it.
+                sock = bound = socket.socket(family, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                await loop.sock_connect(sock, address)
                 if target.uds:
-                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    sock.setblocking(False)
-                    await loop.sock_connect(sock, target.uds)
-                    bound = sock
                     _, conn = await loop.create_unix_connection(
                         lambda: _Connection(pool, bound, loop), sock=sock)
                 else:
-                    family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
-                    sock = socket.socket(family, socket.SOCK_STREAM)
-                    sock.setblocking(False)
-                    await loop.sock_connect(sock, (target.host, target.port))
-                    bound = sock
                     _, conn = await loop.create_connection(
                         lambda: _Connection(pool, bound, loop), sock=sock)
-        except TimeoutError:
+        except BaseException as exc:
             if sock is not None:
                 sock.close()
-            raise TimeoutError(f"no connection to {target} within {limit:.3g} s") from None
-        except OSError as exc:
-            if sock is not None:
-                sock.close()
-            # (asyncio's message is "Connect call failed": the errno says why.)
-            why = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise UpstreamConnectError(f"cannot connect to {target}: {why}") from exc
-        except BaseException:
-            if sock is not None:
-                sock.close()
+            if isinstance(exc, TimeoutError):  # (before OSError: it is one)
+                raise TimeoutError(f"no connection to {target} within {limit:.3g} s") from None
+            if isinstance(exc, OSError):
+                # (asyncio's message is "Connect call failed": the errno says why.)
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise UpstreamConnectError(f"cannot connect to {target}: {why}") from exc
             raise
         if self.closed:
             conn.abort()
