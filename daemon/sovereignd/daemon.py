@@ -19,6 +19,7 @@ from sovereignd.control import ControlServer
 from sovereignd.eventlog import EventLog
 from sovereignd.gateway import Gateway
 from sovereignd.keys import KeyStore, usage_flusher
+from sovereignd.liblog import route_library_logs
 from sovereignd.logfiles import RotatingFile
 from sovereignd.metrics import Metrics
 from sovereignd.proxy import Proxy
@@ -50,6 +51,7 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     for path in (cfg.logs.dir, cfg.state_dir):
         path.mkdir(parents=True, exist_ok=True, mode=0o750)
     events = EventLog(cfg.logs.dir, cfg.logs.max_bytes, cfg.logs.keep)
+    unroute_logs = route_library_logs(events.emit)  # no plain-text line on stderr
     metrics = Metrics()
     backend = backends.for_config(cfg)
     metrics.set_info(backend.name)
@@ -125,6 +127,7 @@ async def _main(cfg: Config, allow_root: bool) -> int:
         await asyncio.gather(*background, return_exceptions=True)
         events.emit("requests.checkpoint", **requests.close().fields(), final=True)
         events.emit("daemon_stop", pid=os.getpid(), state=supervisor.state.value)
+        unroute_logs()
         events.close()
         output.close()
     return 0

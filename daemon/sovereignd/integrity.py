@@ -16,13 +16,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from sovereignd import environment, manifest, weights
@@ -35,6 +47,20 @@ from sovereignd.supervisor import Blocked, Request, Supervisor
 
 DEBOUNCE = 0.05   # gather a burst of events (a copy, a rename) into one re-verification
 MAX_LISTED = 20   # files named in a reason or an event; the rest are counted
+OVERFLOW_SETTLE = 1.0  # after a lost-events overflow, wait this long, then re-verify once
+
+# Only changes: watchdog builds the inotify mask from this list (watchdog 7
+# `InotifyEmitter.get_event_mask_from_filter`), so opens, reads and closes without a write
+# (IN_OPEN, IN_ACCESS, IN_CLOSE_NOWRITE) are never queued by the kernel. Subscribing to them
+# overflowed the queue on a real venv (35,000 files read by the server and by the RECORD
+# check), and watchdog's re-walk after an overflow opened every folder again: a loop.
+CHANGE_EVENTS = [FileCreatedEvent, FileModifiedEvent, FileDeletedEvent, FileMovedEvent,
+                 FileClosedEvent, DirCreatedEvent, DirDeletedEvent, DirMovedEvent]
+
+# watchdog reports a kernel queue overflow only through this logger (watchdog 7.1
+# `observers/inotify_c.py` `Inotify.handle_event`); its handlers get no event for it.
+WATCHDOG_INOTIFY_LOGGER = "watchdog.observers.inotify_c"
+OVERFLOW_MESSAGE = "Inotify queue overflowed"
 
 
 class _Bridge(FileSystemEventHandler):
@@ -47,7 +73,7 @@ class _Bridge(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
-            return  # reads by the server itself are not changes
+            return  # reads are not changes (the filter already keeps them out)
         paths = [event.src_path]
         dest = getattr(event, "dest_path", "")
         if dest:
@@ -55,6 +81,21 @@ class _Bridge(FileSystemEventHandler):
         names = [p.decode() if isinstance(p, bytes) else str(p) for p in paths]
         with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
             self._loop.call_soon_threadsafe(self._touched, names)
+
+
+class _OverflowListener(logging.Handler):
+    """Hears watchdog's "queue overflowed" report (on its observer thread) and hands it to
+    the loop: events were lost, so the guard must re-verify everything once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, overflowed: Callable[[], None]) -> None:
+        super().__init__(logging.WARNING)
+        self._loop = loop
+        self._overflowed = overflowed
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, str) and record.msg.startswith(OVERFLOW_MESSAGE):
+            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+                self._loop.call_soon_threadsafe(self._overflowed)
 
 
 class Guard:
@@ -73,6 +114,9 @@ class Guard:
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._observer: Any = None
+        self._overflow: _OverflowListener | None = None
+        self._overflow_task: asyncio.Task[None] | None = None
+        self.overflows = 0
         self._verified_once = False
         self._lock = asyncio.Lock()
         self._stop = threading.Event()
@@ -159,9 +203,12 @@ class Guard:
         if self._watch_enabled():
             self._observer = Observer()
             bridge = _Bridge(loop, self._on_touched)
+            self._overflow = _OverflowListener(loop, self._on_overflow)
+            logging.getLogger(WATCHDOG_INOTIFY_LOGGER).addHandler(self._overflow)
             for path in self.watched():
                 try:
-                    self._observer.schedule(bridge, str(path), recursive=True)
+                    self._observer.schedule(bridge, str(path), recursive=True,
+                                            event_filter=CHANGE_EVENTS)
                 except OSError as exc:
                     self.events.emit(f"{self.name}_watch_failed", level="warning",
                                      path=str(path), error=str(exc),
@@ -179,12 +226,35 @@ class Guard:
 
     async def stop(self) -> None:
         self._stop.set()
+        if self._overflow_task is not None:
+            self._tasks.append(self._overflow_task)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._overflow is not None:
+            logging.getLogger(WATCHDOG_INOTIFY_LOGGER).removeHandler(self._overflow)
         if self._observer is not None:
             self._observer.stop()
             await asyncio.to_thread(self._observer.join, 5)
+
+    def _on_overflow(self) -> None:
+        """The kernel dropped events: schedule ONE full re-verification. Further overflows
+        before it starts join it; its own reads raise no events (the filter), so it cannot
+        cause another overflow."""
+        self.overflows += 1
+        if self._overflow_task is not None and not self._overflow_task.done():
+            return
+        self.events.emit(f"{self.name}_watch_overflow", level="warning",
+                         overflows=self.overflows,
+                         action=f"full re-verification in {OVERFLOW_SETTLE:g}s")
+        self._overflow_task = asyncio.get_running_loop().create_task(
+            self._reverify_after_overflow(), name=f"{self.name}-overflow")
+
+    async def _reverify_after_overflow(self) -> None:
+        await asyncio.sleep(OVERFLOW_SETTLE)  # one-shot delay, not a loop: let the burst end
+        if self._verified_once and self.fault is None:
+            async with self._lock:
+                await self._run_verify(None, low_priority=True, acting=True)
 
     def _on_touched(self, paths: Iterable[str]) -> None:
         self._touched.update(paths)
