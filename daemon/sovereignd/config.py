@@ -298,9 +298,17 @@ class HealthSection:
         "Time between /health polls while the server starts (and canary retries while it "
         "warms up): READY is noticed at most this late.", _duration(0.05), 0.25)
     canary_interval: float = setting(
-        "Time between canary completions (1 token) while READY.", _duration(0.1), 60.0)
+        "Time between canary completions (1 token) while READY; an idle stalled engine is "
+        "found within canary_interval + stall_timeout.", _duration(0.1), 5.0)
     canary_timeout: float = setting(
         "Time one canary completion may take.", _duration(0.1), 30.0)
+    stall_timeout: float = setting(
+        "Work in flight (client requests or the canary) with no progress (no byte from the "
+        "server, its token counters standing still) this long: /readyz 503 at once.",
+        _duration(0.5), 8.0)
+    stall_restart: float = setting(
+        "A stall that lasts this much longer is confirmed: the server is restarted (only "
+        "where the server's own progress counters can be read).", _duration(0.5), 25.0)
 
 
 @dataclass(frozen=True)

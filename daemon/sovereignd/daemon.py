@@ -53,6 +53,7 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     events = EventLog(cfg.logs.dir, cfg.logs.max_bytes, cfg.logs.keep)
     unroute_logs = route_library_logs(events.emit)  # no plain-text line on stderr
     metrics = Metrics()
+    events.on_write_failure = metrics.event_log_failures.inc
     backend = backends.for_config(cfg)
     metrics.set_info(backend.name)
     output = ServerOutput(RotatingFile(cfg.logs.dir / "server.log", cfg.logs.max_bytes,

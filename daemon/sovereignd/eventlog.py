@@ -2,6 +2,10 @@
 
 Events go to `events.log` in `logs.dir` (rotated) and to stderr, which launchd's
 StandardErrorPath or journald keeps. Values go in keys, never into the message.
+
+Logging cannot stop supervision: an event that cannot be written to the file (ENOSPC, EIO)
+still goes to stderr, is counted (`write_failures`, `sovereignd_event_log_failures`), and
+`emit` never raises.
 """
 
 from __future__ import annotations
@@ -22,17 +26,24 @@ LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 class _Sink:
     """The logger structlog writes rendered lines to: the rotating file and a stream."""
 
-    def __init__(self, file: RotatingFile | None, stream: TextIO | None) -> None:
+    def __init__(self, file: RotatingFile | None, stream: TextIO | None,
+                 failed: Callable[[], None]) -> None:
         self.file = file
         self.stream = stream
+        self._failed = failed
 
     def msg(self, line: bytes) -> None:
+        stream = self.stream
         if self.file is not None:
-            self.file.write_line(line)
-        if self.stream is not None:
             try:
-                self.stream.write(line.decode() + "\n")
-                self.stream.flush()
+                self.file.write_line(line)
+            except OSError:
+                self._failed()
+                stream = stream or sys.stderr  # the event must land somewhere
+        if stream is not None:
+            try:
+                stream.write(line.decode() + "\n")
+                stream.flush()
             except (OSError, ValueError):
                 pass  # stderr closed (launchd path gone): the file still has the event
 
@@ -60,8 +71,10 @@ class EventLog:
         self.file = (RotatingFile(logs_dir / "events.log", max_bytes, keep)
                      if logs_dir is not None else None)
         self._listeners = listeners if listeners is not None else []
+        self.write_failures = 0
+        self.on_write_failure: Callable[[], None] | None = None
         self._log = structlog.wrap_logger(
-            _Sink(self.file, stream),
+            _Sink(self.file, stream, self._write_failed),
             processors=[structlog.processors.add_log_level, _add_time, self._notify, _render],
             wrapper_class=structlog.make_filtering_bound_logger(LEVELS["info"]),
             cache_logger_on_first_use=False,
@@ -75,8 +88,17 @@ class EventLog:
     def add_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
         self._listeners.append(listener)
 
+    def _write_failed(self) -> None:
+        self.write_failures += 1
+        if self.on_write_failure is not None:
+            self.on_write_failure()
+
     def emit(self, event: str, level: str = "info", **fields: Any) -> None:
-        getattr(self._log, level)(event, **fields)
+        """Record one event; never raises (a failing write is counted, see the module)."""
+        try:
+            getattr(self._log, level)(event, **fields)
+        except (OSError, TypeError, ValueError):  # unserializable value, closed stream
+            self._write_failed()
 
     def close(self) -> None:
         if self.file is not None:

@@ -104,7 +104,9 @@ class Gateway:
         body: dict[str, Any] = {"state": sup.state.value, "reason": sup.reason}
         if sup.degraded:
             body["degraded"] = dict(sup.degraded)
-        if sup.state is State.READY:
+        if sup.suspect is not None:
+            body["suspect"] = sup.suspect
+        if sup.serving():
             return json_response(body)
         return json_response(body, 503,
                              {"Retry-After": str(RETRY_AFTER.get(sup.state, 10))})

@@ -56,6 +56,17 @@ class Metrics:
                                       registry=r)
         self.orphans_killed = Counter("sovereignd_orphans_killed",
                                       "Leftover server processes stopped", registry=r)
+        self.shm_removed = Counter("sovereignd_shm_removed",
+                                   "Shared-memory segments and semaphores of dead servers "
+                                   "removed", registry=r)
+        self.stalls = Counter("sovereignd_stalls", "Stalls of the server: suspected (/readyz "
+                              "503) and confirmed (restart)", ["stage"], registry=r)
+        self.event_log_failures = Counter("sovereignd_event_log_failures",
+                                          "Events that could not be written to events.log "
+                                          "(written to stderr instead)", registry=r)
+        # Monotonic time of the last byte from the server to a forwarded request (the proxy
+        # sets it): progress, for the stall watch.
+        self.upstream_progress = 0.0
         # The gateway's requests.
         self.requests = Counter("sovereignd_requests", "Requests through the gateway",
                                 ["route", "status", "client"], registry=r)
@@ -78,6 +89,8 @@ class Metrics:
         self._latency = _Children(self.request_latency)
         self._ttft = _Children(self.ttft)
         self._tokens = _Children(self.tokens)
+        for stage in ("suspected", "confirmed"):
+            self.stalls.labels(stage=stage)
         for s in State:
             self.state.labels(state=s.value).set(0)
         self.state.labels(state=State.STOPPED.value).set(1)

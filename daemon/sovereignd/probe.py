@@ -58,6 +58,17 @@ class Prober:
     async def health(self, path: str, timeout: float) -> ProbeResult:
         return await self._request("health", "GET", path, None, None, timeout)
 
+    async def text(self, path: str, timeout: float) -> str | None:
+        """GET `path` (e.g. the server's Prometheus `/metrics`): its text, None on any failure."""
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._client().get(self.base_url + path) as resp:
+                    if resp.status != 200:
+                        return None
+                    return (await resp.read()).decode("utf-8", "replace")
+        except (TimeoutError, aiohttp.ClientError):
+            return None
+
     async def canary(self, path: str, body: dict[str, Any], key: str,
                      timeout: float) -> ProbeResult:
         return await self._request("canary", "POST", path, body, key, timeout)

@@ -117,5 +117,51 @@ def signal_process(ident: ProcessId, signum: int) -> bool:
     return False
 
 
+SHM_DIR = Path("/dev/shm")  # noqa: S108 - POSIX shared memory on Linux, not a temp dir
+
+
+def shared_memory(pid: int) -> set[str]:
+    """Names of the POSIX shared-memory segments and named semaphores (`/dev/shm/psm_*`,
+    `/dev/shm/sem.mp-*`) that process `pid` has mapped or open, read from
+    `/proc/PID/maps` and `/proc/PID/fd` (Linux; empty elsewhere or if the process is gone)."""
+    proc = Path("/proc") / str(pid)
+    found: set[str] = set()
+    prefix = f"{SHM_DIR}/"
+    with contextlib.suppress(OSError), (proc / "maps").open("rb") as maps:
+        for line in maps:
+            at = line.find(prefix.encode())
+            if at >= 0:
+                found.add(_shm_name(line[at:].decode("utf-8", "replace")))
+    with contextlib.suppress(OSError):
+        for fd in (proc / "fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = str(fd.readlink())
+                if target.startswith(prefix):
+                    found.add(_shm_name(target))
+    found.discard("")
+    return found
+
+
+def _shm_name(path: str) -> str:
+    name = path.strip()[len(str(SHM_DIR)) + 1:]
+    return name.removesuffix(" (deleted)") if "/" not in name else ""
+
+
+def remove_shared_memory(names: set[str], uid: int) -> list[str]:
+    """Unlink those of `names` still in /dev/shm and owned by `uid`; the names removed."""
+    removed = []
+    for name in sorted(names):
+        path = SHM_DIR / name
+        try:
+            st = path.lstat()
+            if st.st_uid != uid:
+                continue
+            path.unlink()
+        except OSError:
+            continue
+        removed.append(name)
+    return removed
+
+
 SIGTERM = signal.SIGTERM
 SIGKILL = signal.SIGKILL

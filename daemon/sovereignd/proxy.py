@@ -325,6 +325,7 @@ class Proxy:
                            "bad_request") from exc
         try:
             rec["ttfb_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+            self.metrics.upstream_progress = time.monotonic()  # the stall watch's evidence
             rec["status"] = up.status
             out_headers = [(k, v) for k, v in up.headers if k.lower() not in RESPONSE_DROP]
             out_headers.append(("X-Request-ID", rid))
@@ -392,6 +393,7 @@ class Proxy:
         sent = 0
         try:
             async for chunk in up:
+                self.metrics.upstream_progress = time.monotonic()  # the stall watch's evidence
                 data = sse.feed(chunk, time.perf_counter())
                 if data:
                     await resp.write(data)

@@ -6,6 +6,10 @@ on Python 3.11 also waits for the pipes to close: an orphaned `VLLM::EngineCore`
 open, so the server's death would go unnoticed. Stop is SIGTERM to the group, a grace period,
 SIGKILL to the group and to every remembered descendant, then a check that none survived
 (gunicorn `stop()`, supervisor `kill()` with `-pid`).
+
+A server whose main process has exited has nothing left to drain: what remains of it
+(EngineCore, Worker, the resource tracker: vllm issue 55510) is killed at once, and the
+shared-memory segments and semaphores its processes had mapped are removed.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ import orjson
 
 from sovereignd import procs
 from sovereignd.errors import SovereigndError
+from sovereignd.exitwatch import ExitWatch
 from sovereignd.fsutil import atomic_write
 from sovereignd.logfiles import dumps
 from sovereignd.serverlog import ServerOutput
 
 KILL_WAIT = 5.0  # after SIGKILL the kernel needs only moments; longer means unkillable (D state)
+KILL_POLL = 0.005  # look this often for killed processes to be gone (the respawn waits on it)
 
 
 class SpawnError(SovereigndError):
@@ -44,6 +50,7 @@ class StopReport:
     signalled: list[dict[str, object]] = field(default_factory=list)
     killed: list[dict[str, object]] = field(default_factory=list)
     survivors: list[dict[str, object]] = field(default_factory=list)
+    shm_removed: list[str] = field(default_factory=list)
 
 
 class _LinePipe(asyncio.Protocol):
@@ -90,6 +97,9 @@ class ServerProcess:
         self.started_wall = 0.0   # epoch seconds
         self.exited: asyncio.Future[int] | None = None
         self.tracked: dict[int, procs.ProcessId] = {}
+        self.shm: set[str] = set()  # shared memory seen mapped by this run's processes
+        self.names: dict[int, str] = {}  # process titles of the watched processes
+        self._exits: ExitWatch | None = None
         self._pipes: list[_LinePipe] = []
 
     async def start(self) -> None:
@@ -175,6 +185,21 @@ class ServerProcess:
                 found.setdefault(ident.pid, ident)
         return list(found.values())
 
+    def remember_shared_memory(self, members: list[procs.ProcessId] | None = None) -> None:
+        """Note the /dev/shm segments this run's processes have mapped (blocking; Linux)."""
+        for m in self.members() if members is None else members:
+            self.shm |= procs.shared_memory(m.pid)
+
+    def watch_exits(self, on_death: Callable[[procs.ProcessId], None]) -> None:
+        """Call `on_death` the moment any remembered process other than the main one ends
+        (the main process's end is `exited`)."""
+        if self._exits is None:
+            self._exits = ExitWatch(on_death)
+        for ident in self.tracked.values():
+            if ident.pid != self.pid:
+                self.names.setdefault(ident.pid, procs.describe(ident.pid))
+                self._exits.watch(ident)
+
     async def wait_output_closed(self, timeout: float) -> None:
         """Give the output pipes a moment to deliver a dying server's last lines."""
         pending = [p.closed for p in self._pipes if not p.closed.done()]
@@ -182,17 +207,25 @@ class ServerProcess:
             await asyncio.wait(pending, timeout=timeout)
 
     async def stop(self, grace: float) -> StopReport:
-        """SIGTERM the group, wait up to `grace`, SIGKILL what is left, verify none survive."""
+        """SIGTERM the group, wait up to `grace`, SIGKILL what is left, verify none survive,
+        remove the run's shared memory. A server whose main process has exited (or a grace of
+        0) is killed at once: nothing is left to drain."""
         t0 = time.monotonic()
+        if self._exits is not None:
+            self._exits.close()  # deaths from here on are ours
         await asyncio.to_thread(self.refresh_members)
         members = await asyncio.to_thread(self.members)
         names = {m.pid: procs.describe(m.pid) for m in members}
+        await asyncio.to_thread(self.remember_shared_memory, members)
         report = StopReport(graceful=True, seconds=0.0)
         if members:
+            report.signalled = [{"pid": m.pid, "name": names[m.pid]} for m in members]
+        if grace <= 0 or not self.running:
+            grace = 0.0  # nothing to drain: straight to SIGKILL
+        elif members:
             procs.signal_group(self.pgid, procs.SIGTERM)
             for m in members:
                 procs.signal_process(m, procs.SIGTERM)
-            report.signalled = [{"pid": m.pid, "name": names[m.pid]} for m in members]
         remaining = await self._wait_gone(members, t0 + grace)
         if remaining:
             report.graceful = False
@@ -200,14 +233,18 @@ class ServerProcess:
             for m in remaining:
                 procs.signal_process(m, procs.SIGKILL)
             report.killed = [{"pid": m.pid, "name": names.get(m.pid, "?")} for m in remaining]
-            remaining = await self._wait_gone(remaining, time.monotonic() + KILL_WAIT)
+            remaining = await self._wait_gone(remaining, time.monotonic() + KILL_WAIT,
+                                              KILL_POLL)
         report.survivors = [{"pid": m.pid, "name": names.get(m.pid, "?")} for m in remaining]
+        if not remaining and self.shm and self.leader is not None:
+            report.shm_removed = await asyncio.to_thread(procs.remove_shared_memory, self.shm,
+                                                         self.leader.uid)
         await self.wait_output_closed(0.5)
         report.seconds = time.monotonic() - t0
         return report
 
-    async def _wait_gone(self, members: list[procs.ProcessId],
-                         deadline: float) -> list[procs.ProcessId]:
+    async def _wait_gone(self, members: list[procs.ProcessId], deadline: float,
+                         poll: float = 0.05) -> list[procs.ProcessId]:
         # The leader's exit is an event; its descendants are not our children, so their end
         # can only be observed by looking, a few times a second, until the deadline.
         alive = members
@@ -220,7 +257,7 @@ class ServerProcess:
                 alive += extra
             if not alive or time.monotonic() >= deadline:
                 return alive
-            wait = min(0.05, max(0.0, deadline - time.monotonic()))
+            wait = min(poll, max(0.0, deadline - time.monotonic()))
             if self.exited is not None and not self.exited.done():
                 await asyncio.wait([self.exited], timeout=wait)
             else:

@@ -34,6 +34,8 @@ from sovereignd.failures import Failure, classify_exit
 from sovereignd.logfiles import utc_timestamp
 from sovereignd.metrics import Metrics
 from sovereignd.probe import Prober, ProbeResult
+from sovereignd.procs import ProcessId
+from sovereignd.progress import ProgressWatch, Verdict, parse_counters
 from sovereignd.server import (
     ServerProcess,
     SpawnError,
@@ -49,6 +51,9 @@ from sovereignd.upstream import Target
 # Output lines searched for a known failure. The tail is cleared at each start, so these are
 # this run's; vLLM's multi-process tracebacks put the root cause ~150 lines before the end.
 CLASSIFY_LINES = 500
+STALL_LOOK = 1.0  # how often the progress watch looks while READY (seconds)
+# Failures found by the supervisor itself: the server cannot serve, so nothing is drained.
+KILL_AT_ONCE = frozenset({"engine-died", "stall"})
 
 
 class Request(enum.Enum):
@@ -108,6 +113,10 @@ class Supervisor:
         self.degraded: dict[str, str] = {}
         self.checks: dict[str, dict[str, Any]] = {}
         self.probe_stats: dict[str, Any] = {"consecutive_failures": 0}
+        self.suspect: str | None = None  # READY, but not trusted with new traffic (503)
+        self._canary_since: float | None = None
+        self._progress = ProgressWatch(cfg.health.stall_timeout, cfg.health.stall_restart)
+        self._death: asyncio.Future[ProcessId] | None = None
         self._history: deque[float] = deque()
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
@@ -155,9 +164,13 @@ class Supervisor:
         else:
             self.degraded[name] = reason
 
+    def serving(self) -> bool:
+        """True while READY and not suspected of a stall: /readyz 200, traffic forwarded."""
+        return self.state is State.READY and self.suspect is None
+
     def upstream(self) -> Upstream | None:
         """Where to forward requests while READY; None in every other state."""
-        if self.state is not State.READY or self._key is None:
+        if not self.serving() or self._key is None:
             return None
         if self._upstream is None or self._upstream.key != self._key:
             self._upstream = Upstream(self._target, self._key)  # once per server start
@@ -172,6 +185,7 @@ class Supervisor:
         old = self.state
         check_transition(old, new)
         self.state, self.reason, self.since = new, reason, time.time()
+        self.suspect = None
         self.metrics.set_state(old, new)
         self.events.emit("state", level="warning" if new in PARKED else "info",
                          **{"from": old.value, "to": new.value, "reason": reason}, **fields)
@@ -196,6 +210,7 @@ class Supervisor:
             "server": server, "starts": self.starts, "restarts": self.restarts,
             "failures_in_window": len(self._history), "last_exit": self.last_failure,
             "degraded": dict(self.degraded), "probe": dict(self.probe_stats),
+            "suspect": self.suspect,
             **{name: result for name, result in self.checks.items()},
             "daemon": {"pid": os.getpid(), "config": str(self.cfg.source),
                        "config_sha256": self.cfg.digest},
@@ -217,10 +232,11 @@ class Supervisor:
                 await self._serve_once()
             await self._shutdown()
         except BaseException as exc:
-            # A bug must not leave a server running without its supervisor.
-            self.events.emit("supervisor_crash", level="critical", error=repr(exc))
+            # A bug must not leave a server running without its supervisor: stop it first,
+            # report after (reporting can fail too: a full disk).
             if self._server is not None:
                 await asyncio.shield(self._server.stop(self.cfg.server.stop_grace))
+            self.events.emit("supervisor_crash", level="critical", error=repr(exc))
             raise
         finally:
             await self.prober.close()
@@ -323,6 +339,7 @@ class Supervisor:
         self.output.clear_tail()
         if self.starts:
             self.restarts += 1
+            self.metrics.restarts.inc()
         self.starts += 1
         self._transition(State.STARTING, self._start_reason)
         self._ready_at = None
@@ -339,23 +356,34 @@ class Supervisor:
                          env=sorted(set(env) - set(os.environ) | set(self.cfg.server.env)),
                          start=self.starts)
         assert server.exited is not None
+        self._death = death = asyncio.get_running_loop().create_future()
         probe = asyncio.create_task(self._probe(server), name="probe")
+        stall = asyncio.create_task(self._watch_progress(), name="progress")
         woken = asyncio.create_task(self._wake.wait(), name="wake")
         try:
             while True:
-                waiters: set[asyncio.Future[Any]] = {server.exited, probe, woken}
+                waiters: set[asyncio.Future[Any]] = {server.exited, probe, stall, death, woken}
                 done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 if server.exited in done:
-                    await server.wait_output_closed(0.2)
-                    code = server.exited.result()
                     phase = {State.STARTING: "starting", State.WARMING: "warming up",
                              State.READY: "serving"}.get(self.state, "running")
+                    # A dead server has nothing to drain: kill what is left of it at once
+                    # (EngineCore, Worker, resource tracker), then read its last words.
+                    report = await self._stop_server(server, 0.0, "exited")
+                    await server.wait_output_closed(0.2)
+                    code = server.exited.result()
                     failure = classify_exit(code, self.output.tail(CLASSIFY_LINES),
                                             self.backend.patterns, phase)
-                    await self._failed(failure, server)
+                    await self._failed(failure, server, stopped=report)
+                    return
+                if death in done:
+                    await self._failed(self._death_failure(server, death.result()), server)
                     return
                 if probe in done:
                     await self._failed(probe.result(), server)
+                    return
+                if stall in done:
+                    await self._failed(stall.result(), server)
                     return
                 # A request arrived.
                 action = self._requests_while_running()
@@ -373,9 +401,11 @@ class Supervisor:
                 await self._stop_server(server, self.cfg.server.stop_grace, action.reason)
                 return
         finally:
-            for task in (probe, woken):
+            self._death = None
+            self._canary_since = None
+            for task in (probe, stall, woken):
                 task.cancel()
-            await asyncio.gather(probe, woken, return_exceptions=True)
+            await asyncio.gather(probe, stall, woken, return_exceptions=True)
 
     def _requests_while_running(self) -> _Pending | None:
         """The request that ends this run, by priority; SIGHUP (RESET) does not end a run."""
@@ -435,7 +465,9 @@ class Supervisor:
                 return self._start_timeout("the canary completion did not succeed", result)
             await asyncio.sleep(h.startup_poll)
         await asyncio.to_thread(server.refresh_members)
+        await self._arm(server)
         self._ready_at = self.clock()
+        self._progress.progress(self.clock())
         self._transition(State.READY, "canary completion answered",
                          seconds=round(self._ready_at - server.started, 3),
                          canary_ms=round(result.seconds * 1000, 1))
@@ -448,7 +480,7 @@ class Supervisor:
             # /health is fine but whose engine is dead is caught in `failures` intervals.
             retry_canary = failed > 0 and self.probe_stats.get("last_kind") == "canary"
             if retry_canary or self.clock() >= next_canary:
-                result = await self.prober.canary(canary_path, body, self._key, h.canary_timeout)
+                result = await self._canary(canary_path, body, h.canary_timeout)
                 next_canary = self.clock() + h.canary_interval
             else:
                 result = await self.prober.health(path, h.timeout)
@@ -456,13 +488,99 @@ class Supervisor:
             if result.ok:
                 failed = 0
                 self.probe_stats["consecutive_failures"] = 0
+                if result.kind == "canary":
+                    self._clear_suspect("canary completion answered")
                 continue
+            if result.kind == "canary" and self._progress.last_progress > self.clock() \
+                    - result.seconds:
+                # A busy server answers the canary late, not never: its counters or its
+                # bytes to clients moved meanwhile. Not a failure.
+                self.events.emit("canary_late", level="info", detail=result.detail,
+                                 reason="the server made progress meanwhile (busy)")
+                continue
+            if result.kind == "canary":
+                # READY -> READY (suspect): no new traffic until confirmed or cleared.
+                self._set_suspect(f"the canary completion failed: {result.detail}")
             failed += 1
             self.probe_stats["consecutive_failures"] = failed
             if failed >= h.failures:
                 return Failure(kind="unhealthy", message=f"{result.kind} probe failed {failed} "
                                f"times in a row (last: {result.detail})",
                                mitigation="the server stopped answering; see server.log")
+
+    async def _canary(self, path: str, body: dict[str, Any], timeout: float) -> ProbeResult:
+        """One canary completion while READY; the progress watch knows it is in flight."""
+        assert self._key is not None
+        self._canary_since = self.clock()
+        try:
+            result = await self.prober.canary(path, body, self._key, timeout)
+        finally:
+            self._canary_since = None
+        if result.ok:
+            self._progress.progress(self.clock())
+        return result
+
+    async def _arm(self, server: ServerProcess) -> None:
+        """At READY: watch every process of the server for its death, note its shared memory."""
+        server.watch_exits(self._member_died)
+        await asyncio.to_thread(server.remember_shared_memory)
+
+    def _member_died(self, ident: ProcessId) -> None:
+        if self._death is not None and not self._death.done():
+            self._death.set_result(ident)
+
+    def _death_failure(self, server: ServerProcess, ident: ProcessId) -> Failure:
+        name = server.names.get(ident.pid, "?")
+        return Failure(kind="engine-died",
+                       message=f"{name} (pid {ident.pid}), a process of the server, died; the "
+                       "server cannot serve without it",
+                       mitigation="see server.log; the kernel log (dmesg) says whether the "
+                       "out-of-memory killer ended it",
+                       details={"process": {"pid": ident.pid, "name": name}})
+
+    def _set_suspect(self, reason: str) -> None:
+        if self.suspect is None and self.state is State.READY:
+            self.suspect = reason
+            self.metrics.server_up.set(0)
+            self.metrics.stalls.labels(stage="suspected").inc()
+            self.events.emit("suspect", level="warning", reason=reason,
+                             readyz=503, action="no new traffic until the server answers")
+
+    def _clear_suspect(self, why: str) -> None:
+        if self.suspect is not None and self.state is State.READY:
+            self.events.emit("suspect_cleared", level="info", was=self.suspect, reason=why)
+            self.suspect = None
+            self.metrics.server_up.set(1)
+
+    async def _watch_progress(self) -> Failure:
+        """While READY: work in flight with no progress -> suspect (503), then a restart."""
+        h = self.cfg.health
+        watch = self._progress
+        metrics_path = "/metrics" if self.backend.name == "vllm" else None
+        while True:
+            await asyncio.sleep(STALL_LOOK)
+            if self.state is not State.READY:
+                continue
+            now = self.clock()
+            busy = self.metrics.requests_in_flight > 0 or self._canary_since is not None
+            watch.progress(self.metrics.upstream_progress)
+            if busy and metrics_path is not None and now - watch.last_progress >= STALL_LOOK:
+                text = await self.prober.text(metrics_path, h.timeout)
+                watch.counters(self.clock(), parse_counters(text) if text else None)
+            verdict = watch.look(self.clock(), busy)
+            quiet = round(watch.quiet_for(self.clock()), 1)
+            if verdict is Verdict.PROGRESS:
+                self._clear_suspect("the server makes progress again")
+            elif verdict is Verdict.SUSPECT:
+                self._set_suspect(f"work in flight and no progress for {quiet:g}s "
+                                  "(no byte from the server, its token counters still)")
+            else:
+                self.metrics.stalls.labels(stage="confirmed").inc()
+                return Failure(kind="stall",
+                               message=f"the server made no progress for {quiet:g}s with work "
+                               "in flight (its token counters stood still)",
+                               mitigation="a stalled engine (deadlock, SIGSTOP, swap); see "
+                               "server.log", details={"quiet_s": quiet})
 
     def _left(self, deadline: float) -> float:
         return max(0.05, deadline - self.clock())
@@ -496,8 +614,10 @@ class Supervisor:
             return 0.0
         return float(min(r.backoff_max, r.backoff_initial * 2 ** (failures - 2)))
 
-    async def _failed(self, failure: Failure, server: ServerProcess | None) -> None:
-        """A run ended badly: record it, move to BACKOFF or FATAL, stop what is left, wait."""
+    async def _failed(self, failure: Failure, server: ServerProcess | None,
+                      stopped: StopReport | None = None) -> None:
+        """A run ended badly: record it, move to BACKOFF or FATAL, stop what is left, wait.
+        `stopped`: the server was already stopped (it had exited)."""
         now = self.clock()
         ready_for = now - self._ready_at if self._ready_at is not None else 0.0
         if ready_for >= self.cfg.restart.min_uptime:
@@ -530,8 +650,8 @@ class Supervisor:
             self._transition(State.BACKOFF, failure.message, delay_s=delay,
                              failures_in_window=len(self._history))
             self._start_reason = f"restart after failure ({failure.kind})"
-        if server is not None:
-            grace = self.cfg.server.stop_grace
+        if server is not None and stopped is None:
+            grace = 0.0 if failure.kind in KILL_AT_ONCE else self.cfg.server.stop_grace
             await self._stop_server(server, grace, failure.kind)
         if delay > 0:
             deadline = now + delay
@@ -557,10 +677,12 @@ class Supervisor:
             self.metrics.orphans_killed.inc(len(orphans))
             self.events.emit("orphans", level="warning", processes=orphans, source="exit",
                              reason="the server exited and left these processes running")
+        if report.shm_removed:
+            self.metrics.shm_removed.inc(len(report.shm_removed))
         self.events.emit("server_stopped", level="info" if report.graceful else "warning",
                          pid=server.pid, why=why, graceful=report.graceful,
                          seconds=round(report.seconds, 3), killed=report.killed,
-                         survivors=report.survivors)
+                         survivors=report.survivors, shm_removed=report.shm_removed)
         if report.survivors:
             self.events.emit("survivors", level="critical", processes=report.survivors,
                              reason="processes survived SIGKILL (stuck in the kernel?)")

@@ -20,6 +20,8 @@ Behaviour comes from a JSON control file named by FAKE_VLLM_CONTROL, read at eac
     grandchildren_ignore_term: bool
     setsid_grandchild: bool  one grandchild leaves the group (setsid), as a rogue might
     ignore_term: bool      ignore SIGTERM (the daemon must escalate to SIGKILL)
+    shm: bool              each grandchild maps a /dev/shm segment of its own, as vLLM's
+                           engine processes do (left behind if they are killed)
     log_content: bool      print each user message preview, as vllm-mlx does
     stream_delay: float    seconds between streamed chunks
     tokens: int            completion tokens to produce (default 4)
@@ -31,7 +33,11 @@ Each start appends {"pid", "pgid", "argv", "has_key", "start"} to `<control>.sta
 
 Faults on demand, for benchmarks (straight to the server's port, never via the gateway):
 `POST /fake/crash` exits at once (writing the time to `<control>.crash`), `POST /fake/hang`
-stops answering from then on (writing `<control>.hang`).
+stops answering from then on (writing `<control>.hang`), `POST /fake/stall` stops generating
+(streams in flight and new completions wait forever) while /health and /metrics keep answering,
+as a SIGSTOPped vLLM EngineCore does (writing `<control>.stall`).
+`GET /metrics` serves vLLM's progress counters (`vllm:generation_tokens_total`,
+`vllm:prompt_tokens_total`, `vllm:num_requests_running`).
 """
 
 from __future__ import annotations
@@ -50,9 +56,13 @@ from typing import Any
 from aiohttp import web
 
 GRANDCHILD = (
-    "import os, signal, sys, time\n"
+    "import mmap, os, signal, sys, time\n"
     "if sys.argv[1] == '1': signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
     "if sys.argv[2] == '1': os.setsid()\n"
+    "if sys.argv[3] == '1':\n"
+    "    fd = os.open(f'/dev/shm/sovereignd-fake-{os.getpid()}', os.O_CREAT | os.O_RDWR, 0o600)\n"
+    "    os.ftruncate(fd, 4096)\n"
+    "    segment = mmap.mmap(fd, 4096)\n"
     "time.sleep(3600)\n"
 )
 
@@ -78,6 +88,10 @@ class Fake:
         self.key = args.api_key or os.environ.get("VLLM_API_KEY")
         self.requests = 0
         self.hung = False
+        self.stalled = asyncio.Event()
+        self.generated = 0
+        self.prompted = 0
+        self.running = 0
         self.name = args.served_model_name or args.model
 
     def authorised(self, request: web.Request) -> bool:
@@ -101,6 +115,20 @@ class Fake:
     async def maybe_hang(self) -> None:
         if self.hung:
             await asyncio.Event().wait()
+
+    async def maybe_stall(self) -> None:
+        if self.stalled.is_set():
+            await asyncio.Event().wait()  # generation stopped; /health still answers
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        await self.maybe_hang()
+        return web.Response(text=(
+            "# TYPE vllm:num_requests_running gauge\n"
+            f'vllm:num_requests_running{{model_name="{self.name}"}} {self.running}\n'
+            "# TYPE vllm:generation_tokens counter\n"
+            f'vllm:generation_tokens_total{{model_name="{self.name}"}} {self.generated}\n'
+            "# TYPE vllm:prompt_tokens counter\n"
+            f'vllm:prompt_tokens_total{{model_name="{self.name}"}} {self.prompted}\n'))
 
     async def health(self, _request: web.Request) -> web.Response:
         await self.maybe_hang()
@@ -136,11 +164,18 @@ class Fake:
         n = int(body.get("max_tokens") or self.b.get("tokens", 4))
         n = min(n, int(self.b.get("tokens", 4)))
         prompt_tokens = 7
-        if body.get("stream"):
-            return await self.stream(request, body, chat, n, prompt_tokens)
-        delay = float(self.b.get("completion_delay", 0))
-        if delay and body.get("max_tokens") != 1:
-            await asyncio.sleep(delay)
+        await self.maybe_stall()
+        self.prompted += prompt_tokens
+        self.running += 1
+        try:
+            if body.get("stream"):
+                return await self.stream(request, body, chat, n, prompt_tokens)
+            delay = float(self.b.get("completion_delay", 0))
+            if delay and body.get("max_tokens") != 1:
+                await asyncio.sleep(delay)
+        finally:
+            self.running -= 1
+        self.generated += n
         text = " tok" * n
         extra = ({"request_headers": dict(request.headers)} if self.b.get("echo_headers")
                  else {})
@@ -188,6 +223,8 @@ class Fake:
             chunk = {"id": "cmpl-fake", "object": "chat.completion.chunk" if chat
                      else "text_completion", "model": self.name,
                      "choices": [{"index": 0, **delta, "finish_reason": None}]}
+            await self.maybe_stall()
+            self.generated += 1
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
             if delay:
                 await asyncio.sleep(delay)
@@ -215,6 +252,9 @@ class Fake:
             Path(f"{control}.{kind}").write_text(repr(time.time()))  # noqa: ASYNC240 - tiny
         if kind == "crash":
             os._exit(3)
+        if kind == "stall":
+            self.stalled.set()
+            return web.Response(text="stalled from now on")
         self.hung = True
         return web.Response(text="hanging from now on")
 
@@ -228,7 +268,8 @@ def spawn_grandchildren(b: dict[str, Any]) -> list[subprocess.Popen[bytes]]:
     for i in range(int(b.get("grandchildren", 0))):
         ignore = "1" if b.get("grandchildren_ignore_term") else "0"
         rogue = "1" if b.get("setsid_grandchild") and i == 0 else "0"
-        kids.append(subprocess.Popen([sys.executable, "-c", GRANDCHILD, ignore, rogue]))
+        shm = "1" if b.get("shm") else "0"
+        kids.append(subprocess.Popen([sys.executable, "-c", GRANDCHILD, ignore, rogue, shm]))
     return kids
 
 
@@ -270,7 +311,8 @@ def main() -> None:
     app.router.add_post("/v1/completions", fake.completion)
     app.router.add_post("/v1/chat/completions", fake.completion)
     app.router.add_post("/v1/embeddings", fake.embeddings)
-    app.router.add_post("/fake/{kind:crash|hang}", fake.fault)
+    app.router.add_get("/metrics", fake.metrics)
+    app.router.add_post("/fake/{kind:crash|hang|stall}", fake.fault)
     for path in ("/invocations", "/tokenize", "/pause", "/collective_rpc", "/docs",
                  "/v1/mcp/execute"):
         app.router.add_route("*", path, fake.unguarded)
