@@ -213,14 +213,24 @@ class ServerProcess:
         t0 = time.monotonic()
         if self._exits is not None:
             self._exits.close()  # deaths from here on are ours
-        await asyncio.to_thread(self.refresh_members)
-        members = await asyncio.to_thread(self.members)
-        names = {m.pid: procs.describe(m.pid) for m in members}
-        await asyncio.to_thread(self.remember_shared_memory, members)
         report = StopReport(graceful=True, seconds=0.0)
+        if not self.running:
+            # The main process is gone: every moment spent here delays the respawn. Its
+            # shared memory was noted at READY; names come from then too.
+            members = await asyncio.to_thread(self.members)
+            if not self.shm:  # it died before READY: look at its segments now
+                await asyncio.to_thread(self.remember_shared_memory, members)
+            self._kill(members)
+            names = {m.pid: self.names.get(m.pid) or procs.describe(m.pid) for m in members}
+            grace = 0.0
+        else:
+            await asyncio.to_thread(self.refresh_members)
+            members = await asyncio.to_thread(self.members)
+            names = {m.pid: procs.describe(m.pid) for m in members}
+            await asyncio.to_thread(self.remember_shared_memory, members)
         if members:
             report.signalled = [{"pid": m.pid, "name": names[m.pid]} for m in members]
-        if grace <= 0 or not self.running:
+        if grace <= 0:
             grace = 0.0  # nothing to drain: straight to SIGKILL
         elif members:
             procs.signal_group(self.pgid, procs.SIGTERM)
@@ -229,9 +239,7 @@ class ServerProcess:
         remaining = await self._wait_gone(members, t0 + grace)
         if remaining:
             report.graceful = False
-            procs.signal_group(self.pgid, procs.SIGKILL)
-            for m in remaining:
-                procs.signal_process(m, procs.SIGKILL)
+            self._kill(remaining)
             report.killed = [{"pid": m.pid, "name": names.get(m.pid, "?")} for m in remaining]
             remaining = await self._wait_gone(remaining, time.monotonic() + KILL_WAIT,
                                               KILL_POLL)
@@ -242,6 +250,12 @@ class ServerProcess:
         await self.wait_output_closed(0.5)
         report.seconds = time.monotonic() - t0
         return report
+
+    def _kill(self, members: list[procs.ProcessId]) -> None:
+        """SIGKILL the group and each remembered process (also those that left the group)."""
+        procs.signal_group(self.pgid, procs.SIGKILL)
+        for m in members:
+            procs.signal_process(m, procs.SIGKILL)
 
     async def _wait_gone(self, members: list[procs.ProcessId], deadline: float,
                          poll: float = 0.05) -> list[procs.ProcessId]:

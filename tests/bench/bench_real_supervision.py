@@ -72,7 +72,9 @@ def ready(d: Daemon, old_pid: int | None = None) -> int:
             return int(st["server"]["pid"])
         return None
 
-    return wait_for(check, READY_TIMEOUT, interval=0.2, what="READY")
+    pid = wait_for(check, READY_TIMEOUT, interval=0.2, what="READY")
+    time.sleep(6)  # past restart.min_uptime (5 s): the next failure is a first one (no backoff)
+    return pid
 
 
 def engine(pid: int, name: str) -> psutil.Process:
