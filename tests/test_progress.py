@@ -36,8 +36,26 @@ def test_vllm_counters_are_read_and_other_text_is_none() -> None:
 
 def test_idle_is_never_a_stall() -> None:
     w = ProgressWatch(stall_timeout=8, stall_restart=25)
-    assert w.look(0, busy=False) is Verdict.PROGRESS
-    assert w.look(1000, busy=False) is Verdict.PROGRESS
+    assert w.look(0, busy=False) is Verdict.IDLE
+    assert w.look(1000, busy=False) is Verdict.IDLE
+    w.counters(1000, ServerCounters(1, 0))
+    assert w.look(1001, busy=True) is Verdict.PROGRESS
+    w.progress(1002)  # the work ended with an answer
+    assert w.look(1003, busy=False) is Verdict.IDLE
+    assert w.look(2000, busy=False) is Verdict.IDLE
+
+
+def test_work_that_ended_without_progress_keeps_counting() -> None:
+    """A canary that timed out leaves no work in flight, but no proof of health either: the
+    silence goes on counting until the next progress."""
+    w = ProgressWatch(stall_timeout=8, stall_restart=25)
+    w.counters(0, ServerCounters(100, 1))
+    assert w.look(1, busy=True) is Verdict.PROGRESS
+    assert w.look(9.5, busy=True) is Verdict.SUSPECT
+    assert w.look(31, busy=False) is Verdict.SUSPECT  # the canary gave up at 30 s
+    assert w.look(34.1, busy=False) is Verdict.CONFIRMED
+    w.progress(35)
+    assert w.look(35.5, busy=False) is Verdict.IDLE
 
 
 def test_work_without_progress_is_suspected_then_confirmed_by_the_counters() -> None:
@@ -57,6 +75,7 @@ def test_without_counters_a_stall_is_only_suspected() -> None:
     watch never confirms (restarts) on silence alone."""
     w = ProgressWatch(stall_timeout=8, stall_restart=25)
     w.counters(0, None)
+    w.progress(0)
     assert w.look(0, busy=True) is Verdict.PROGRESS
     assert w.look(100, busy=True) is Verdict.SUSPECT
 

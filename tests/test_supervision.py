@@ -11,7 +11,7 @@ import signal
 import subprocess
 import threading
 from collections.abc import Callable
-from http.client import HTTPConnection
+from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 
 import psutil
@@ -119,7 +119,7 @@ def _stream(d: Daemon, key: str, out: list[object]) -> None:
         resp = conn.getresponse()
         out.append(resp.status)
         resp.read()
-    except OSError as exc:
+    except (OSError, HTTPException) as exc:  # the stalled server is killed mid-stream
         out.append(exc)
     finally:
         conn.close()

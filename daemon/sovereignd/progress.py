@@ -44,7 +44,8 @@ def parse_counters(text: str) -> ServerCounters | None:
 class Verdict(enum.Enum):
     """What the watch concludes at one look."""
 
-    PROGRESS = "progress"    # idle, or work that moves
+    IDLE = "idle"            # no work, and the last work ended with progress
+    PROGRESS = "progress"    # work that moves
     SUSPECT = "suspect"      # work, no progress for stall_timeout
     CONFIRMED = "confirmed"  # still none for stall_restart more, and the counters prove it
 
@@ -74,18 +75,25 @@ class ProgressWatch:
         self._tokens = seen.tokens
 
     def look(self, now: float, busy: bool) -> Verdict:
-        """Judge at `now`, given whether work is in flight."""
-        if not busy:
-            self.busy_since = None
-            return Verdict.PROGRESS
-        if self.busy_since is None:
+        """Judge at `now`, given whether work is in flight. Work that ended without any
+        progress (a canary that timed out) keeps counting: silence after it is no proof of
+        health, only the next progress is."""
+        if busy and self.busy_since is None:
             self.busy_since = now
+        if self.busy_since is None:
+            return Verdict.IDLE
+        if not busy and self.last_progress >= self.busy_since:
+            self.busy_since = None
+            return Verdict.IDLE
         quiet = now - max(self.last_progress, self.busy_since)
         if quiet < self.stall_timeout:
             return Verdict.PROGRESS
         if quiet >= self.stall_timeout + self.stall_restart and self.counters_seen:
             return Verdict.CONFIRMED
         return Verdict.SUSPECT
+
+    def progress_since(self, when: float) -> bool:
+        return self.last_progress > when
 
     def quiet_for(self, now: float) -> float:
         """Seconds of work without progress (0 when idle)."""

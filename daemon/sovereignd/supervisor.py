@@ -114,6 +114,7 @@ class Supervisor:
         self.checks: dict[str, dict[str, Any]] = {}
         self.probe_stats: dict[str, Any] = {"consecutive_failures": 0}
         self.suspect: str | None = None  # READY, but not trusted with new traffic (503)
+        self._suspect_at = 0.0
         self._canary_since: float | None = None
         self._progress = ProgressWatch(cfg.health.stall_timeout, cfg.health.stall_restart)
         self._death: asyncio.Future[ProcessId] | None = None
@@ -541,6 +542,7 @@ class Supervisor:
     def _set_suspect(self, reason: str) -> None:
         if self.suspect is None and self.state is State.READY:
             self.suspect = reason
+            self._suspect_at = self.clock()
             self.metrics.server_up.set(0)
             self.metrics.stalls.labels(stage="suspected").inc()
             self.events.emit("suspect", level="warning", reason=reason,
@@ -569,8 +571,9 @@ class Supervisor:
                 watch.counters(self.clock(), parse_counters(text) if text else None)
             verdict = watch.look(self.clock(), busy)
             quiet = round(watch.quiet_for(self.clock()), 1)
-            if verdict is Verdict.PROGRESS:
-                self._clear_suspect("the server makes progress again")
+            if verdict in (Verdict.PROGRESS, Verdict.IDLE):
+                if watch.progress_since(self._suspect_at):
+                    self._clear_suspect("the server makes progress again")
             elif verdict is Verdict.SUSPECT:
                 self._set_suspect(f"work in flight and no progress for {quiet:g}s "
                                   "(no byte from the server, its token counters still)")

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from http.client import HTTPConnection
+from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +214,7 @@ def stream(d: Daemon, deadline: float, out: dict[str, int]) -> None:
             key = "ok" if resp.status == 200 else f"http_{resp.status}"
             out[key] = out.get(key, 0) + 1
             out["chunks"] = out.get("chunks", 0) + data.count(b"data: ")
-        except OSError:
+        except (OSError, HTTPException):
             out["error"] = out.get("error", 0) + 1
         finally:
             conn.close()
