@@ -214,35 +214,36 @@ class ServerProcess:
         if self._exits is not None:
             self._exits.close()  # deaths from here on are ours
         report = StopReport(graceful=True, seconds=0.0)
-        if not self.running:
-            # The main process is gone: every moment spent here delays the respawn. Its
-            # shared memory was noted at READY; names come from then too.
+        if not self.running or grace <= 0:
+            # Nothing to drain: SIGKILL at once. If the main process is gone, every moment
+            # spent here delays the respawn: names and shared memory were noted at READY.
             members = await asyncio.to_thread(self.members)
-            if not self.shm:  # it died before READY: look at its segments now
+            if self.running or not self.shm:  # alive, or died before READY: look now
                 await asyncio.to_thread(self.remember_shared_memory, members)
             self._kill(members)
             names = {m.pid: self.names.get(m.pid) or procs.describe(m.pid) for m in members}
-            grace = 0.0
+            report.signalled = [{"pid": m.pid, "name": names[m.pid]} for m in members]
+            report.killed = list(report.signalled)
+            report.graceful = not members
+            remaining = await self._wait_gone(members, time.monotonic() + KILL_WAIT, KILL_POLL)
         else:
             await asyncio.to_thread(self.refresh_members)
             members = await asyncio.to_thread(self.members)
             names = {m.pid: procs.describe(m.pid) for m in members}
             await asyncio.to_thread(self.remember_shared_memory, members)
-        if members:
-            report.signalled = [{"pid": m.pid, "name": names[m.pid]} for m in members]
-        if grace <= 0:
-            grace = 0.0  # nothing to drain: straight to SIGKILL
-        elif members:
-            procs.signal_group(self.pgid, procs.SIGTERM)
-            for m in members:
-                procs.signal_process(m, procs.SIGTERM)
-        remaining = await self._wait_gone(members, t0 + grace)
-        if remaining:
-            report.graceful = False
-            self._kill(remaining)
-            report.killed = [{"pid": m.pid, "name": names.get(m.pid, "?")} for m in remaining]
-            remaining = await self._wait_gone(remaining, time.monotonic() + KILL_WAIT,
-                                              KILL_POLL)
+            if members:
+                report.signalled = [{"pid": m.pid, "name": names[m.pid]} for m in members]
+                procs.signal_group(self.pgid, procs.SIGTERM)
+                for m in members:
+                    procs.signal_process(m, procs.SIGTERM)
+            remaining = await self._wait_gone(members, t0 + grace)
+            if remaining:
+                report.graceful = False
+                self._kill(remaining)
+                report.killed = [{"pid": m.pid, "name": names.get(m.pid, "?")}
+                                 for m in remaining]
+                remaining = await self._wait_gone(remaining, time.monotonic() + KILL_WAIT,
+                                                  KILL_POLL)
         report.survivors = [{"pid": m.pid, "name": names.get(m.pid, "?")} for m in remaining]
         if not remaining and self.shm and self.leader is not None:
             report.shm_removed = await asyncio.to_thread(procs.remove_shared_memory, self.shm,
