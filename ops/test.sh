@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run every test of sovereignd on a fresh machine: set up what they need, then lint, type-check
-# and run the whole suite (fast tier, root tier, end-to-end tier with the real vLLM CPU build).
+# and run the whole suite (fast tier, root tier, end-to-end tier with the real vLLM CPU build,
+# chaos tier: kill -9 and SIGSTOP of the real server's processes).
 # Usage: ops/test.sh [pytest arguments...]     e.g. ops/test.sh -m "not e2e" -x
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
