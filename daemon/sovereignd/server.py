@@ -225,7 +225,7 @@ class ServerProcess:
             report.signalled = [{"pid": m.pid, "name": names[m.pid]} for m in members]
             report.killed = list(report.signalled)
             report.graceful = not members
-            remaining = await self._wait_gone(members, time.monotonic() + KILL_WAIT, KILL_POLL)
+            remaining = await self._wait_killed(members, time.monotonic() + KILL_WAIT)
         else:
             await asyncio.to_thread(self.refresh_members)
             members = await asyncio.to_thread(self.members)
@@ -242,8 +242,7 @@ class ServerProcess:
                 self._kill(remaining)
                 report.killed = [{"pid": m.pid, "name": names.get(m.pid, "?")}
                                  for m in remaining]
-                remaining = await self._wait_gone(remaining, time.monotonic() + KILL_WAIT,
-                                                  KILL_POLL)
+                remaining = await self._wait_killed(remaining, time.monotonic() + KILL_WAIT)
         report.survivors = [{"pid": m.pid, "name": names.get(m.pid, "?")} for m in remaining]
         if not remaining and self.shm and self.leader is not None:
             report.shm_removed = await asyncio.to_thread(procs.remove_shared_memory, self.shm,
@@ -257,6 +256,28 @@ class ServerProcess:
         procs.signal_group(self.pgid, procs.SIGKILL)
         for m in members:
             procs.signal_process(m, procs.SIGKILL)
+
+    async def _wait_killed(self, members: list[procs.ProcessId],
+                           deadline: float) -> list[procs.ProcessId]:
+        """After SIGKILL: wait for each end as an event (pidfds; the respawn waits on this),
+        then look once more, the group included; what is still alive by `deadline`."""
+        left = {m.pid for m in members}
+        gone = asyncio.Event()
+
+        def ended(ident: procs.ProcessId) -> None:
+            left.discard(ident.pid)
+            if not left:
+                gone.set()
+
+        watch = ExitWatch(ended)
+        for m in members:
+            watch.watch(m)
+        if left:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await gone.wait()
+        watch.close()
+        return await self._wait_gone(members, deadline, KILL_POLL)
 
     async def _wait_gone(self, members: list[procs.ProcessId], deadline: float,
                          poll: float = 0.05) -> list[procs.ProcessId]:
