@@ -13,6 +13,7 @@ Behaviour comes from a JSON control file named by FAKE_VLLM_CONTROL, read at eac
     startup_delay: float   seconds before listening
     crash_after: int       after this many API requests, die (crash_signal or exit_code)
     crash_signal: str      e.g. "SIGKILL", "SIGSEGV"
+    crash_message: str     print this to stderr before crashing (a real server's last words)
     hang_after: int        after this many API requests, stop answering anything
     fail_completions: bool /health is 200 but completions answer 500
     fail_completions_after: int  the same, after this many API requests
@@ -90,6 +91,8 @@ class Fake:
         crash_after = self.b.get("crash_after")
         if crash_after is not None and self.requests > crash_after:
             print("fake_vllm: crashing as told", file=sys.stderr, flush=True)
+            if self.b.get("crash_message"):
+                print(self.b["crash_message"], file=sys.stderr, flush=True)
             sig = self.b.get("crash_signal")
             if sig:
                 os.kill(os.getpid(), getattr(signal, sig))
