@@ -36,7 +36,7 @@ def served_name(model: Path) -> str:
     return hf_cache_name(model) or model.name
 
 
-def _flag_value(args: Sequence[str], flag: str) -> str | None:
+def flag_value(args: Sequence[str], flag: str) -> str | None:
     """The last value given to `flag` in args (`--flag V` or `--flag=V`), else None."""
     value = None
     for i, arg in enumerate(args):
@@ -50,7 +50,7 @@ def _flag_value(args: Sequence[str], flag: str) -> str | None:
 def tokenizer_problem(model: Path, args: Sequence[str]) -> str | None:
     """Why the server will not find a readable tokenizer, or None (a `--tokenizer` in args
     points elsewhere and is not judged)."""
-    if _flag_value(args, "--tokenizer") is not None:
+    if flag_value(args, "--tokenizer") is not None:
         return None
     fast = model / "tokenizer.json"
     slow = [model / "tokenizer.model", model / "vocab.txt"]
@@ -71,7 +71,7 @@ def tokenizer_problem(model: Path, args: Sequence[str]) -> str | None:
 
 def chat_template_source(model: Path, args: Sequence[str]) -> str | None:
     """Where the server will find a chat template, or None if it has none."""
-    if _flag_value(args, "--chat-template") is not None:
+    if flag_value(args, "--chat-template") is not None:
         return "--chat-template in server.args"
     for name in ("chat_template.jinja", "chat_template.json"):
         if (model / name).is_file():
@@ -83,3 +83,57 @@ def chat_template_source(model: Path, args: Sequence[str]) -> str | None:
     if isinstance(config, dict) and config.get("chat_template"):
         return "tokenizer_config.json"
     return None
+
+
+# vLLM's choice of weight files (vllm/model_executor/model_loader/default_loader.py,
+# `DefaultModelLoader._prepare_weights`, and weight_utils.py
+# `filter_duplicate_safetensors_files` / `filter_files_not_needed_for_inference`, vllm 0.32):
+# with --load-format auto, any top-level `consolidated*.safetensors` makes the format
+# "mistral" (those files, index `consolidated.safetensors.index.json`), else "hf"
+# (`*.safetensors`, then `*.bin`, then `*.pt`: the first pattern with a match wins). Only the
+# model folder's top level is globbed. For safetensors, an index file present keeps only the
+# files its `weight_map` names; otherwise training leftovers (optimizer.bin ...) are dropped.
+_LOAD_PATTERNS = {
+    "hf": (["*.safetensors", "*.bin", "*.pt"], "model.safetensors.index.json"),
+    "safetensors": (["*.safetensors"], "model.safetensors.index.json"),
+    "fastsafetensors": (["*.safetensors"], "model.safetensors.index.json"),
+    "instanttensor": (["*.safetensors"], "model.safetensors.index.json"),
+    "mistral": (["consolidated*.safetensors"], "consolidated.safetensors.index.json"),
+    "pt": (["*.pt"], "model.safetensors.index.json"),
+    "npcache": (["*.bin", "*.pt"], "model.safetensors.index.json"),
+}
+_NOT_FOR_INFERENCE = ("training_args.bin", "optimizer.bin", "optimizer.pt", "scheduler.pt",
+                      "scaler.pt")
+
+
+def vllm_weight_files(model: Path, args: Sequence[str] = ()) -> list[Path] | None:
+    """The weight files vLLM will load from `model` with these server.args, by its own rule
+    (above); None when the load format is not one whose files this rule knows (gguf,
+    bitsandbytes, sharded_state, ...: the caller counts every weight file instead)."""
+    load_format = flag_value(args, "--load-format") or "auto"
+    if load_format == "auto":
+        load_format = "mistral" if _top_level(model, "consolidated*.safetensors") else "hf"
+    if load_format not in _LOAD_PATTERNS:
+        return None
+    patterns, index_name = _LOAD_PATTERNS[load_format]
+    files: list[Path] = []
+    for pattern in patterns:
+        files = _top_level(model, pattern)
+        if files:
+            break
+    if files and files[0].suffix == ".safetensors":
+        try:
+            index = json.loads((model / index_name).read_text(encoding="utf-8"))
+            named: set[Path] | None = {model / f for f in index["weight_map"].values()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            named = None  # no index (or one vLLM would fail on: the start will say so)
+        if named is not None:
+            files = [f for f in files if f in named]
+    else:
+        files = [f for f in files if not f.name.endswith(_NOT_FOR_INFERENCE)]
+    return files
+
+
+def _top_level(model: Path, pattern: str) -> list[Path]:
+    """Python's glob.glob(model/pattern), as vLLM calls it: top level, no hidden files."""
+    return sorted(p for p in model.glob(pattern) if not p.name.startswith("."))
