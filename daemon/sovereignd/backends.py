@@ -173,7 +173,13 @@ class Backend:
         return env
 
     def canary(self, cfg: Config) -> tuple[str, dict[str, Any]]:
-        """Path and JSON body of a one-token completion that proves the engine works."""
+        """Path and JSON body of a one-token completion that proves the engine works: a chat
+        completion (a chat model without a chat template answers 400 to every chat request,
+        so it must not be READY), or a plain completion with server.completions_only."""
+        if not cfg.server.completions_only:
+            return "/v1/chat/completions", {
+                "model": cfg.model_name, "messages": [{"role": "user", "content": "ping"}],
+                "max_tokens": 1, "temperature": 0}
         return "/v1/completions", {"model": cfg.model_name, "prompt": "ping", "max_tokens": 1,
                                    "temperature": 0}
 

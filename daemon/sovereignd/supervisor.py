@@ -34,7 +34,7 @@ from sovereignd import __version__
 from sovereignd.backends import Backend
 from sovereignd.config import Config
 from sovereignd.eventlog import EventLog
-from sovereignd.failures import Failure, classify_exit, same_cause
+from sovereignd.failures import Failure, classify_exit, quote, same_cause
 from sovereignd.logfiles import utc_timestamp
 from sovereignd.metrics import Metrics
 from sovereignd.probe import Prober, ProbeResult
@@ -53,6 +53,11 @@ from sovereignd.upstream import Target
 # Output lines searched for a known failure. The tail is cleared at each start, so these are
 # this run's; vLLM's multi-process tracebacks put the root cause ~150 lines before the end.
 CLASSIFY_LINES = 500
+
+CANARY_400_FIX = ("a chat model needs a chat template (chat_template in tokenizer_config.json, "
+                  "chat_template.jinja, or --chat-template in server.args); for a model that "
+                  "serves completions only set server.completions_only: true. `sovereignd "
+                  "check` shows which is missing")
 
 
 class Request(enum.Enum):
@@ -431,6 +436,11 @@ class Supervisor:
             self._observe(result)
             if result.ok:
                 break
+            if result.status == 400:  # the server refuses the request itself: no retry helps
+                return Failure(kind="canary-rejected", message="the server refused the canary "
+                               f"request {canary_path} with HTTP 400 while warming up",
+                               mitigation=CANARY_400_FIX, deterministic=True,
+                               evidence=quote(result.detail))
             failed += 1
             if failed >= h.failures:
                 return Failure(kind="canary", message=f"the canary completion failed {failed} "

@@ -17,6 +17,7 @@ Behaviour comes from a JSON control file named by FAKE_VLLM_CONTROL, read at eac
     hang_after: int        after this many API requests, stop answering anything
     fail_completions: bool /health is 200 but completions answer 500
     fail_completions_after: int  the same, after this many API requests
+    fail_chat: str         chat completions answer 400 with this message (no chat template)
     grandchildren: int     spawn this many child processes (same process group)
     grandchildren_ignore_term: bool
     setsid_grandchild: bool  one grandchild leaves the group (setsid), as a rogue might
@@ -133,6 +134,9 @@ class Fake:
             return web.json_response({"error": {"message": "engine dead", "type": "server"}},
                                      status=500)
         chat = request.path.endswith("/chat/completions")
+        if chat and self.b.get("fail_chat"):
+            return web.json_response({"error": {"message": self.b["fail_chat"], "code": 400,
+                                                "type": "BadRequestError"}}, status=400)
         if chat and self.b.get("log_content"):
             last = body.get("messages", [{}])[-1].get("content", "")
             print(f"[REQUEST] last user message preview: {last}", flush=True)
