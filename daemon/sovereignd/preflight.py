@@ -117,7 +117,7 @@ def _check_server_args(cfg: Config, report: Report) -> None:
         logs_content = any(a.split("=", 1)[0] in backend.content_flags for a in s.args)
     else:
         try:
-            parsed = serverargs.parse_with_server(python, s.backend, Path(s.command[-1]).name,
+            parsed = serverargs.parse_with_server(python, s.backend, _prog(s.command),
                                                   base[skip:], s.args)
         except SovereigndError as exc:
             report.add(WARN, "server.args", f"not checked by the server's parser: {exc}")
@@ -133,6 +133,13 @@ def _check_server_args(cfg: Config, report: Report) -> None:
         report.add(WARN, "server output", "server.args make the server log request content "
                    f"(prompts, generated text); server.content_lines is {s.content_lines!r}: "
                    f"those lines are {verdict}")
+
+
+def _prog(command: tuple[str, ...]) -> str:
+    """The program name the server's parser prints in its `error:` lines."""
+    if command[-1] == "serve":
+        return " ".join(Path(c).name for c in command[-2:])
+    return Path(command[-1]).name
 
 
 def _check_command(cfg: Config, report: Report) -> None:

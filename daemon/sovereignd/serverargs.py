@@ -44,6 +44,7 @@ import contextlib, io, json, sys
 req = json.loads(sys.stdin.read())
 out = {"error": None, "changed": [], "validate": None, "unknown_parsers": [],
        "logs_content": False}
+sys.argv[0] = req["prog"]
 if req["backend"] == "vllm-mlx":
     from vllm_mlx.cli import create_parser
     parser = create_parser()

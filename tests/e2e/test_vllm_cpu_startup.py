@@ -1,6 +1,7 @@
 """Start-up failures on the real vLLM (CPU build): its own words, FATAL at the first failure
-(issue 13). Each test starts its own short-lived daemon: these servers never become READY
-except the one without a chat template, which must not become READY at all."""
+(issue 13); `check` against the real vLLM and vllm-mlx parsers. Each test starts its own
+short-lived daemon: these servers never become READY (the one without a chat template must
+not), and `check` loads no model."""
 
 from __future__ import annotations
 
@@ -96,3 +97,22 @@ def test_a_chat_model_without_a_chat_template_is_not_ready(
         assert len(d.events("spawn")) == 1
     finally:
         d.close()
+
+
+def test_check_asks_the_real_vllm_mlx_parser(tmp_path: Path,
+                                             mlx_ready: tuple[Path, Path]) -> None:
+    """The same for vllm-mlx (its `create_parser`): a flag it does not have is refused in its
+    own words, the key it takes on the command line is a placeholder, valid args pass."""
+    venv, model = mlx_ready
+    overrides: dict[str, object] = {
+        "server": {"backend": "vllm-mlx", "command": [str(venv / "bin" / "vllm-mlx"), "serve"],
+                   "venv": str(venv), "model": str(model), "served_model_name": "tiny",
+                   "args": ["--max-kv-size", "512"]},
+        "memory": {"check": False}, "daemon": {"allow_root": True}}
+    d = Daemon(tmp_path / "ok", overrides, fake=False)
+    out = run_cli("check", "--config", str(d.config_path), timeout=300).stdout
+    assert "[  ok] server.args" in out, out
+    overrides["server"]["args"] = ["--enable-reasoning"]  # type: ignore[index]
+    d = Daemon(tmp_path / "bad", overrides, fake=False)
+    out = run_cli("check", "--config", str(d.config_path), timeout=300).stdout
+    assert "vllm-mlx serve: error: unrecognized arguments: --enable-reasoning" in out, out
