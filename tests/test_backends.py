@@ -22,7 +22,7 @@ def test_vllm_gets_the_key_in_its_environment_only(tmp_path: Path) -> None:
     cfg = load(tmp_path, "  served_model_name: m\n  args: [--max-model-len, '512']\n")
     b = for_config(cfg)
     argv = b.argv(cfg, "KEY123")
-    assert argv == ["vllm", "serve", "--model", str(tmp_path / "model"),
+    assert argv == ["vllm", "serve", str(tmp_path / "model"),
                     "--served-model-name", "m", "--host", "127.0.0.1", "--port", "8001",
                     "--shutdown-timeout", "10", "--max-model-len", "512"]
     assert "KEY123" not in " ".join(argv)

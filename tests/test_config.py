@@ -161,6 +161,9 @@ def test_cli_exits_78_on_missing_and_unreadable_file(tmp_path: Path) -> None:
 
 
 def test_check_prints_summary_and_exits_zero(tmp_path: Path, model: Path) -> None:
+    # What a servable chat model has besides its weights (check fails a model without them).
+    (model / "tokenizer.json").write_text("{}")
+    (model / "chat_template.jinja").write_text("{{ messages }}")
     text = MINIMAL + "server:\n  command: [/bin/true]\n"
     path = write(tmp_path, "server:\n  model: {model}\n  command: [/bin/true]\n"
                  "logs:\n  dir: {logs}\n", model)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sovereignd.backends import BACKENDS
-from sovereignd.failures import classify_exit
+from sovereignd.failures import EVIDENCE_CHARS, classify_exit, redact_text, same_cause
 from sovereignd.supervisor import CLASSIFY_LINES
 
 DATA = Path(__file__).parent / "data" / "server_messages"
@@ -26,6 +26,25 @@ CAPTURED = {
     "vllm-cpu-safetensors-truncated.txt": ("vllm", 1, "model-corrupt"),
     # The engine dies on the first request and the API server then exits with status 0.
     "vllm-cpu-head-dim-16-crash-on-first-request.txt": ("vllm", 0, "unsupported-attention"),
+    # Flags and parsers (issue 13): argparse usage errors exit 2, vLLM's own checks exit 1.
+    "vllm-cpu-unrecognized-argument.txt": ("vllm", 2, "unknown-argument"),
+    "vllm-cpu-invalid-choice.txt": ("vllm", 2, "invalid-choice"),
+    "vllm-cpu-ambiguous-option.txt": ("vllm", 2, "ambiguous-option"),
+    "vllm-cpu-expected-one-argument.txt": ("vllm", 2, "missing-value"),
+    "vllm-cpu-unknown-tool-call-parser.txt": ("vllm", 1, "unknown-tool-parser"),
+    "vllm-cpu-unknown-reasoning-parser.txt": ("vllm", 1, "unknown-reasoning-parser"),
+    "vllm-cpu-auto-tool-choice-without-parser.txt": ("vllm", 1, "tool-choice-without-parser"),
+    "vllm-cpu-tokenizer-files-missing.txt": ("vllm", 1, "tokenizer-missing"),
+}
+
+# The line each of these must quote (the server's own words, verbatim).
+DECISIVE = {
+    "vllm-cpu-unrecognized-argument.txt":
+        "api_server.py: error: unrecognized arguments: --enable-reasoning",
+    "vllm-cpu-expected-one-argument.txt":
+        "api_server.py: error: argument --max-num-seqs: expected one argument",
+    "vllm-cpu-auto-tool-choice-without-parser.txt":
+        "TypeError: Error: --enable-auto-tool-choice requires --tool-call-parser",
 }
 
 # Messages quoted in DESIGN.md and the notes from vllm-metal (not reproducible here).
@@ -72,5 +91,104 @@ def test_ordinary_shutdown_output_is_not_a_deterministic_failure(name: str) -> N
 def test_every_captured_file_is_in_a_table() -> None:
     names = {p.name for p in DATA.glob("*.txt")}
     known = set(CAPTURED) | {n for n in names if "sigterm" in n or "served-as-root" in n
-                             or n.startswith("vllm-mlx-")}
+                             or n.startswith("vllm-mlx-")} | SERVED
     assert names <= known
+
+
+# Captures of servers that started and served (used by test_core_units / test_startup).
+SERVED = {"vllm-cpu-log-requests-outputs-debug.txt", "vllm-cpu-no-chat-template.txt"}
+
+
+@pytest.mark.parametrize("name", sorted(DECISIVE))
+def test_the_failure_quotes_the_servers_decisive_line(name: str) -> None:
+    """The exit carries the server's own words: the decisive line and the explanation."""
+    backend, code, _kind = CAPTURED[name]
+    failure = classify_exit(code, tail(name), BACKENDS[backend].patterns, "starting")
+    assert failure.evidence == DECISIVE[name]
+    assert failure.explanation[-1] == DECISIVE[name]
+    assert f'"{DECISIVE[name]}"' in failure.sentence()
+
+
+@pytest.mark.parametrize("name", sorted(CAPTURED))
+def test_unknown_messages_still_yield_a_decisive_line(name: str) -> None:
+    """Without any pattern the decisive line is the server's last explanatory line, never a
+    wrapper like "Engine core initialization failed. See root cause above"."""
+    _backend, code, _kind = CAPTURED[name]
+    failure = classify_exit(code, tail(name), (), "starting")
+    assert failure.kind == "exit" and not failure.deterministic
+    assert failure.evidence and "See root cause above" not in failure.evidence
+    assert len(failure.evidence) <= EVIDENCE_CHARS
+    assert failure.explanation and all(len(x) <= EVIDENCE_CHARS for x in failure.explanation)
+
+
+def test_a_tokenizers_library_too_old_for_the_file_is_named() -> None:
+    """tokenizers older than the file's format (huggingface/tokenizers issue 1297, public
+    reports) fails with this line; the daemon names it as a tokenizer problem."""
+    line = ("Exception: data did not match any variant of untagged enum ModelWrapper at line "
+            "250373 column 3")
+    failure = classify_exit(1, ["Traceback (most recent call last):", line],
+                            BACKENDS["vllm"].patterns, "starting")
+    assert failure.kind == "tokenizer-missing" and failure.deterministic
+    assert "tokenizers" in (failure.mitigation or "")
+
+
+METAL_OOM_LINES = [
+    "libc++abi: terminating due to uncaught exception of type std::runtime_error: [METAL] "
+    "Command buffer execution failed: Insufficient Memory "
+    "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)",
+    "[METAL] Command buffer execution failed: Insufficient Memory",
+]
+
+
+@pytest.mark.parametrize("backend", ["vllm", "vllm-mlx"])
+@pytest.mark.parametrize("line", METAL_OOM_LINES)
+def test_metal_out_of_memory_is_fatal_only_while_starting(backend: str, line: str) -> None:
+    """Out of memory while loading will recur; while serving, a restart with backoff."""
+    patterns = BACKENDS[backend].patterns
+    for phase, fatal in (("starting", True), ("warming up", True), ("serving", False)):
+        failure = classify_exit(-6, [line], patterns, phase)
+        assert failure.kind == "metal-out-of-memory", failure
+        assert failure.deterministic is fatal, phase
+
+
+def test_python_out_of_memory_is_fatal_only_while_starting() -> None:
+    patterns = BACKENDS["vllm"].patterns
+    assert classify_exit(1, ["MemoryError"], patterns, "starting").deterministic
+    assert not classify_exit(1, ["MemoryError"], patterns, "serving").deterministic
+
+
+def test_an_engine_dying_while_serving_is_not_deterministic() -> None:
+    """The head-dim crash's last words without its root cause: an engine died mid-run."""
+    lines = [ln for ln in tail("vllm-cpu-head-dim-16-crash-on-first-request.txt")
+             if "Unsupported CPU attention" not in ln]
+    failure = classify_exit(0, lines, BACKENDS["vllm"].patterns, "serving")
+    assert not failure.deterministic and failure.evidence
+
+
+def test_secrets_in_server_lines_are_redacted() -> None:
+    """Anything that looks like a key never reaches an event, a reason or server.log."""
+    lines = [
+        "ValueError: bad --api-key sk-sov-AbCdEf0123456789_-xyz given",
+        "(APIServer pid=1) INFO non-default args: {'api_key': ['hunter2hunter2'], 'port': 1}",
+        "RuntimeError: header Authorization: Bearer abc.def.ghi refused",
+        "SystemExit: --api_key=topsecret9",
+    ]
+    failure = classify_exit(1, lines, (), "starting")
+    text = " ".join([failure.sentence(), *failure.explanation, str(failure.as_dict())])
+    for secret in ("AbCdEf0123456789", "hunter2hunter2", "abc.def.ghi", "topsecret9"):
+        assert secret not in redact_text(" ".join(lines))
+        assert secret not in text
+    assert "[REDACTED]" in text
+
+
+def test_long_lines_are_cut() -> None:
+    failure = classify_exit(1, ["ValueError: " + "x" * 5000], (), "starting")
+    assert failure.evidence is not None and len(failure.evidence) == EVIDENCE_CHARS
+    assert failure.evidence.endswith("…")
+
+
+def test_same_cause_ignores_pids_ports_and_addresses() -> None:
+    a = "(APIServer pid=7142) ValueError: port 18013 at 0x7f3a busy"
+    b = "(APIServer pid=9001) ValueError: port 18014 at 0x7f99 busy"
+    assert same_cause(a, b)
+    assert not same_cause(a, "(APIServer pid=1) KeyError: port 1 at 0x1 busy")

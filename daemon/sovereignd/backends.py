@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sovereignd.config import Config
-from sovereignd.failures import COMMON_PATTERNS, FailurePattern, pattern
+from sovereignd.failures import COMMON_PATTERNS, METAL_OOM, FailurePattern, pattern
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -45,7 +45,16 @@ class Backend:
     key_in_argv = False
     logs_content = False
     health_path = "/health"
-    content_line: re.Pattern[str] | None = None
+    # vLLM's request logger (vllm/entrypoints/serve/utils/request_logger.py, vllm 0.32) with
+    # --enable-log-requests / --enable-log-outputs: `Request ID JSON body: {...}` and
+    # `Request ID details: prompt: '...'` at DEBUG, `Generated response ID: output: '...'` at
+    # INFO, `Generated response ID details: output_token_ids: [...]` at DEBUG. Captured in
+    # tests/data/server_messages/vllm-cpu-log-requests-outputs-debug.txt.
+    content_line: re.Pattern[str] | None = re.compile(
+        r"(Request \S+ (?:JSON body|details):|"
+        r"Generated response \S+.*?(?:: output:| details: output_token_ids:))\s*")
+    # Flags (canonical spelling) that make the server log request content.
+    content_flags: tuple[str, ...] = ("--enable-log-requests", "--enable-log-outputs")
     routes: tuple[Route, ...] = (
         _route("/v1/chat/completions", "POST"),
         _route("/v1/completions", "POST"),
@@ -106,13 +115,48 @@ class Backend:
                 "the model directory is missing, empty or not a model",
                 "set server.model to a local model directory with config.json and weights, "
                 "readable by the service account"),
+        # Start-up checks of vLLM's own (vllm 0.32; captured output in tests/data/).
+        pattern("unknown-tool-parser", r"invalid tool call parser: ",
+                "server.args name a tool-call parser this vLLM does not have",
+                "set --tool-call-parser to one of the names the server lists (see the "
+                "evidence), or upgrade the server venv"),
+        pattern("unknown-reasoning-parser", r"Reasoning parser '.*' not found",
+                "server.args name a reasoning parser this vLLM does not have",
+                "set --reasoning-parser to one of the names the server lists (see the "
+                "evidence), or upgrade the server venv"),
+        pattern("tool-choice-without-parser",
+                r"--enable-auto-tool-choice requires --tool-call-parser",
+                "--enable-auto-tool-choice needs --tool-call-parser",
+                "add --tool-call-parser NAME to server.args (the parser for the model's "
+                "tool-call format), or remove --enable-auto-tool-choice"),
+        pattern("log-outputs-without-requests",
+                r"--enable-log-outputs requires --enable-log-requests",
+                "--enable-log-outputs needs --enable-log-requests",
+                "remove --enable-log-outputs from server.args (it logs generated text)"),
+        pattern("tokenizer-missing",
+                r"(Couldn't instantiate the backend tokenizer|Can't load tokenizer for|"
+                r"[Tt]okenizer class \S+ does not exist|"
+                r"data did not match any variant of untagged enum (ModelWrapper|PyPreTokenizer|"
+                r"PyDecoderWrapper|PyNormalizerWrapper))",
+                "the model's tokenizer files are missing, unreadable or too new for the "
+                "installed tokenizers library",
+                "put tokenizer.json and tokenizer_config.json (from the model's release) in "
+                "the model directory, or upgrade `tokenizers` in the server venv if the file "
+                "is newer than it"),
+        METAL_OOM,
         *COMMON_PATTERNS,
     )
 
     def argv(self, cfg: Config, key: str) -> list[str]:
-        """The server's argument vector; the key is passed only where the server needs it."""
+        """The server's argument vector; the key is passed only where the server needs it.
+
+        `vllm serve MODEL`: the model is positional (`--model` is deprecated for `vllm serve`
+        since vLLM 0.20 and warned about at every start); the api_server module
+        (`python -m vllm.entrypoints.openai.api_server`) keeps `--model`.
+        """
         s = cfg.server
-        argv = [*s.command, "--model", str(s.model), "--served-model-name", cfg.model_name]
+        model = [str(s.model)] if s.command[-1] == "serve" else ["--model", str(s.model)]
+        argv = [*s.command, *model, "--served-model-name", cfg.model_name]
         if s.uds is not None:
             argv += ["--uds", str(s.uds)]
         else:
@@ -129,7 +173,13 @@ class Backend:
         return env
 
     def canary(self, cfg: Config) -> tuple[str, dict[str, Any]]:
-        """Path and JSON body of a one-token completion that proves the engine works."""
+        """Path and JSON body of a one-token completion that proves the engine works: a chat
+        completion (a chat model without a chat template answers 400 to every chat request,
+        so it must not be READY), or a plain completion with server.completions_only."""
+        if not cfg.server.completions_only:
+            return "/v1/chat/completions", {
+                "model": cfg.model_name, "messages": [{"role": "user", "content": "ping"}],
+                "max_tokens": 1, "temperature": 0}
         return "/v1/completions", {"model": cfg.model_name, "prompt": "ping", "max_tokens": 1,
                                    "temperature": 0}
 
@@ -140,11 +190,11 @@ class Backend:
             if hide:
                 out.append(REDACTED)
                 hide = False
-            elif arg == "--api-key":
+            elif arg in ("--api-key", "--api_key"):
                 out.append(arg)
                 hide = True
-            elif arg.startswith("--api-key="):
-                out.append("--api-key=" + REDACTED)
+            elif arg.startswith(("--api-key=", "--api_key=")):
+                out.append(arg.split("=", 1)[0] + "=" + REDACTED)
             else:
                 out.append(arg)
         return out
@@ -168,6 +218,7 @@ class VllmMlxBackend(Backend):
     logs_content = True
     # `[REQUEST] last user message preview: ...` (chat) and `prompt_preview=...` (completions).
     content_line = re.compile(r"(last user message preview:|prompt_preview=)\s*")
+    content_flags = ()
     # Inference only. Not passed: /v1/responses and /v1/mcp/* (they can run MCP tools on the
     # server), /v1/cache* and /v1/status (administration), /v1/audio/* and /v1/rerank (not
     # what this deployment serves; their usage is not recorded), /docs and /openapi.json.
@@ -182,11 +233,7 @@ class VllmMlxBackend(Backend):
                                             r"No module named 'mlx_lm\.models\.)",
                 "the model's architecture is not supported by mlx-lm",
                 "serve a model whose architecture mlx-lm supports"),
-        pattern("kv-cache-memory", r"(\[METAL\] Command buffer execution failed: Insufficient "
-                                   r"Memory|kIOGPUCommandBufferCallbackErrorOutOfMemory)",
-                "Metal ran out of memory",
-                "lower --max-kv-size or --cache-memory-percent in server.args, or serve a "
-                "smaller (more quantized) model"),
+        METAL_OOM,
         *COMMON_PATTERNS,
     )
     memory_flags = ("--cache-memory-mb", "--cache-memory-percent", "--max-kv-size",

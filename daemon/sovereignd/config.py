@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from sovereignd import modelfiles
 from sovereignd.errors import ConfigError, ConfigProblem
 from sovereignd.units import format_duration, format_size, parse_duration, parse_size
 
@@ -217,7 +218,8 @@ class ServerSection:
         "Argument vector prefix of the server; the daemon appends --model, --host, --port.",
         _nonempty_str_list, ["vllm", "serve"])
     served_model_name: str | None = setting(
-        "Model name clients ask for (default: the model directory's name).",
+        "Model name clients ask for (default: the model directory's name; ORG/NAME for a "
+        "Hugging Face cache snapshot models--ORG--NAME/snapshots/REV).",
         _opt_str, None, "my-model")
     host: str = setting(
         "Address the server binds; loopback only unless server.allow_remote is true.",
@@ -250,7 +252,11 @@ class ServerSection:
         "Lines of server output kept in memory for diagnosis.", _int_range(10, 100_000), 500)
     content_lines: str = setting(
         "What to do with server output lines known to hold prompt content (vllm-mlx previews "
-        "user messages): keep, redact or drop.", _choice("keep", "redact", "drop"), "redact")
+        "user messages; vLLM's --enable-log-requests/--enable-log-outputs lines): keep, "
+        "redact or drop.", _choice("keep", "redact", "drop"), "redact")
+    completions_only: bool = setting(
+        "The model serves completions only (a base model): no chat template is required. "
+        "Otherwise a model without one fails `check` and is not READY.", _bool, False)
 
 
 @dataclass(frozen=True)
@@ -448,6 +454,21 @@ _RESERVED_ARGS = {
 _RESERVED_ENV = {"VLLM_API_KEY": "the daemon sets a fresh internal key at each start"}
 
 
+def _reserved_flag(flag: str) -> str | None:
+    """The reserved flag `flag` stands for, in any spelling the server's parser accepts:
+    vLLM's FlexibleArgumentParser reads `_` as `-` (`--api_key`), and argparse takes any
+    unambiguous prefix (`--api-k`, `--hos`; `allow_abbrev`, CPython Lib/argparse.py). A
+    prefix of a reserved flag is refused even where it would be ambiguous: the server would
+    refuse it too. `sovereignd check` asks the server's own parser as well."""
+    if not flag.startswith("--") or len(flag) < 4:
+        return None
+    spelled = "--" + flag[2:].replace("_", "-")
+    for reserved in _RESERVED_ARGS:
+        if reserved.startswith(spelled):
+            return reserved
+    return None
+
+
 @dataclass(frozen=True)
 class Config:
     """A loaded, fully validated configuration."""
@@ -471,7 +492,7 @@ class Config:
 
     @property
     def model_name(self) -> str:
-        return self.server.served_model_name or self.server.model.name
+        return self.server.served_model_name or modelfiles.served_name(self.server.model)
 
     @property
     def listen(self) -> tuple[str, int]:
@@ -559,9 +580,14 @@ def _cross_checks(sec: dict[str, Any]) -> list[ConfigProblem]:
                 "in-flight requests can finish before SIGKILL"))
         for i, arg in enumerate(s.args):
             flag = arg.split("=", 1)[0]
-            if flag in _RESERVED_ARGS:
+            reserved = _reserved_flag(flag)
+            if reserved == flag:
                 problems.append(ConfigProblem(f"server.args[{i}]",
                                               f"{flag} {_RESERVED_ARGS[flag]}"))
+            elif reserved is not None:
+                problems.append(ConfigProblem(
+                    f"server.args[{i}]", f"the server's parser reads {flag} as {reserved}: "
+                    f"{_RESERVED_ARGS[reserved]}"))
         for name, why in _RESERVED_ENV.items():
             if name in s.env:
                 problems.append(ConfigProblem(f"server.env.{name}", why))

@@ -22,6 +22,7 @@ Not counted: activations, compiled CPU graphs and the server's helper processes 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from typing import Any
 
 import psutil
 
+from sovereignd import modelfiles
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
 from sovereignd.eventlog import EventLog
@@ -151,9 +153,18 @@ def _linear_state_bytes(cfg: Mapping[str, Any], linear_layers: int, dtype_bytes:
     return linear_layers * (conv + recurrent)
 
 
-def weights_bytes(model_dir: Path) -> int:
-    """Total size of the weight files (safetensors only, when there are any: vLLM then ignores
-    the .bin files). Symlinks to blobs, as in a hub cache, count at their target's size."""
+def weights_bytes(model_dir: Path, args: Sequence[str] = ()) -> int:
+    """Total size of the weight files the server will load: chosen by vLLM's own rule
+    (`modelfiles.vllm_weight_files`: the index file first, consolidated vs sharded as vLLM
+    decides); for load formats that rule does not know, every weight file (safetensors only,
+    when there are any). Symlinks to blobs, as in a hub cache, count at their target's size."""
+    chosen = modelfiles.vllm_weight_files(model_dir, args)
+    if chosen is not None:
+        total = 0
+        for path in chosen:
+            with contextlib.suppress(OSError):
+                total += path.stat().st_size
+        return total
     sizes: dict[Path, int] = {}
     for root, _dirs, files in os.walk(model_dir):
         for name in files:
@@ -195,14 +206,7 @@ class ServerArgs:
     metal_fraction: float | None = None    # numeric VLLM_METAL_MEMORY_FRACTION
 
 
-def _flag(args: Sequence[str], name: str) -> str | None:
-    value = None
-    for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(name + "="):
-            value = arg.split("=", 1)[1]
-    return value
+_flag = modelfiles.flag_value
 
 
 def parse_server_args(args: Sequence[str], env: Mapping[str, str]) -> ServerArgs:
@@ -557,7 +561,7 @@ class Preflight:
             shape: ModelShape | None = read_shape(cfg.server.model)
         except Unestimable as exc:
             return Verdict(True, f"not estimated: {exc}")
-        weights = weights_bytes(cfg.server.model)
+        weights = weights_bytes(cfg.server.model, cfg.server.args)
         if self.platform == "darwin":
             if self._metal_limit is None:
                 try:

@@ -6,8 +6,9 @@ import os
 import shutil
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from sovereignd import backends, environment, guards, manifest, memory
+from sovereignd import backends, environment, guards, manifest, memory, modelfiles, serverargs
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
 from sovereignd.units import format_duration
@@ -59,7 +60,9 @@ def run_checks(cfg: Config) -> Report:
     """Everything that can be known before starting, each with a verdict."""
     report = Report(cfg)
     _check_model(cfg, report)
+    _check_model_files(cfg, report)
     _check_command(cfg, report)
+    _check_server_args(cfg, report)
     _check_ports(cfg, report)
     _check_dirs(cfg, report)
     _check_backend(cfg, report)
@@ -77,6 +80,66 @@ def _check_model(cfg: Config, report: Report) -> None:
         report.add(WARN, "model directory", f"{model} has no config.json")
     else:
         report.add(OK, "model directory", str(model))
+
+
+def _check_model_files(cfg: Config, report: Report) -> None:
+    """Tokenizer files and a chat template, as the server will look for them."""
+    model, args = cfg.server.model, cfg.server.args
+    if not model.is_dir():
+        return
+    problem = modelfiles.tokenizer_problem(model, args)
+    report.add(FAIL if problem else OK, "tokenizer", problem or "tokenizer files present")
+    source = modelfiles.chat_template_source(model, args)
+    if source is not None:
+        report.add(OK, "chat template", source)
+    elif cfg.server.completions_only:
+        report.add(OK, "chat template", "none; server.completions_only is set (chat requests "
+                   "will answer 400)")
+    else:
+        report.add(FAIL, "chat template", "none (tokenizer_config.json has no chat_template, "
+                   "no chat_template.jinja, no --chat-template): every chat request would "
+                   "answer 400; add the model's template, or set server.completions_only: true "
+                   "for a model that serves completions only")
+
+
+def _check_server_args(cfg: Config, report: Report) -> None:
+    """server.args through the server's own parser, in the server venv (no model loaded)."""
+    s = cfg.server
+    backend = backends.for_config(cfg)
+    python = serverargs.server_python(s.command, s.venv)
+    argv = backend.argv(cfg, serverargs.PLACEHOLDER_KEY)
+    base = argv[: len(argv) - len(s.args)]
+    # vLLM's parser is the `serve` subcommand's own; vllm-mlx's takes `serve` itself.
+    skip = len(s.command) - 1 if s.backend == "vllm-mlx" else len(s.command)
+    if python is None or not python.exists():
+        report.add(WARN, "server.args", "not checked by the server's parser: set server.venv "
+                   "(the server's Python is needed)")
+        logs_content = any(a.split("=", 1)[0] in backend.content_flags for a in s.args)
+    else:
+        try:
+            parsed = serverargs.parse_with_server(python, s.backend, _prog(s.command),
+                                                  base[skip:], s.args)
+        except SovereigndError as exc:
+            report.add(WARN, "server.args", f"not checked by the server's parser: {exc}")
+            return
+        for sentence in parsed.sentences():
+            report.add(FAIL, "server.args", sentence)
+        if parsed.ok:
+            report.add(OK, "server.args", f"accepted by the server's own parser ({python})")
+        logs_content = parsed.logs_content
+    if logs_content:
+        verdict = {"keep": "KEPT in server.log", "redact": "redacted in server.log",
+                   "drop": "dropped from server.log"}[s.content_lines]
+        report.add(WARN, "server output", "server.args make the server log request content "
+                   f"(prompts, generated text); server.content_lines is {s.content_lines!r}: "
+                   f"those lines are {verdict}")
+
+
+def _prog(command: tuple[str, ...]) -> str:
+    """The program name the server's parser prints in its `error:` lines."""
+    if command[-1] == "serve":
+        return " ".join(Path(c).name for c in command[-2:])
+    return Path(command[-1]).name
 
 
 def _check_command(cfg: Config, report: Report) -> None:

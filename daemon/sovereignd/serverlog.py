@@ -1,8 +1,9 @@
 """The model server's output: JSON lines in `server.log`, the last lines kept in memory.
 
-Secrets the daemon knows (the internal key of the current start) are replaced before a line
-is stored anywhere; lines a backend is known to fill with prompt content are kept, redacted
-or dropped as `server.content_lines` says.
+Secrets the daemon knows (the internal key of the current start) and anything that looks like
+a key (`failures.redact_text`) are replaced before a line is stored anywhere; lines a backend
+is known to fill with prompt content are kept, redacted or dropped as `server.content_lines`
+says.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import collections
 import re
 import time
 
+from sovereignd.failures import redact_text
 from sovereignd.logfiles import RotatingFile, utc_timestamp
 
 REDACTED = "[REDACTED]"
@@ -41,6 +43,7 @@ class ServerOutput:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
+        text = redact_text(text)
         if self._content_line is not None and self._content_mode != "keep":
             m = self._content_line.search(text)
             if m:

@@ -9,13 +9,17 @@ Restart policy (supervisord's BACKOFF -> FATAL, with exponential backoff): the f
 after a good run is immediate; each further failure waits backoff_initial, doubling up to
 backoff_max; `restart.max_failures` failures within `restart.window` -> FATAL. A run counts
 as good once it has been READY for `restart.min_uptime`. Deterministic start-up failures go
-to FATAL at once. FATAL retries after `restart.fatal_cooldown`, on SIGHUP or on `restart`.
+to FATAL at once: those a pattern knows (see `failures`), and, whatever the message, a server
+that exits before its health endpoint ever answered twice in a row with the same decisive
+line (deterministic by evidence: at most 2 spawns). FATAL retries after
+`restart.fatal_cooldown`, on SIGHUP or on `restart`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import os
 import secrets
@@ -30,7 +34,7 @@ from sovereignd import __version__
 from sovereignd.backends import Backend
 from sovereignd.config import Config
 from sovereignd.eventlog import EventLog
-from sovereignd.failures import Failure, classify_exit
+from sovereignd.failures import Failure, classify_exit, quote, same_cause
 from sovereignd.logfiles import utc_timestamp
 from sovereignd.metrics import Metrics
 from sovereignd.probe import Prober, ProbeResult
@@ -54,6 +58,11 @@ CLASSIFY_LINES = 500
 STALL_LOOK = 1.0  # how often the progress watch looks while READY (seconds)
 # Failures found by the supervisor itself: the server cannot serve, so nothing is drained.
 KILL_AT_ONCE = frozenset({"engine-died", "stall"})
+
+CANARY_400_FIX = ("a chat model needs a chat template (chat_template in tokenizer_config.json, "
+                  "chat_template.jinja, or --chat-template in server.args); for a model that "
+                  "serves completions only set server.completions_only: true. `sovereignd "
+                  "check` shows which is missing")
 
 
 class Request(enum.Enum):
@@ -127,6 +136,7 @@ class Supervisor:
         self._key: str | None = None
         self._ready_at: float | None = None
         self._fatal_until: float | None = None
+        self._early_exit: str | None = None  # decisive line of the last exit before /health
         self._start_reason = "daemon started"
         self._gates: list[Gate] = [self._preflight_gate]
         self._listeners: list[Callable[[State, State], None]] = []
@@ -457,6 +467,11 @@ class Supervisor:
             self._observe(result)
             if result.ok:
                 break
+            if result.status == 400:  # the server refuses the request itself: no retry helps
+                return Failure(kind="canary-rejected", message="the server refused the canary "
+                               f"request {canary_path} with HTTP 400 while warming up",
+                               mitigation=CANARY_400_FIX, deterministic=True,
+                               evidence=quote(result.detail))
             failed += 1
             if failed >= h.failures:
                 return Failure(kind="canary", message=f"the canary completion failed {failed} "
@@ -617,10 +632,26 @@ class Supervisor:
             return 0.0
         return float(min(r.backoff_max, r.backoff_initial * 2 ** (failures - 2)))
 
+    def _by_evidence(self, failure: Failure) -> Failure:
+        """Deterministic by evidence: the server exited before its health endpoint ever
+        answered, with the same decisive line as the previous run of this failure streak."""
+        line = failure.evidence if (failure.returncode is not None
+                                    and self.state is State.STARTING) else None
+        previous, self._early_exit = self._early_exit, line
+        if (failure.deterministic or line is None or previous is None or not self._history
+                or not same_cause(previous, line)):
+            return failure
+        return dataclasses.replace(
+            failure, deterministic=True,
+            message=f"{failure.message}, twice in a row before answering /health",
+            mitigation=failure.mitigation or "a restart will not fix this; see server.log "
+            "for the server's own error")
+
     async def _failed(self, failure: Failure, server: ServerProcess | None,
                       stopped: StopReport | None = None) -> None:
         """A run ended badly: record it, move to BACKOFF or FATAL, stop what is left, wait.
         `stopped`: the server was already stopped (it had exited)."""
+        failure = self._by_evidence(failure)
         now = self.clock()
         ready_for = now - self._ready_at if self._ready_at is not None else 0.0
         if ready_for >= self.cfg.restart.min_uptime:
@@ -645,12 +676,12 @@ class Supervisor:
             self._fatal_until = now + self.cfg.restart.fatal_cooldown
             self._transition(
                 State.FATAL, f"crash loop: {len(self._history)} failures within "
-                f"{self.cfg.restart.window:g}s (last: {failure.message}); retrying after "
+                f"{self.cfg.restart.window:g}s (last: {failure.quoted()}); retrying after "
                 f"{self.cfg.restart.fatal_cooldown:g}s, on SIGHUP or `sovereignd restart`",
                 kind="crash-loop")
         else:
             delay = self.backoff_delay(len(self._history))
-            self._transition(State.BACKOFF, failure.message, delay_s=delay,
+            self._transition(State.BACKOFF, failure.quoted(), delay_s=delay,
                              failures_in_window=len(self._history))
             self._start_reason = f"restart after failure ({failure.kind})"
         if server is not None and stopped is None:

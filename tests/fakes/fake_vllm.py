@@ -13,9 +13,11 @@ Behaviour comes from a JSON control file named by FAKE_VLLM_CONTROL, read at eac
     startup_delay: float   seconds before listening
     crash_after: int       after this many API requests, die (crash_signal or exit_code)
     crash_signal: str      e.g. "SIGKILL", "SIGSEGV"
+    crash_message: str     print this to stderr before crashing (a real server's last words)
     hang_after: int        after this many API requests, stop answering anything
     fail_completions: bool /health is 200 but completions answer 500
     fail_completions_after: int  the same, after this many API requests
+    fail_chat: str         chat completions answer 400 with this message (no chat template)
     grandchildren: int     spawn this many child processes (same process group)
     grandchildren_ignore_term: bool
     setsid_grandchild: bool  one grandchild leaves the group (setsid), as a rogue might
@@ -104,6 +106,8 @@ class Fake:
         crash_after = self.b.get("crash_after")
         if crash_after is not None and self.requests > crash_after:
             print("fake_vllm: crashing as told", file=sys.stderr, flush=True)
+            if self.b.get("crash_message"):
+                print(self.b["crash_message"], file=sys.stderr, flush=True)
             sig = self.b.get("crash_signal")
             if sig:
                 os.kill(os.getpid(), getattr(signal, sig))
@@ -158,6 +162,9 @@ class Fake:
             return web.json_response({"error": {"message": "engine dead", "type": "server"}},
                                      status=500)
         chat = request.path.endswith("/chat/completions")
+        if chat and self.b.get("fail_chat"):
+            return web.json_response({"error": {"message": self.b["fail_chat"], "code": 400,
+                                                "type": "BadRequestError"}}, status=400)
         if chat and self.b.get("log_content"):
             last = body.get("messages", [{}])[-1].get("content", "")
             print(f"[REQUEST] last user message preview: {last}", flush=True)
