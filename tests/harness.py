@@ -80,6 +80,7 @@ class Daemon:
             "server": {
                 "model": str(self.model),
                 "port": self.server_port,
+                "transport": "tcp",  # tests reach the stand-in's port directly
                 "drain": "1s",
                 "stop_grace": "3s",
                 "start_timeout": "20s",

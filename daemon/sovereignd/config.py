@@ -224,8 +224,14 @@ class ServerSection:
         _str, "127.0.0.1")
     port: int = setting("Internal port of the server.", _int_range(1, 65535), 8001)
     uds: Path | None = setting(
-        "Serve on this Unix socket instead of a TCP port (vllm --uds); host and port are ignored.",
+        "Serve on this Unix socket instead of a TCP port (vllm --uds); host and port are ignored. "
+        "Its folder must be the service account's alone (mode 0700).",
         _opt_path, None)
+    transport: str = setting(
+        "How the daemon reaches the server: unix (a socket in <state_dir>/srv, a folder only "
+        "the service account can enter), tcp (server.host:server.port, whose listener is "
+        "checked to belong to the server before every connection), or auto (unix where the "
+        "backend supports it: vllm; tcp for vllm-mlx).", _choice("auto", "unix", "tcp"), "auto")
     allow_remote: bool = setting(
         "Allow server.host to be a non-loopback address. The server's own key guards only part "
         "of its routes, so this exposes unauthenticated endpoints.", _bool, False)
@@ -437,6 +443,8 @@ _RESERVED_ARGS = {
     "--uds": "set server.uds instead",
     "--shutdown-timeout": "set server.drain instead",
 }
+# Backends whose server can serve on a Unix socket (vllm --uds; vllm-mlx is TCP only).
+UDS_BACKENDS = frozenset({"vllm"})
 _RESERVED_ENV = {"VLLM_API_KEY": "the daemon sets a fresh internal key at each start"}
 
 
@@ -472,6 +480,16 @@ class Config:
     @property
     def control_socket(self) -> Path:
         return self.state_dir / "control.sock"
+
+    @property
+    def server_uds(self) -> Path | None:
+        """The Unix socket the server serves on, or None when it serves on TCP."""
+        s = self.server
+        if s.uds is not None:
+            return s.uds
+        if s.transport == "tcp" or (s.transport == "auto" and s.backend not in UDS_BACKENDS):
+            return None
+        return self.state_dir / "srv" / "server.sock"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,10 +575,16 @@ def _cross_checks(sec: dict[str, Any]) -> list[ConfigProblem]:
         for name, why in _RESERVED_ENV.items():
             if name in s.env:
                 problems.append(ConfigProblem(f"server.env.{name}", why))
+        if s.uds is not None and s.transport == "tcp":
+            problems.append(ConfigProblem("server.uds", "server.transport is tcp; remove "
+                                          "server.uds or set server.transport: unix"))
         if s.backend == "vllm-mlx":
             if s.uds is not None:
                 problems.append(ConfigProblem("server.uds", "vllm-mlx cannot serve on a Unix "
                                               "socket; remove server.uds"))
+            if s.transport == "unix":
+                problems.append(ConfigProblem("server.transport", "vllm-mlx cannot serve on a "
+                                              "Unix socket; use tcp or auto"))
             if Path(s.command[0]).name == "vllm":
                 problems.append(ConfigProblem(
                     "server.command", "server.backend is vllm-mlx but the command is vllm's; "

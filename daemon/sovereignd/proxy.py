@@ -181,7 +181,8 @@ class Proxy:
         self.events = events
         g = cfg.gateway
         self.limits = ClientLimits(g.client_concurrency, g.client_rate)
-        self._upstream = UpstreamClient(connect_timeout=CONNECT_TIMEOUT)
+        self._upstream = UpstreamClient(connect_timeout=CONNECT_TIMEOUT,
+                                        before_connect=self._verify_listener)
         self._target: Target | None = None
         self._log_broken: str | None = None
         self._known_paths = {r.path for r in backend.routes if not r.prefix}
@@ -195,6 +196,17 @@ class Proxy:
 
     async def close(self) -> None:
         await self._upstream.close()
+
+    async def _verify_listener(self, target: Target) -> None:
+        """Before every new TCP connection to the server: the port's listener must be the
+        server the daemon started; an impostor is never sent a request (nor the key)."""
+        check = await self.supervisor.verify_listener()
+        if check.owned:
+            return
+        if check.impostor is not None:
+            self.events.emit("port_impostor", level="critical", port=target.port,
+                             holder=check.impostor, detail=check.detail)
+        raise UpstreamConnectError(check.detail)
 
     # --- admin check for /status and /metrics on a network listener ---------------------------
 
