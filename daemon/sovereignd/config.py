@@ -202,6 +202,10 @@ class DaemonSection:
     user: str | None = setting(
         "The service account the daemon is expected to run as; checked at start when set.",
         _opt_str, None, "_sovereignd")
+    reserved_fds: int = setting(
+        "File descriptors kept free for supervision (server pipes, probes, logs, file "
+        "watches): client connections are capped so that they never use these.",
+        _int_range(32, 1_000_000), 128)
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,12 @@ class GatewaySection:
     upstream_timeout: float = setting(
         "Longest time a request may take at the server (streams included).",
         _duration(1.0), 600.0)
+    max_connections: int = setting(
+        "Client connections held at once; more are answered 503 and closed. Lowered at start "
+        "to fit the descriptor limit less daemon.reserved_fds.", _int_range(1, 10_000_000), 4096)
+    max_connections_per_address: int = setting(
+        "Client connections held at once from one client address; more are answered 503.",
+        _int_range(1, 10_000_000), 1024)
     client_concurrency: int = setting(
         "Requests one client may have in flight; more get 429.", _int_range(1, 100_000), 16)
     client_rate: int = setting(

@@ -7,6 +7,7 @@ the state and the reason; `/status` is the supervisor's JSON; `/metrics` is Prom
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,8 +17,12 @@ from aiohttp import web
 
 from sovereignd.config import Config, is_loopback
 from sovereignd.errors import SovereigndError
+from sovereignd.eventlog import EventLog
+from sovereignd.fdlimit import connection_budget
+from sovereignd.listener import Listener
 from sovereignd.metrics import Metrics
 from sovereignd.states import State
+from sovereignd.summary import Summarised
 from sovereignd.supervisor import Supervisor
 
 JSON = "application/json"
@@ -25,6 +30,10 @@ RETRY_AFTER = {State.STARTING: 10, State.WARMING: 5, State.BACKOFF: 5, State.STO
                State.STOPPING: 30, State.FATAL: 60, State.QUARANTINED: 60}
 
 AdminCheck = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+
+
+def _no_emit(_event: str, **_fields: Any) -> None:
+    return None
 
 
 def json_response(body: dict[str, Any], status: int = 200,
@@ -41,8 +50,16 @@ async def _server_header(_request: web.Request, response: web.StreamResponse) ->
 class Gateway:
     """Owns the HTTP listener; other parts add routes to `app` before `start`."""
 
-    def __init__(self, cfg: Config, supervisor: Supervisor, metrics: Metrics) -> None:
+    def __init__(self, cfg: Config, supervisor: Supervisor, metrics: Metrics,
+                 events: EventLog | None = None, nofile: int = 1024) -> None:
         self.cfg = cfg
+        self.events = events
+        g = cfg.gateway
+        # Connections the gateway may hold: within the descriptor limit, less the reserve.
+        self.max_connections = connection_budget(nofile, cfg.daemon.reserved_fds,
+                                                 g.max_connections)
+        self.max_per_address = min(g.max_connections_per_address, self.max_connections)
+        self._listener: Listener | None = None
         self.supervisor = supervisor
         self.metrics = metrics
         host, port = cfg.listen
@@ -64,17 +81,26 @@ class Gateway:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      keepalive_timeout=self.cfg.gateway.idle_timeout,
                                      shutdown_timeout=1.0, handler_cancellation=True)
+        tls = self._tls()
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self._tls(),
-                           reuse_address=True, backlog=1024)
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         try:
-            await site.start()
+            sock = socket.create_server((self.host, self.port), family=family, backlog=1024)
         except OSError as exc:
             await self._runner.cleanup()
             raise SovereigndError(
                 f"cannot listen on {self.cfg.gateway.listen}: {exc.strerror or exc} — is "
                 "another sovereignd (or another program) using it? Change gateway.listen or "
                 "stop the other program.") from exc
+        emit = self.events.emit if self.events is not None else _no_emit
+        server = self._runner.server
+        assert server is not None
+        self._listener = Listener(
+            sock, server, max_total=self.max_connections,
+            max_per_address=self.max_per_address, ssl_context=tls,
+            refused=Summarised(emit, "connections_refused", 10.0),
+            exhausted=Summarised(emit, "descriptors_exhausted", 10.0, level="error"))
+        self._listener.start()
 
     def _tls(self) -> ssl.SSLContext | None:
         g = self.cfg.gateway
@@ -90,6 +116,11 @@ class Gateway:
         return ctx
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener.refused.flush(everything=True)
+            self._listener.exhausted.flush(everything=True)
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -61,13 +61,21 @@ def uds_http(sock: Path, method: str, path: str, body: dict[str, object] | None 
         conn.close()
 
 
-def tcp_listeners(pgid: int) -> list[str]:
-    """TCP sockets listening in the server's processes."""
+def http_listeners(pgid: int) -> list[str]:
+    """TCP sockets of the server's processes that answer HTTP. (vLLM's engine processes also
+    listen on loopback TCP ports of their own, for ZMQ and torch.distributed; those do not
+    speak HTTP.)"""
     out = []
     for p in group_processes(pgid):
         with contextlib.suppress(psutil.Error):
-            out += [f"{p.pid} {c.laddr}" for c in p.net_connections(kind="inet")
-                    if c.status == psutil.CONN_LISTEN]
+            for c in p.net_connections(kind="inet"):
+                if c.status != psutil.CONN_LISTEN:
+                    continue
+                with contextlib.suppress(OSError), \
+                        socket.create_connection((c.laddr.ip, c.laddr.port), timeout=2) as s:
+                    s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+                    if s.recv(5) == b"HTTP/":
+                        out.append(f"{p.pid} {c.laddr}")
     return out
 
 
@@ -91,7 +99,7 @@ def test_real_vllm_becomes_ready_and_answers_with_the_internal_key(vllm_daemon: 
     sock = d.logs / "srv" / "server.sock"
     assert "--uds" in st["server"]["argv"] and "--port" not in st["server"]["argv"]
     assert (sock.parent.stat().st_mode & 0o777) == 0o700
-    assert tcp_listeners(pid) == []
+    assert http_listeners(pid) == []
     code, body = uds_http(sock, "POST", "/v1/completions",
                           {"model": "tiny", "prompt": "hello", "max_tokens": 3},
                           {"Authorization": f"Bearer {key}"})
