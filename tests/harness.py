@@ -115,10 +115,11 @@ class Daemon:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, extra_args: tuple[str, ...] = (),
-              env: dict[str, str] | None = None) -> None:
+              env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()) -> None:
+        """`prefix`: a program the daemon runs under, e.g. `prlimit --nofile=256:256 --`."""
         with self.stdout.open("ab") as out, self.stderr.open("ab") as err:
             self.proc = subprocess.Popen(
-                cli_argv("run", "--config", str(self.config_path), *extra_args),
+                [*prefix, *cli_argv("run", "--config", str(self.config_path), *extra_args)],
                 stdout=out, stderr=err, env=cli_env(env), start_new_session=True)
 
     # --- observing ----------------------------------------------------------------------------
