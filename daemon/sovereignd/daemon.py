@@ -71,6 +71,7 @@ async def _main(cfg: Config, allow_root: bool) -> int:
                   events=events)
     proxy.install(gateway.app)
     gateway.admin_check = proxy.admin_check
+    gateway.on_refused = proxy.record_refusal
     control = ControlServer(cfg.control_socket, supervisor)
     control.add_action("upgrade", upgrade.event_action(events))  # `sovereignd upgrade` steps
     pending: set[asyncio.Task[None]] = set()

@@ -7,6 +7,7 @@ the state and the reason; `/status` is the supervisor's JSON; `/metrics` is Prom
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -14,6 +15,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from sovereignd.config import Config, is_loopback
 from sovereignd.errors import SovereigndError
@@ -30,6 +33,39 @@ RETRY_AFTER = {State.STARTING: 10, State.WARMING: 5, State.BACKOFF: 5, State.STO
                State.STOPPING: 30, State.FATAL: 60, State.QUARANTINED: 60}
 
 AdminCheck = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+# Told of every request the HTTP layer refuses before any handler runs:
+# (remote address, status, error class).
+RefusalHook = Callable[[str | None, int, str], None]
+
+
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, minus the one habit that leaks: for a request its parser
+    refuses (bare LF, smuggling attempts, over-long lines...) aiohttp logs "Error handling
+    request" with an exception whose text quotes the raw request bytes -- the client's
+    Authorization header and body -- and answers with that text (aiohttp web_protocol.py
+    `handle_error`). Here the refusal is recorded by its error class only and answered with
+    an OpenAI-style error that quotes nothing."""
+
+    refused: RefusalHook | None = None
+
+    def handle_error(self, request: BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        kind = type(exc).__name__ if exc is not None else "error"
+        # (A handler's own exception, status 500, was logged by aiohttp before this call.)
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response had begun; the connection is cut instead")
+        if self.refused is not None:
+            self.refused(request.remote, status, kind)
+        text = ("the request is not valid HTTP/1.1" if status < 500
+                else "internal error in the gateway")
+        resp = json_response({"error": {"message": text, "type": "invalid_request_error"
+                                        if status < 500 else "server_error",
+                                        "param": None, "code": "bad_request"
+                                        if status < 500 else "internal_error"}}, status)
+        resp.headers["Server"] = "sovereignd"  # no app here to run _server_header
+        resp.force_close()
+        return resp
 
 
 def _no_emit(_event: str, **_fields: Any) -> None:
@@ -66,6 +102,7 @@ class Gateway:
         self.host, self.port = host, port
         self.loopback = is_loopback(host)
         self.admin_check: AdminCheck | None = None
+        self.on_refused: RefusalHook | None = None
         self.app = web.Application(client_max_size=cfg.gateway.max_body)
         self.app.on_response_prepare.append(_server_header)
         self.app.router.add_get("/healthz", self.healthz)
@@ -95,8 +132,17 @@ class Gateway:
         emit = self.events.emit if self.events is not None else _no_emit
         server = self._runner.server
         assert server is not None
+        loop = asyncio.get_running_loop()
+        # The handler's settings as aiohttp's own Server would pass them (Server.__call__).
+        settings = dict(getattr(server, "_kwargs", {}))
+
+        def handler() -> RequestHandler:
+            h = _Handler(server, loop=loop, **settings)
+            h.refused = self.on_refused
+            return h
+
         self._listener = Listener(
-            sock, server, max_total=self.max_connections,
+            sock, handler, max_total=self.max_connections,
             max_per_address=self.max_per_address, ssl_context=tls,
             refused=Summarised(emit, "connections_refused", 10.0),
             exhausted=Summarised(emit, "descriptors_exhausted", 10.0, level="error"))

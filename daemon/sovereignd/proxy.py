@@ -42,15 +42,21 @@ from sovereignd.upstream import (
 # Not passed to the server: hop-by-hop fields (and those the client's Connection field names),
 # framing (the upstream client writes its own), the client's credentials, and Accept-Encoding
 # (the gateway asks for identity: usage is read from the bodies, and loopback needs no
-# compression).
+# compression). Nor what a client may claim about where it is (the server would log a spoofed
+# address; X-Forwarded-For is set from the real peer instead) or its cookies (the API uses keys).
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "proxy-connection", "te", "trailer", "trailers", "transfer-encoding",
                         "upgrade", "host", "content-length", "expect", "authorization",
-                        "api-key", "x-api-key", "x-request-id", "accept-encoding"})
-# Content-Encoding is kept: should a server compress anyway, the client must know.
+                        "api-key", "x-api-key", "x-request-id", "accept-encoding",
+                        "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
+                        "x-forwarded-port", "forwarded", "x-real-ip", "cookie"})
+# Content-Encoding is kept: should a server compress anyway, the client must know. Fields the
+# server's Connection header names are hop-by-hop too (RFC 9110 7.6.1); the server sets no
+# cookies and asks no proxy credentials of the gateway's clients.
 RESPONSE_DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length",
                            "server", "date", "x-request-id", "trailer", "upgrade",
-                           "proxy-connection"})
+                           "proxy-connection", "set-cookie", "set-cookie2",
+                           "proxy-authenticate"})
 # Making a connection to a loopback server takes microseconds; seconds mean it is stuck.
 CONNECT_TIMEOUT = 5.0
 MAX_RECORDED_PATH = 512
@@ -221,6 +227,15 @@ class Proxy:
                           "admin_required")
         return None
 
+    def record_refusal(self, remote: str | None, status: int, kind: str) -> None:
+        """A request the HTTP parser refused before any handler ran: recorded like every
+        other request, by its error class (never by its bytes, which may hold a key)."""
+        self._finish({
+            "id": secrets.token_hex(12), "client": None, "method": None, "path": "-",
+            "model": None, "status": status, "stream": False, "latency_ms": 0.0,
+            "ttfb_ms": None, "ttft_ms": None, "prompt_tokens": None, "completion_tokens": None,
+            "bytes_in": 0, "bytes_out": 0, "remote": remote, "error": f"http_parser_{kind}"})
+
     # --- the request path -----------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -321,6 +336,8 @@ class Proxy:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in drop]
         headers.append(("Authorization", f"Bearer {upstream.key}"))
         headers.append(("X-Request-ID", rid))
+        if request.remote:
+            headers.append(("X-Forwarded-For", request.remote))
         target = upstream.target
         if target != self._target:
             if self._target is not None:
@@ -338,7 +355,10 @@ class Proxy:
         try:
             rec["ttfb_ms"] = round((time.perf_counter() - t0) * 1000, 3)
             rec["status"] = up.status
-            out_headers = [(k, v) for k, v in up.headers if k.lower() not in RESPONSE_DROP]
+            named_up = {t.strip().lower() for k, v in up.headers if k.lower() == "connection"
+                        for t in v.split(",")}
+            out_headers = [(k, v) for k, v in up.headers
+                           if k.lower() not in RESPONSE_DROP and k.lower() not in named_up]
             out_headers.append(("X-Request-ID", rid))
             if up.content_type == "text/event-stream":
                 return await self._stream(request, up, out_headers, rec, t0=t0,

@@ -1,0 +1,104 @@
+"""What clients without a key (or with malformed requests) can do to the gateway, and cannot."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.harness import Daemon
+from tests.helpers import wait_for
+from tests.test_gateway import add_key, records
+
+MakeDaemon = Callable[..., Daemon]
+PROMPT = "PROMPT-SECRET-7f3a"
+
+
+def raw(d: Daemon, data: bytes, timeout: float = 5) -> bytes:
+    """Send bytes as they are; return everything the gateway answers until it closes."""
+    with socket.create_connection(("127.0.0.1", d.port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return out
+
+
+@pytest.fixture
+def gw(make_daemon: MakeDaemon) -> tuple[Daemon, str]:
+    d = make_daemon(behaviour={"default": {"echo_headers": True, "response_headers": {
+        "Set-Cookie": "track=1", "Proxy-Authenticate": "Basic", "Connection": "X-Internal",
+        "X-Internal": "server-only", "X-Kept": "yes"}}})
+    key = add_key(d, "alice")
+    d.start()
+    d.wait_state("READY")
+    return d, key
+
+
+def malformed(key: str) -> dict[str, bytes]:
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": PROMPT}]})
+    auth = f"Authorization: Bearer {key}".encode()
+    n = str(len(body)).encode()
+    return {
+        "bare_lf": b"POST /v1/chat/completions HTTP/1.1\nHost: x\n" + auth
+                   + b"\nContent-Length: " + n + b"\n\n" + body.encode(),
+        "cl_and_te": b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth
+                     + b"\r\nContent-Length: " + n + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + body.encode(),
+        "long_line": b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\nX-Pad: "
+                     + b"a" * 20000 + b"\r\n\r\n",
+        "space_before_colon": b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth
+                              + b"\r\nContent-Length : " + n + b"\r\n\r\n" + body.encode(),
+    }
+
+
+def test_parser_refusals_quote_no_bytes_log_only_json_and_are_recorded(
+        gw: tuple[Daemon, str]) -> None:
+    """A request the HTTP parser refuses gets a 400 that quotes nothing, a request record with
+    its error class, and no line anywhere that holds the client's key or prompt."""
+    d, key = gw
+    cases = malformed(key)
+    for name, data in cases.items():
+        answer = raw(d, data)
+        assert answer.split(b" ", 2)[1] == b"400", (name, answer[:200])
+        assert b"aiohttp" not in answer
+        assert key.encode() not in answer and PROMPT.encode() not in answer, name
+    wait_for(lambda: len([r for r in records(d) if r["status"] == 400]) >= len(cases), 5,
+             what="records of the refusals")
+    refused = [r for r in records(d) if r["status"] == 400]
+    assert all(r["error"].startswith("http_parser_") and r["remote"] == "127.0.0.1"
+               for r in refused)
+    assert d.stop() == 0
+    for stream in (d.stderr, d.stdout, d.logs / "events.log"):
+        text = stream.read_text()
+        assert key not in text and PROMPT not in text, stream
+        for line in text.splitlines():
+            json.loads(line)  # every line the daemon writes is a JSON event
+
+
+def test_forwarding_headers_and_cookies_do_not_cross(gw: tuple[Daemon, str]) -> None:
+    d, key = gw
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 2}).encode()
+    answer = raw(d, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                 + key.encode() + b"\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Host: evil\r\n"
+                 b"Forwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nCookie: s=1\r\n"
+                 b"Connection: close\r\nContent-Type: application/json\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer[:300]
+    seen: dict[str, Any] = {k.lower(): v for k, v in
+                            json.loads(payload)["request_headers"].items()}
+    for name in ("x-forwarded-host", "forwarded", "x-real-ip", "cookie"):
+        assert name not in seen, name
+    assert seen["x-forwarded-for"] == "127.0.0.1"  # the real peer, not the claimed one
+    back = head.lower()
+    for name in (b"set-cookie", b"proxy-authenticate", b"x-internal"):
+        assert b"\r\n" + name + b":" not in back, name
+    assert b"\r\nx-kept: yes" in back
