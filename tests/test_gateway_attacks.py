@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from collections.abc import Callable
@@ -102,3 +103,36 @@ def test_forwarding_headers_and_cookies_do_not_cross(gw: tuple[Daemon, str]) -> 
     for name in (b"set-cookie", b"proxy-authenticate", b"x-internal"):
         assert b"\r\n" + name + b":" not in back, name
     assert b"\r\nx-kept: yes" in back
+
+
+def expect_exchange(d: Daemon, path: str, key: str) -> tuple[bytes, bytes]:
+    """Send headers with `Expect: 100-continue`; the first answer, then (if invited) the final
+    one after the body."""
+    body = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 2}).encode()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                  "Content-Type: application/json\r\nExpect: 100-continue\r\nConnection: close"
+                  f"\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        first = s.recv(65536)
+        if not first.startswith(b"HTTP/1.1 100"):
+            return first, b""
+        s.sendall(body)
+        rest = b""
+        with contextlib.suppress(TimeoutError):
+            while chunk := s.recv(65536):
+                rest += chunk
+        return first, rest
+
+
+def test_100_continue_only_after_route_and_key_are_checked(gw: tuple[Daemon, str]) -> None:
+    d, key = gw
+    first, _ = expect_exchange(d, "/v1/completions", "sk-sov-" + "x" * 43)
+    assert first.startswith(b"HTTP/1.1 401"), first[:100]
+    first, _ = expect_exchange(d, "/invocations", key)
+    assert first.startswith(b"HTTP/1.1 404"), first[:100]
+    first, rest = expect_exchange(d, "/v1/completions", key)
+    assert first.startswith(b"HTTP/1.1 100 Continue"), first[:100]
+    assert (first + rest).split(b"\r\n\r\n", 1)[1].startswith(b"HTTP/1.1 200"), rest[:200]
+    wait_for(lambda: len([r for r in records(d) if r["status"] in (401, 404)]) >= 2, 5,
+             what="the refusals recorded")
+    assert len(d.events("auth_failed")) == 1  # the key was checked once, not twice

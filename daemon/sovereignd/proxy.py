@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from sovereignd.backends import Backend
 from sovereignd.config import Config
@@ -198,10 +198,28 @@ class Proxy:
 
     def install(self, app: web.Application) -> None:
         """Route everything not otherwise routed (the health endpoints) through the proxy."""
-        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.router.add_route("*", "/{tail:.*}", self.handle, expect_handler=self._expect)
 
     async def close(self) -> None:
         await self._upstream.close()
+
+    async def _expect(self, request: web.Request) -> None:
+        """`Expect: 100-continue` (RFC 9110 10.1.1): invite the body only once route, method
+        and key are known good; otherwise say nothing, and the handler's refusal (404, 405,
+        401) is the final answer, recorded as usual, before the client sends its body."""
+        if request.version != HttpVersion11:
+            return
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text="only Expect: 100-continue is understood")
+        raw = request.rel_url.raw_path
+        if not (safe_path(raw) and self.backend.allowed(request.method, raw)):
+            return
+        outcome = self.keys.check(_bearer(request))
+        request["auth_outcome"] = outcome  # checked once: the handler reuses it
+        if outcome.client is None:
+            return
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's own handler: the response has not begun
 
     async def _verify_listener(self, target: Target) -> None:
         """Before every new TCP connection to the server: the port's listener must be the
@@ -290,7 +308,7 @@ class Proxy:
         if not self.backend.allowed(request.method, request.rel_url.raw_path):
             raise _Refused(405, f"Method {request.method} not allowed on {raw}",
                            "invalid_request_error", "method_not_allowed")
-        outcome = self.keys.check(_bearer(request))
+        outcome = request.get("auth_outcome") or self.keys.check(_bearer(request))
         if outcome.client is None:
             self.metrics.auth_failures.labels(reason=outcome.reason).inc()
             self.events.emit("auth_failed", level="warning", path=raw,
