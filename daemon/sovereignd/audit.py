@@ -964,7 +964,9 @@ def _activity_control(i: _Inputs, stats: dict[str, Any]) -> Control:
     c.fact("latency_ms_p50", "Latency p50 (ms)", total["latency_ms_p50"])
     c.fact("latency_ms_p99", "Latency p99 (ms)", total["latency_ms_p99"])
     auth = i.history.in_period(i.period, "auth_failed")
-    c.fact("auth_failures", "Failed authentications (event log)", len(auth))
+    # auth_failed events are summarised: each carries the count it stands for.
+    c.fact("auth_failures", "Failed authentications (event log)",
+           sum(int(e.get("count", 1)) for e in auth))
     columns = ["requests", "errors", "error rate", "prompt tokens", "completion tokens",
                "p50 ms", "p99 ms"]
 

@@ -299,6 +299,14 @@ class GatewaySection:
     client_rate: int = setting(
         "Requests per minute one client may start (0 = unlimited); more get 429.",
         _int_range(0, 10_000_000), 0)
+    auth_failures_per_minute: int = setting(
+        "Failed authentications one client address may make per minute (bursts of a tenth of "
+        "that, at least 5); beyond it, requests from that address that fail authentication "
+        "get 429 with Retry-After. Requests with a valid key are never throttled by this.",
+        _int_range(1, 10_000_000), 60)
+    auth_event_interval: float = setting(
+        "auth_failed events are summarised per client address and reason: the first at once, "
+        "then one per interval with a count.", _duration(0.1), 60.0)
 
 
 @dataclass(frozen=True)
@@ -401,6 +409,14 @@ class RequestsSection:
         "Rotated files kept (0 = all).", _int_range(0, 10_000_000), 0)
     max_age: float = setting("Rotated files older than this are removed (0 = never).",
                              _duration(), 0.0)
+    max_total_bytes: int = setting(
+        "Rotated request files are removed, oldest first, once together they exceed this size "
+        "(0 = no cap): a flood cannot fill the disk. Removals are listed in the retention "
+        "ledger, which `logs verify` checks.", _size, 8 * 2**30)
+    warn_free_bytes: int = setting(
+        "A `requests.space_low` event (and the sovereignd_request_log_disk_free_bytes gauge) "
+        "warns while the log folder's file system has less free space than this, or while "
+        "the request files exceed 80% of requests.max_total_bytes.", _size, 2 * 2**30)
     record_bodies: str = setting(
         "none: no content; hash: SHA-256 of request and response bodies; full: the bodies.",
         _choice("none", "hash", "full"), "none")

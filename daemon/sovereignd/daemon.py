@@ -13,7 +13,16 @@ from typing import Any
 
 import uvloop
 
-from sovereignd import __version__, backends, fdlimit, guards, integrity, memory, upgrade
+from sovereignd import (
+    __version__,
+    backends,
+    fdlimit,
+    guards,
+    integrity,
+    memory,
+    recordspace,
+    upgrade,
+)
 from sovereignd.config import Config
 from sovereignd.control import ControlServer
 from sovereignd.eventlog import EventLog
@@ -105,6 +114,8 @@ async def _main(cfg: Config, allow_root: bool) -> int:
                                      checkpoint_interval=cfg.requests.checkpoint_interval),
                             name="requestlog"),
         asyncio.create_task(usage_flusher(keys, stop_background), name="key-usage"),
+        asyncio.create_task(recordspace.watch(cfg, events.emit, metrics.set_record_space,
+                                              stop_background), name="record-space"),
     ]
     try:
         await gateway.start()

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import HttpVersion11, web
 
+from sovereignd.authguard import AuthFailures
 from sovereignd.backends import Backend
 from sovereignd.config import Config
 from sovereignd.eventlog import EventLog
@@ -29,6 +30,7 @@ from sovereignd.gateway import RETRY_AFTER
 from sovereignd.keys import Client, KeyStore
 from sovereignd.metrics import Metrics
 from sovereignd.requestlog import RequestLog, RequestLogError
+from sovereignd.summary import Summarised
 from sovereignd.supervisor import Supervisor
 from sovereignd.upstream import Response as UpstreamResponse
 from sovereignd.upstream import (
@@ -187,6 +189,8 @@ class Proxy:
         self.events = events
         g = cfg.gateway
         self.limits = ClientLimits(g.client_concurrency, g.client_rate)
+        self._auth_failures = AuthFailures(g.auth_failures_per_minute)
+        self._auth_events = Summarised(events.emit, "auth_failed", g.auth_event_interval)
         self._upstream = UpstreamClient(connect_timeout=CONNECT_TIMEOUT,
                                         before_connect=self._verify_listener)
         self._target: Target | None = None
@@ -201,6 +205,7 @@ class Proxy:
         app.router.add_route("*", "/{tail:.*}", self.handle, expect_handler=self._expect)
 
     async def close(self) -> None:
+        self._auth_events.flush(everything=True)
         await self._upstream.close()
 
     async def _expect(self, request: web.Request) -> None:
@@ -311,8 +316,15 @@ class Proxy:
         outcome = request.get("auth_outcome") or self.keys.check(_bearer(request))
         if outcome.client is None:
             self.metrics.auth_failures.labels(reason=outcome.reason).inc()
-            self.events.emit("auth_failed", level="warning", path=raw,
-                             remote=request.remote, **outcome.log_fields())
+            remote = request.remote or "-"
+            self._auth_events.note(f"{remote} {outcome.reason}", path=raw, remote=remote,
+                                   **outcome.log_fields())
+            retry = self._auth_failures.fail(remote)
+            if retry is not None:
+                raise _Refused(429, "too many failed authentications from this address",
+                               "rate_limit_error", "auth_throttled",
+                               headers={"Retry-After": str(max(1, round(retry)))},
+                               error="auth_throttled")
             message = ("Missing API key: send Authorization: Bearer <key>"
                        if outcome.reason == "missing" else "Invalid API key")
             raise _Refused(401, message, "invalid_request_error", "invalid_api_key",
