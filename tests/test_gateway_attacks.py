@@ -136,3 +136,41 @@ def test_100_continue_only_after_route_and_key_are_checked(gw: tuple[Daemon, str
     wait_for(lambda: len([r for r in records(d) if r["status"] in (401, 404)]) >= 2, 5,
              what="the refusals recorded")
     assert len(d.events("auth_failed")) == 1  # the key was checked once, not twice
+
+
+def pipelined(d: Daemon, n: int, key: str | None = None) -> list[bytes]:
+    """`n` pipelined GET /v1/models on one connection; the status codes of the answers."""
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    req = f"GET /v1/models HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=30) as s:
+        s.sendall(req * n)
+        out = b""
+        while out.count(b"HTTP/1.1 ") < n:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            out += chunk
+    return [part[:3] for part in out.split(b"HTTP/1.1 ")[1:]]
+
+
+def test_unauthenticated_flood_is_throttled_summarised_and_recorded(
+        make_daemon: MakeDaemon) -> None:
+    """2,000 pipelined requests without a key: a burst of 401s, then 429 with Retry-After;
+    a handful of auth_failed events with counts; every request recorded; a valid key from
+    the same address still served."""
+    d = make_daemon({"gateway": {"auth_failures_per_minute": 60, "auth_event_interval": "1h"}})
+    key = add_key(d, "alice")
+    d.start()
+    d.wait_state("READY")
+    codes = [c for _ in range(4) for c in pipelined(d, 500)]
+    assert len(codes) == 2000
+    assert codes.count(b"401") <= 8 and codes.count(b"429") >= 1990
+    assert pipelined(d, 1, key) == [b"200"]
+    assert d.stop() == 0
+    events = d.events("auth_failed")
+    assert len(events) <= 3
+    assert sum(e["count"] for e in events) == 2000
+    assert all(e["remote"] == "127.0.0.1" for e in events)
+    refused = [r for r in records(d) if r["status"] in (401, 429)]
+    assert len(refused) == 2000
+    assert {r["error"] for r in refused} <= {"auth_missing", "auth_throttled"}
