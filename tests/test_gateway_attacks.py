@@ -174,3 +174,41 @@ def test_unauthenticated_flood_is_throttled_summarised_and_recorded(
     refused = [r for r in records(d) if r["status"] in (401, 429)]
     assert len(refused) == 2000
     assert {r["error"] for r in refused} <= {"auth_missing", "auth_throttled"}
+
+
+EVIL = "\u001b[1A\u001b[2Kall clear\u202egnp.exe\u009b31m"
+
+
+def test_control_and_bidi_characters_never_reach_a_terminal_or_report(
+        make_daemon: MakeDaemon) -> None:
+    """A model name and a prompt holding ESC sequences, C1 and a right-to-left override are
+    shown escaped by `logs tail` (requests, events, server output) and in the audit."""
+    from tests.harness import http
+    from tests.helpers import run_cli
+
+    d = make_daemon({"server": {"content_lines": "keep"}},
+                    behaviour={"default": {"log_content": True}})
+    key = add_key(d, "alice")
+    d.start()
+    d.wait_state("READY")
+    chat = {"model": EVIL, "messages": [{"role": "user", "content": EVIL}], "max_tokens": 2}
+    http("POST", d.url + "/v1/chat/completions", chat, {"Authorization": f"Bearer {key}"})
+    http("GET", d.url + "/v1/models", headers={"Authorization": "Bearer sk-\x1b[2J"})
+    wait_for(lambda: any(EVIL in str(r.get("model")) for r in records(d)), 5, what="record")
+    wait_for(lambda: EVIL in (d.logs / "server.log").read_text(encoding="utf-8")
+             or "\\u001b[1A" in (d.logs / "server.log").read_text(), 5, what="server line")
+    outputs = {}
+    for source in ("--requests", "--events", "--server"):
+        res = run_cli("logs", "tail", source, "-n", "50", "--config", str(d.config_path))
+        assert res.returncode == 0, res.stderr
+        outputs[source] = res.stdout
+    for fmt in ("md", "html"):
+        res = run_cli("audit", "--format", fmt, "--config", str(d.config_path))
+        assert res.returncode in (0, 1), res.stderr
+        outputs[fmt] = res.stdout
+    for name, text in outputs.items():
+        for ch in ("\x1b", "\u202e", "\x9b"):
+            assert ch not in text, (name, ch)
+    assert "\\x1b[1A\\x1b[2Kall clear\\u202egnp.exe\\x9b31m" in outputs["--requests"]
+    assert "\\x1b[1A" in outputs["--server"]
+    assert "\\u202e" in outputs["md"] and "\\u202e" in outputs["html"]
