@@ -9,12 +9,16 @@ import os
 import resource
 import signal
 import socket
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from tests.harness import Daemon, http
-from tests.helpers import run_cli, wait_for
+from tests.helpers import cli_env, run_cli, wait_for
 
 MakeDaemon = Callable[..., Daemon]
 FLOOD = 1100
@@ -82,3 +86,63 @@ def test_idle_connection_flood_under_256_descriptors_leaves_supervision_intact(
     stderr = d.stderr.read_text()
     assert "Too many open files" not in stderr and "EMFILE" not in stderr
     assert not d.events("supervisor_crash")
+
+
+# The gateway's accept loop alone, in a process with a tiny descriptor limit and caps far
+# above it: accept() itself runs out of descriptors (EMFILE).
+ACCEPTOR = textwrap.dedent("""
+    import asyncio, json, resource, socket, sys
+    import uvloop
+    from sovereignd.listener import Listener
+    from sovereignd.summary import Summarised
+
+    def emit(name, **fields):
+        print(json.dumps({"event": name, **fields}), flush=True)
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+        def data_received(self, data):
+            self.transport.write(data)
+
+    async def main():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[1])))
+        sock = socket.create_server(("127.0.0.1", 0))
+        listener = Listener(sock, Echo, max_total=100000, max_per_address=100000,
+                            ssl_context=None,
+                            refused=Summarised(emit, "connections_refused", 3600),
+                            exhausted=Summarised(emit, "descriptors_exhausted", 3600))
+        listener.start()
+        emit("listening", port=sock.getsockname()[1])
+        await asyncio.get_running_loop().connect_read_pipe(asyncio.Protocol, sys.stdin)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+""")
+
+
+def test_accept_out_of_descriptors_pauses_and_resumes_without_losing_the_listener(
+        tmp_path: Path) -> None:
+    """EMFILE from accept() is temporary: one event, accepting pauses, and once descriptors
+    are free again new connections are served, on uvloop as the daemon runs."""
+    proc = subprocess.Popen([sys.executable, "-c", ACCEPTOR, "64"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=cli_env(None))
+    assert proc.stdout is not None
+    try:
+        port = json.loads(proc.stdout.readline())["port"]
+        socks = open_flood(port, 200)
+        line = json.loads(proc.stdout.readline())
+        assert line["event"] == "descriptors_exhausted" and line["error"] == "EMFILE"
+        for s in socks:
+            s.close()
+
+        def echoed() -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
+                c.sendall(b"ping")
+                return c.recv(4) == b"ping"
+
+        assert wait_for(echoed, 20, interval=0.2, what="accepting again")
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.communicate()

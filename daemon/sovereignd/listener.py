@@ -1,9 +1,11 @@
 """The gateway's accept loop: connection caps and descriptor exhaustion handled where they
 happen, so a flood of idle connections can never starve supervision of file descriptors.
 
-Why our own loop: on EMFILE uvloop closes the listening socket for good ("error status in
-uv_stream_t.listen callback", `UVStreamServer._fatal_error` closes the handle: uvloop
-handles/streamserver.pyx), and asyncio retries after logging each failure. Here:
+Why our own loop: neither asyncio's nor uvloop's server caps connections, and on EMFILE the
+standard loop reports every failed accept through the loop's exception handler ("socket.accept()
+out of system resource", asyncio/selector_events.py) while uvloop's libuv silently accepts and
+closes the waiting connections (libuv `uv__emfile_trick`, seen here: the listener survives, the
+clients get resets, nothing is logged). Here:
 
 - connections beyond `max_total`, or beyond `max_per_address` from one client address, are
   answered `503` with `Retry-After` and closed at once (nginx's `limit_conn` answers 503);
