@@ -25,6 +25,7 @@ IMPOSTOR = textwrap.dedent("""
     import socket, sys, threading
     port, out = int(sys.argv[1]), sys.argv[2]
     srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, as fast as can be
     srv.bind(("127.0.0.1", port))
     srv.listen()
     open(out + ".ready", "w").close()
