@@ -22,11 +22,19 @@ MakeDaemon = Callable[..., Daemon]
 # A listener that answers nothing and writes every byte it receives to a file: whatever the
 # daemon would send an impostor (probes, the key, client requests) ends up there.
 IMPOSTOR = textwrap.dedent("""
-    import socket, sys, threading
-    port, out = int(sys.argv[1]), sys.argv[2]
+    import socket, sys, threading, time
+    port, out, patience = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, as fast as can be
-    srv.bind(("127.0.0.1", port))
+    deadline = time.monotonic() + patience
+    while True:  # the first free moment of the port (a killed server takes a moment to go)
+        try:
+            srv.bind(("127.0.0.1", port))
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.002)
     srv.listen()
     open(out + ".ready", "w").close()
     def take(conn):
@@ -40,11 +48,12 @@ IMPOSTOR = textwrap.dedent("""
 """)
 
 
-def start_impostor(port: int, out: Path, prefix: list[str] | None = None
-                   ) -> subprocess.Popen[bytes]:
+def start_impostor(port: int, out: Path, prefix: list[str] | None = None,
+                   patience: float = 0.0) -> subprocess.Popen[bytes]:
+    """A process of its own holding `port` (waiting up to `patience` seconds for it)."""
     proc = subprocess.Popen([*(prefix or []), sys.executable, "-c", IMPOSTOR, str(port),
-                             str(out)])
-    wait_for(lambda: Path(str(out) + ".ready").exists() or proc.poll() is not None, 10,
+                             str(out), str(patience)])
+    wait_for(lambda: Path(str(out) + ".ready").exists() or proc.poll() is not None, 10 + patience,
              what="impostor listening")
     assert proc.poll() is None, "the impostor could not bind"
     return proc

@@ -296,8 +296,12 @@ class Supervisor:
         """Whether the server's TCP port is held by the server this daemon started (its
         socket in the descriptors of the server's processes)."""
         s, server = self.cfg.server, self._server
-        pids = [m.pid for m in server.members()] if server is not None else []
-        return await asyncio.to_thread(serversock.check_listener, s.host, s.port, pids)
+
+        def check() -> serversock.ListenerCheck:  # reads /proc: off the loop
+            pids = [m.pid for m in server.members()] if server is not None else []
+            return serversock.check_listener(s.host, s.port, pids)
+
+        return await asyncio.to_thread(check)
 
     async def _probe_guard(self) -> tuple[str, dict[str, Any] | None] | None:
         check = await self.verify_listener()

@@ -129,7 +129,7 @@ def test_mlx_port_taken_after_a_crash_is_never_talked_to(mlx_daemon: Daemon,
     seen = len(d.events("port_impostor"))
     got = tmp_path / "impostor.bytes"
     os.kill(pid, signal.SIGKILL)
-    impostor = start_impostor(d.server_port, got)
+    impostor = start_impostor(d.server_port, got, patience=10)
     try:
         wait_for(lambda: len(d.events("port_impostor")) > seen, 60, what="impostor refused")
         assert d.events("port_impostor")[-1]["holder"]["pid"] == impostor.pid
