@@ -55,7 +55,7 @@ class _Handler(RequestHandler):
         # (A handler's own exception, status 500, was logged by aiohttp before this call.)
         if request.writer.output_size > 0:
             raise ConnectionError("the response had begun; the connection is cut instead")
-        if self.refused is not None:
+        if self.refused is not None and status < 500:  # (a handler's 500: it recorded it)
             self.refused(request.remote, status, kind)
         text = ("the request is not valid HTTP/1.1" if status < 500
                 else "internal error in the gateway")
