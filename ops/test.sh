@@ -8,10 +8,12 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
 # Debian packages the tests need, installed once when we may: a test lints every script in
-# ops/ with shellcheck; another renders the audit report's HTML in headless chromium.
+# ops/ with shellcheck; another renders the audit report's HTML in headless chromium; another
+# lints (and, in the root tier, loads) ops/linux/sovereignd.nft with nft.
 missing=()
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=(nftables)
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "test: installing ${missing[*]} (Debian packages)" >&2

@@ -80,6 +80,7 @@ class Daemon:
             "server": {
                 "model": str(self.model),
                 "port": self.server_port,
+                "transport": "tcp",  # tests reach the stand-in's port directly
                 "drain": "1s",
                 "stop_grace": "3s",
                 "start_timeout": "20s",
@@ -114,10 +115,11 @@ class Daemon:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, extra_args: tuple[str, ...] = (),
-              env: dict[str, str] | None = None) -> None:
+              env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()) -> None:
+        """`prefix`: a program the daemon runs under, e.g. `prlimit --nofile=256:256 --`."""
         with self.stdout.open("ab") as out, self.stderr.open("ab") as err:
             self.proc = subprocess.Popen(
-                cli_argv("run", "--config", str(self.config_path), *extra_args),
+                [*prefix, *cli_argv("run", "--config", str(self.config_path), *extra_args)],
                 stdout=out, stderr=err, env=cli_env(env), start_new_session=True)
 
     # --- observing ----------------------------------------------------------------------------

@@ -19,7 +19,8 @@ def load(tmp_path: Path, server: str) -> config.Config:
 
 
 def test_vllm_gets_the_key_in_its_environment_only(tmp_path: Path) -> None:
-    cfg = load(tmp_path, "  served_model_name: m\n  args: [--max-model-len, '512']\n")
+    cfg = load(tmp_path, "  served_model_name: m\n  args: [--max-model-len, '512']\n"
+                         "  transport: tcp\n")
     b = for_config(cfg)
     argv = b.argv(cfg, "KEY123")
     assert argv == ["vllm", "serve", str(tmp_path / "model"),
@@ -31,6 +32,21 @@ def test_vllm_gets_the_key_in_its_environment_only(tmp_path: Path) -> None:
     assert env["HF_HUB_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == "1"
     assert env["HF_DATASETS_OFFLINE"] == "1"
     assert not b.key_in_argv and not b.logs_content
+
+
+def test_vllm_serves_on_a_private_unix_socket_by_default(tmp_path: Path) -> None:
+    cfg = load(tmp_path, "")
+    argv = for_config(cfg).argv(cfg, "K")
+    assert argv[argv.index("--uds") + 1] == str(tmp_path / "logs" / "srv" / "server.sock")
+    assert "--port" not in argv and "--host" not in argv
+
+
+def test_vllm_mlx_serves_on_tcp_by_default_and_refuses_unix(tmp_path: Path) -> None:
+    cfg = load(tmp_path, "  backend: vllm-mlx\n  command: [vllm-mlx, serve]\n")
+    assert cfg.server_uds is None
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, "  backend: vllm-mlx\n  command: [vllm-mlx, serve]\n  transport: unix\n")
+    assert {p.path for p in err.value.problems} == {"server.transport"}
 
 
 def test_vllm_on_a_unix_socket(tmp_path: Path) -> None:

@@ -68,7 +68,8 @@ def test_real_startup_failures_are_classified_deterministic(name: str) -> None:
     backend, code, kind = CAPTURED[name]
     failure = classify_exit(code, tail(name), BACKENDS[backend].patterns, "starting")
     assert failure.kind == kind, failure
-    assert failure.deterministic and failure.mitigation
+    # A taken port is not: another account may hold it for a moment (retried with backoff).
+    assert failure.deterministic == (kind != "port-in-use") and failure.mitigation
     assert failure.evidence  # the line that proved it, for the event log
 
 

@@ -189,6 +189,8 @@ def test_macos_pf_anchor_lets_the_account_reach_loopback_only() -> None:
     rules = [ln for ln in (OPS / "macos" / "pf.anchors" / "org.sovereignd").read_text()
              .splitlines() if ln.strip() and not ln.startswith("#")]
     assert rules == ["pass out quick on lo0 proto { tcp udp } user _sovereignd keep state",
+                     "block return out quick on lo0 proto tcp from any to any port 8001 "
+                     "user != _sovereignd",
                      "block drop out log quick proto { tcp udp } user _sovereignd"]
 
 

@@ -124,8 +124,10 @@ def test_no_secret_and_no_kernel_wide_limits_in_the_plist(cfg: config.Config,
     assert b"hf_not_a_real_secret" not in data and b"HF_TOKEN" not in data
     assert set(plist["EnvironmentVariables"]) == {"HOME", "PATH", "LANG"}
     assert not re.search(rb"(?i)<key>[^<]*(key|token|secret|password)[^<]*</key>", data)
+    # Descriptors: above launchd's default soft limit (256), below the kernel's per-process
+    # maximum (10240), so that the kernel-wide limits are never raised as a side effect.
     for key in ("SoftResourceLimits", "HardResourceLimits"):
-        assert key not in plist
+        assert plist[key] == {"NumberOfFiles": 8192}
 
 
 # --- newsyslog.conf(5) --------------------------------------------------------------------

@@ -155,16 +155,21 @@ def test_missing_model_directory_is_fatal_before_spawning(make_daemon: MakeDaemo
     assert "does not exist" in st["reason"] and d.starts() == []
 
 
-def test_server_port_in_use_is_fatal_before_spawning(make_daemon: MakeDaemon) -> None:
+def test_server_port_in_use_backs_off_without_spawning_then_serves(
+        make_daemon: MakeDaemon) -> None:
+    """Whoever holds the port may let it go: a start failure retried with backoff, not FATAL."""
     import socket
 
-    d = make_daemon()
+    d = make_daemon({"restart": {"max_failures": 100}})
     with socket.socket() as s:
         s.bind(("127.0.0.1", d.server_port))
         s.listen()
         d.start()
-        st = d.wait_state("FATAL")
-    assert "already in use" in st["reason"] and d.starts() == []
+        wait_for(lambda: len(d.events("port_impostor")) >= 2, 20, what="two refused starts")
+        assert d.starts() == [] and "FATAL" not in {t for _, t in d.transitions()}
+        holder = d.events("port_impostor")[0]["holder"]
+        assert holder["pid"] == os.getpid() and holder["uid"] == os.getuid()
+    d.wait_state("READY")
 
 
 def test_sigterm_drains_stops_whole_group_and_exits_zero(make_daemon: MakeDaemon) -> None:

@@ -158,8 +158,10 @@ def test_tail_f_follows_the_daemon_across_rotations(make_daemon: MakeDaemon,
                                                    tmp_path: Path) -> None:
     """Real daemon, tiny rotation sizes, `logs tail -f` as processes stopped by SIGTERM and
     SIGINT: their output is the logs' records, one for one."""
-    d = make_daemon({"logs": {"max_bytes": "2KiB", "keep": 200},
-                     "requests": {"rotate_bytes": "2KiB", "compress": True}})
+    d = make_daemon({"logs": {"max_bytes": "1KiB", "keep": 200},
+                     "requests": {"rotate_bytes": "2KiB", "compress": True},
+                     # auth_failed events are summarised per interval: keep them frequent.
+                     "gateway": {"auth_event_interval": "100ms"}})
     alice = run_cli("keys", "add", "alice", "--config", str(d.config_path)).stdout.strip()
     bob = run_cli("keys", "add", "bob", "--config", str(d.config_path)).stdout.strip()
     d.start()

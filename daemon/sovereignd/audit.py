@@ -459,25 +459,26 @@ def _listen_control(i: _Inputs) -> Control:
     cfg = i.cfg
     host, _port = cfg.listen
     s = cfg.server
-    server_at = f"unix:{s.uds}" if s.uds else f"{s.host}:{s.port}"
+    uds = cfg.server_uds
+    server_at = f"unix:{uds}" if uds else f"{s.host}:{s.port}"
     c = Control("listen", SECTIONS[1], "Listen addresses", PASS,
                 f"gateway {cfg.gateway.listen} and server {server_at} are loopback only")
     c.fact("gateway", "Gateway (the only door)", cfg.gateway.listen)
     c.fact("gateway_loopback", "Gateway on loopback", is_loopback(host))
     c.fact("server", "Model server", server_at)
     c.fact("server_loopback", "Server on loopback or a socket",
-           s.uds is not None or is_loopback(s.host))
+           uds is not None or is_loopback(s.host))
     c.fact("tls", "TLS", cfg.gateway.tls_cert is not None,
            f"certificate {cfg.gateway.tls_cert}" if cfg.gateway.tls_cert else "no (loopback)")
     problems = []
     if not is_loopback(host):
         problems.append(f"the gateway listens on {host}, reachable from the network"
                         + (" with TLS" if cfg.gateway.tls_cert else " WITHOUT TLS"))
-    if s.uds is None and not is_loopback(s.host):
+    if uds is None and not is_loopback(s.host):
         problems.append(f"the model server listens on {s.host}: its unguarded routes "
                         "(/invocations, /tokenize) are reachable without the gateway")
     if problems:
-        remote_server = s.uds is None and not is_loopback(s.host)
+        remote_server = uds is None and not is_loopback(s.host)
         c.verdict = FAIL if remote_server or not cfg.gateway.tls_cert else WARN
         c.finding = "; ".join(problems)
     return c
@@ -963,7 +964,9 @@ def _activity_control(i: _Inputs, stats: dict[str, Any]) -> Control:
     c.fact("latency_ms_p50", "Latency p50 (ms)", total["latency_ms_p50"])
     c.fact("latency_ms_p99", "Latency p99 (ms)", total["latency_ms_p99"])
     auth = i.history.in_period(i.period, "auth_failed")
-    c.fact("auth_failures", "Failed authentications (event log)", len(auth))
+    # auth_failed events are summarised: each carries the count it stands for.
+    c.fact("auth_failures", "Failed authentications (event log)",
+           sum(int(e.get("count", 1)) for e in auth))
     columns = ["requests", "errors", "error rate", "prompt tokens", "completion tokens",
                "p50 ms", "p99 ms"]
 

@@ -26,6 +26,7 @@ from sovereignd.audit import (
     display_value,
     short_ts,
 )
+from sovereignd.textsafe import escape
 
 FORMATS = ("md", "html", "json")
 _EDGE_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
@@ -55,7 +56,7 @@ def _period(report: AuditReport) -> str:
 
 def _md(text: Any) -> str:
     """A value as Markdown table-cell text: escaped so paths and names render as written."""
-    out = display_value(text) if not isinstance(text, str) else short_ts(text)
+    out = escape(display_value(text) if not isinstance(text, str) else short_ts(text))
     for ch in ("\\", "|", "*", "`", "<", ">", "["):
         out = out.replace(ch, "\\" + ch)
     # Inside a word (HF_HUB_OFFLINE) an underscore is literal; only word edges need escaping.
@@ -148,7 +149,7 @@ code { font-size: 12px; }
 
 def _h(value: Any) -> str:
     text = display_value(value) if not isinstance(value, str) else short_ts(value)
-    return html.escape(text)
+    return html.escape(escape(text))
 
 
 def _html_table(columns: list[str], rows: list[list[Any]], cls: str = "") -> str:

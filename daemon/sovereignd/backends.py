@@ -157,8 +157,9 @@ class Backend:
         s = cfg.server
         model = [str(s.model)] if s.command[-1] == "serve" else ["--model", str(s.model)]
         argv = [*s.command, *model, "--served-model-name", cfg.model_name]
-        if s.uds is not None:
-            argv += ["--uds", str(s.uds)]
+        uds = cfg.server_uds
+        if uds is not None:
+            argv += ["--uds", str(uds)]
         else:
             argv += ["--host", s.host, "--port", str(s.port)]
         if s.drain > 0:
@@ -208,9 +209,11 @@ class VllmMlxBackend(Backend):
 
     Differences handled here: the model is positional; the key can only be given as
     `--api-key` (no environment variable), so it is visible in `ps` to local users for as
-    long as the server runs -- `check` says so, and ops/ has a loopback guard that stops
-    other local users from reaching the port; it has no drain option; it logs a preview of
-    every prompt at INFO, which `server.content_lines` redacts by default.
+    long as the server runs -- `check` says so; it serves on TCP only, so the daemon checks
+    before every connection that the port's listener is the server it started
+    (`serversock`), and ops/ has per-account firewall rules (nftables `meta skuid`, pf
+    `user`) that keep other local accounts off the port; it has no drain option; it logs a
+    preview of every prompt at INFO, which `server.content_lines` redacts by default.
     """
 
     name = "vllm-mlx"

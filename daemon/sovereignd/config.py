@@ -203,6 +203,10 @@ class DaemonSection:
     user: str | None = setting(
         "The service account the daemon is expected to run as; checked at start when set.",
         _opt_str, None, "_sovereignd")
+    reserved_fds: int = setting(
+        "File descriptors kept free for supervision (server pipes, probes, logs, file "
+        "watches): client connections are capped so that they never use these.",
+        _int_range(32, 1_000_000), 128)
 
 
 @dataclass(frozen=True)
@@ -226,8 +230,14 @@ class ServerSection:
         _str, "127.0.0.1")
     port: int = setting("Internal port of the server.", _int_range(1, 65535), 8001)
     uds: Path | None = setting(
-        "Serve on this Unix socket instead of a TCP port (vllm --uds); host and port are ignored.",
+        "Serve on this Unix socket instead of a TCP port (vllm --uds); host and port are ignored. "
+        "Its folder must be the service account's alone (mode 0700).",
         _opt_path, None)
+    transport: str = setting(
+        "How the daemon reaches the server: unix (a socket in <state_dir>/srv, a folder only "
+        "the service account can enter), tcp (server.host:server.port, whose listener is "
+        "checked to belong to the server before every connection), or auto (unix where the "
+        "backend supports it: vllm; tcp for vllm-mlx).", _choice("auto", "unix", "tcp"), "auto")
     allow_remote: bool = setting(
         "Allow server.host to be a non-loopback address. The server's own key guards only part "
         "of its routes, so this exposes unauthenticated endpoints.", _bool, False)
@@ -284,11 +294,25 @@ class GatewaySection:
     upstream_timeout: float = setting(
         "Longest time a request may take at the server (streams included).",
         _duration(1.0), 600.0)
+    max_connections: int = setting(
+        "Client connections held at once; more are answered 503 and closed. Lowered at start "
+        "to fit the descriptor limit less daemon.reserved_fds.", _int_range(1, 10_000_000), 4096)
+    max_connections_per_address: int = setting(
+        "Client connections held at once from one client address; more are answered 503.",
+        _int_range(1, 10_000_000), 1024)
     client_concurrency: int = setting(
         "Requests one client may have in flight; more get 429.", _int_range(1, 100_000), 16)
     client_rate: int = setting(
         "Requests per minute one client may start (0 = unlimited); more get 429.",
         _int_range(0, 10_000_000), 0)
+    auth_failures_per_minute: int = setting(
+        "Failed authentications one client address may make per minute (bursts of a tenth of "
+        "that, at least 5); beyond it, requests from that address that fail authentication "
+        "get 429 with Retry-After. Requests with a valid key are never throttled by this.",
+        _int_range(1, 10_000_000), 60)
+    auth_event_interval: float = setting(
+        "auth_failed events are summarised per client address and reason: the first at once, "
+        "then one per interval with a count.", _duration(0.1), 60.0)
 
 
 @dataclass(frozen=True)
@@ -399,6 +423,14 @@ class RequestsSection:
         "Rotated files kept (0 = all).", _int_range(0, 10_000_000), 0)
     max_age: float = setting("Rotated files older than this are removed (0 = never).",
                              _duration(), 0.0)
+    max_total_bytes: int = setting(
+        "Rotated request files are removed, oldest first, once together they exceed this size "
+        "(0 = no cap): a flood cannot fill the disk. Removals are listed in the retention "
+        "ledger, which `logs verify` checks.", _size, 8 * 2**30)
+    warn_free_bytes: int = setting(
+        "A `requests.space_low` event (and the sovereignd_request_log_disk_free_bytes gauge) "
+        "warns while the log folder's file system has less free space than this, or while "
+        "the request files exceed 80% of requests.max_total_bytes.", _size, 2 * 2**30)
     record_bodies: str = setting(
         "none: no content; hash: SHA-256 of request and response bodies; full: the bodies.",
         _choice("none", "hash", "full"), "none")
@@ -451,6 +483,8 @@ _RESERVED_ARGS = {
     "--uds": "set server.uds instead",
     "--shutdown-timeout": "set server.drain instead",
 }
+# Backends whose server can serve on a Unix socket (vllm --uds; vllm-mlx is TCP only).
+UDS_BACKENDS = frozenset({"vllm"})
 _RESERVED_ENV = {"VLLM_API_KEY": "the daemon sets a fresh internal key at each start"}
 
 
@@ -501,6 +535,16 @@ class Config:
     @property
     def control_socket(self) -> Path:
         return self.state_dir / "control.sock"
+
+    @property
+    def server_uds(self) -> Path | None:
+        """The Unix socket the server serves on, or None when it serves on TCP."""
+        s = self.server
+        if s.uds is not None:
+            return s.uds
+        if s.transport == "tcp" or (s.transport == "auto" and s.backend not in UDS_BACKENDS):
+            return None
+        return self.state_dir / "srv" / "server.sock"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,10 +635,16 @@ def _cross_checks(sec: dict[str, Any]) -> list[ConfigProblem]:
         for name, why in _RESERVED_ENV.items():
             if name in s.env:
                 problems.append(ConfigProblem(f"server.env.{name}", why))
+        if s.uds is not None and s.transport == "tcp":
+            problems.append(ConfigProblem("server.uds", "server.transport is tcp; remove "
+                                          "server.uds or set server.transport: unix"))
         if s.backend == "vllm-mlx":
             if s.uds is not None:
                 problems.append(ConfigProblem("server.uds", "vllm-mlx cannot serve on a Unix "
                                               "socket; remove server.uds"))
+            if s.transport == "unix":
+                problems.append(ConfigProblem("server.transport", "vllm-mlx cannot serve on a "
+                                              "Unix socket; use tcp or auto"))
             if Path(s.command[0]).name == "vllm":
                 problems.append(ConfigProblem(
                     "server.command", "server.backend is vllm-mlx but the command is vllm's; "

@@ -21,6 +21,7 @@ from aiohttp import web
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
 from sovereignd.supervisor import Request, Supervisor
+from sovereignd.textsafe import escape
 
 Action = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -198,4 +199,4 @@ def render_status(st: dict[str, Any]) -> str:
             summary = st[name].get("summary") or st[name].get("result")
             lines.append(f"{name + ':':<11}{summary}")
     lines.append(f"version:   sovereignd {st.get('version')} ({st.get('backend')})")
-    return "\n".join(lines)
+    return "\n".join(escape(line) for line in lines)  # reasons may quote server output

@@ -13,7 +13,16 @@ from typing import Any
 
 import uvloop
 
-from sovereignd import __version__, backends, guards, integrity, memory, upgrade
+from sovereignd import (
+    __version__,
+    backends,
+    fdlimit,
+    guards,
+    integrity,
+    memory,
+    recordspace,
+    upgrade,
+)
 from sovereignd.config import Config
 from sovereignd.control import ControlServer
 from sovereignd.eventlog import EventLog
@@ -48,6 +57,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def _main(cfg: Config, allow_root: bool) -> int:
+    nofile_before, nofile, nofile_hard = fdlimit.raise_nofile()
     for path in (cfg.logs.dir, cfg.state_dir):
         path.mkdir(parents=True, exist_ok=True, mode=0o750)
     events = EventLog(cfg.logs.dir, cfg.logs.max_bytes, cfg.logs.keep)
@@ -68,11 +78,12 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     keys.load()
     requests = RequestLog.from_config(cfg, emit=events.emit)
     requests.open()
-    gateway = Gateway(cfg, supervisor, metrics)
+    gateway = Gateway(cfg, supervisor, metrics, events, nofile=nofile)
     proxy = Proxy(cfg, supervisor, backend, keys=keys, log=requests, metrics=metrics,
                   events=events)
     proxy.install(gateway.app)
     gateway.admin_check = proxy.admin_check
+    gateway.on_refused = proxy.record_refusal
     control = ControlServer(cfg.control_socket, supervisor)
     control.add_action("upgrade", upgrade.event_action(events))  # `sovereignd upgrade` steps
     pending: set[asyncio.Task[None]] = set()
@@ -106,6 +117,8 @@ async def _main(cfg: Config, allow_root: bool) -> int:
                                      checkpoint_interval=cfg.requests.checkpoint_interval),
                             name="requestlog"),
         asyncio.create_task(usage_flusher(keys, stop_background), name="key-usage"),
+        asyncio.create_task(recordspace.watch(cfg, events.emit, metrics.set_record_space,
+                                              stop_background), name="record-space"),
     ]
     try:
         await gateway.start()
@@ -114,7 +127,11 @@ async def _main(cfg: Config, allow_root: bool) -> int:
                     config=str(cfg.source), config_sha256=cfg.digest, backend=backend.name,
                     listen=cfg.gateway.listen, python=sys.version.split()[0],
                     loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
-                    clients=len(keys.clients()))
+                    clients=len(keys.clients()),
+                    nofile={"soft_at_start": nofile_before, "soft": nofile, "hard": nofile_hard,
+                            "reserved": cfg.daemon.reserved_fds,
+                            "max_connections": gateway.max_connections,
+                            "max_connections_per_address": gateway.max_per_address})
         for watcher in watchers:
             watcher.start()
         await supervisor.run()

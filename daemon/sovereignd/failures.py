@@ -114,7 +114,10 @@ COMMON_PATTERNS: tuple[FailurePattern, ...] = (
             r"(\[Errno (98|48)\] [Aa]ddress already in use|address already in use)",
             "the server's port is already in use",
             "stop whatever listens on server.port (see `lsof -iTCP -sTCP:LISTEN`) or choose "
-            "another server.port"),
+            "another server.port",
+            # Another local account can take a free port at any moment and let it go again:
+            # retried with backoff, not parked in FATAL until an operator acts.
+            deterministic=False),
     pattern("model-unreadable", r"PermissionError: \[Errno 13\] Permission denied",
             "the server could not read a file it needs",
             "make the model directory and its files readable by the service account"),

@@ -226,6 +226,11 @@ def _matches_account(line: str, account: tuple[int | None, str | None]) -> bool:
     return (uid is not None and str(uid) in words) or (name is not None and name in words)
 
 
+def _negated(rule: str) -> bool:
+    """A rule about every account but one (nft `!=`, iptables `! --uid-owner`, pf `user !=`)."""
+    return "!=" in rule or "! --uid-owner" in rule
+
+
 def _firewall(probe: HostProbe, egress: Egress, argv: list[str], owner_word: str,
               account: tuple[int | None, str | None]) -> None:
     code, out = probe.run(argv)
@@ -238,7 +243,9 @@ def _firewall(probe: HostProbe, egress: Egress, argv: list[str], owner_word: str
     egress.checked.append(f"`{what}`")
     for line in out.splitlines():
         low = line.lower()
-        if owner_word in low and ("drop" in low or "reject" in low) \
+        # A negated owner (`skuid != x`, `! --uid-owner x`) keeps OTHER accounts off the
+        # server's port (ops/linux/sovereignd.nft): that blocks nothing the account sends.
+        if owner_word in low and ("drop" in low or "reject" in low) and not _negated(low) \
                 and _matches_account(line, account):
             egress.blocking.append(f"{what}: {line.strip()}")
 
@@ -264,7 +271,8 @@ def egress(probe: HostProbe, launch: Launch, uid: int | None, user: str | None) 
                 continue
             found.checked.append(f"pf anchor {anchor}")
             blocks = [ln.strip() for ln in rules.splitlines()
-                      if ln.strip().startswith("block") and "out" in ln]
+                      if ln.strip().startswith("block") and "out" in ln
+                      and not _negated(ln)]
             try:
                 pf_conf = probe.path("etc", "pf.conf").read_text()
             except OSError:

@@ -14,9 +14,11 @@ Choices, with launchd.plist(5) as the reference:
   (default 20 s), which would cut the daemon's own orderly stop of the model server.
 - `ProcessType` `Interactive`: other types let launchd throttle CPU and I/O of the job.
 - `Umask` 23 (0o027): files the daemon creates are not readable by other accounts.
-- Not set: `NumberOfFiles`/`NumberOfProcesses` (`SoftResourceLimits`/`HardResourceLimits`).
-  For a job in the system domain these raise the kernel-wide maxfiles/maxproc limits as a side
-  effect; the defaults are enough for one server.
+- `SoftResourceLimits`/`HardResourceLimits` `NumberOfFiles` 8192: launchd's default soft limit
+  is 256 descriptors, which an idle-connection flood exhausts in a second; 8192 stays below
+  the kernel's per-process maximum (kern.maxfilesperproc, 10240 or more), so the kernel-wide
+  limits are not raised as a side effect. The daemon raises its soft limit to the hard one at
+  start as well, and caps client connections below it. `NumberOfProcesses` is not set.
 - No secrets: the environment holds HOME, PATH and LANG only; the daemon makes the server's key
   itself at each start.
 """
@@ -48,6 +50,9 @@ _HEADER = (
 )
 
 
+# Descriptors the daemon may open (see the module docstring).
+NOFILE = 8192
+
 def service_spec(cfg: Config, program: Path | None = None, user: str | None = None,
                  group: str | None = None, home: Path | None = None) -> ServiceSpec:
     """Who runs the LaunchDaemon: the given values, else daemon.user or _sovereignd and the
@@ -68,6 +73,8 @@ def render(cfg: Config, s: ServiceSpec, label: str = DEFAULT_LABEL) -> dict[str,
         "ThrottleInterval": THROTTLE_INTERVAL,
         "ExitTimeOut": stop_timeout(cfg),
         "ProcessType": "Interactive",
+        "SoftResourceLimits": {"NumberOfFiles": NOFILE},
+        "HardResourceLimits": {"NumberOfFiles": NOFILE},
         "Umask": UMASK,
         "WorkingDirectory": str(s.home),
         "EnvironmentVariables": {

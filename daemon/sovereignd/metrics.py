@@ -85,6 +85,11 @@ class Metrics:
         self.in_flight.set_function(lambda: self.requests_in_flight)
         self.auth_failures = Counter("sovereignd_auth_failures", "Failed authentications",
                                      ["reason"], registry=r)
+        self.request_log_bytes = Gauge("sovereignd_request_log_bytes",
+                                       "Bytes of request record files", registry=r)
+        self.request_log_disk_free = Gauge("sovereignd_request_log_disk_free_bytes",
+                                           "Free bytes on the request log's file system",
+                                           registry=r)
         self._requests = _Children(self.requests)
         self._latency = _Children(self.request_latency)
         self._ttft = _Children(self.ttft)
@@ -112,6 +117,10 @@ class Metrics:
             self._tokens(client, "prompt").inc(prompt_tokens)
         if isinstance(completion_tokens, int) and completion_tokens > 0:
             self._tokens(client, "completion").inc(completion_tokens)
+
+    def set_record_space(self, used: int, free: int) -> None:
+        self.request_log_bytes.set(used)
+        self.request_log_disk_free.set(free)
 
     def set_info(self, backend: str) -> None:
         self.info.labels(version=__version__, backend=backend).set(1)

@@ -33,7 +33,8 @@ class Report:
     def render(self) -> str:
         c = self.cfg
         s = c.server
-        where = f"unix:{s.uds}" if s.uds else f"{s.host}:{s.port}"
+        uds = c.server_uds
+        where = f"unix:{uds}" if uds else f"{s.host}:{s.port}"
         lines = [f"configuration {c.source} (sha256 {c.digest[:16]}…) is valid", "",
                  f"  model        {c.model_name}  <- {s.model}",
                  f"  server       {' '.join(s.command)} ({s.backend}) on {where}",
@@ -166,7 +167,7 @@ def _listening(host: str, port: int) -> bool:
 
 def _check_ports(cfg: Config, report: Report) -> None:
     s = cfg.server
-    if s.uds is None:
+    if cfg.server_uds is None:
         if _listening(s.host, s.port):
             report.add(WARN, "server port", f"{s.host}:{s.port} is in use now (a running "
                        "sovereignd's server, or another program)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,11 @@ class ProbeResult:
     seconds: float
     detail: str = ""
     status: int | None = None
+    impostor: dict[str, Any] | None = None  # another process holds the server's port
+
+
+# Before each TCP probe: None when the port's listener is the server's, else why not (and who).
+ListenerGuard = Callable[[], Awaitable[tuple[str, dict[str, Any] | None] | None]]
 
 
 class Prober:
@@ -31,6 +37,9 @@ class Prober:
     def __init__(self, host: str, port: int, uds: str | None = None) -> None:
         self._host, self._port, self._uds = host, port, uds
         self._session: aiohttp.ClientSession | None = None
+        # Set by the supervisor for TCP: the port is checked before every probe's connection
+        # (force_close: each probe connects anew), so an impostor is never sent a request.
+        self.guard: ListenerGuard | None = None
 
     @property
     def base_url(self) -> str:
@@ -77,6 +86,12 @@ class Prober:
                        body: dict[str, Any] | None, key: str | None,
                        timeout: float) -> ProbeResult:
         t0 = time.monotonic()
+        if self.guard is not None and not self._uds:
+            refused = await self.guard()
+            if refused is not None:
+                detail, impostor = refused
+                return ProbeResult(kind, False, time.monotonic() - t0, detail,
+                                   impostor=impostor)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         try:
             async with asyncio.timeout(timeout):

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
+from sovereignd.authguard import AuthFailures
 from sovereignd.backends import Backend
 from sovereignd.config import Config
 from sovereignd.eventlog import EventLog
@@ -29,6 +30,7 @@ from sovereignd.gateway import RETRY_AFTER
 from sovereignd.keys import Client, KeyStore
 from sovereignd.metrics import Metrics
 from sovereignd.requestlog import RequestLog, RequestLogError
+from sovereignd.summary import Summarised
 from sovereignd.supervisor import Supervisor
 from sovereignd.upstream import Response as UpstreamResponse
 from sovereignd.upstream import (
@@ -42,15 +44,21 @@ from sovereignd.upstream import (
 # Not passed to the server: hop-by-hop fields (and those the client's Connection field names),
 # framing (the upstream client writes its own), the client's credentials, and Accept-Encoding
 # (the gateway asks for identity: usage is read from the bodies, and loopback needs no
-# compression).
+# compression). Nor what a client may claim about where it is (the server would log a spoofed
+# address; X-Forwarded-For is set from the real peer instead) or its cookies (the API uses keys).
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "proxy-connection", "te", "trailer", "trailers", "transfer-encoding",
                         "upgrade", "host", "content-length", "expect", "authorization",
-                        "api-key", "x-api-key", "x-request-id", "accept-encoding"})
-# Content-Encoding is kept: should a server compress anyway, the client must know.
+                        "api-key", "x-api-key", "x-request-id", "accept-encoding",
+                        "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto",
+                        "x-forwarded-port", "forwarded", "x-real-ip", "cookie"})
+# Content-Encoding is kept: should a server compress anyway, the client must know. Fields the
+# server's Connection header names are hop-by-hop too (RFC 9110 7.6.1); the server sets no
+# cookies and asks no proxy credentials of the gateway's clients.
 RESPONSE_DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length",
                            "server", "date", "x-request-id", "trailer", "upgrade",
-                           "proxy-connection"})
+                           "proxy-connection", "set-cookie", "set-cookie2",
+                           "proxy-authenticate"})
 # Making a connection to a loopback server takes microseconds; seconds mean it is stuck.
 CONNECT_TIMEOUT = 5.0
 MAX_RECORDED_PATH = 512
@@ -181,7 +189,10 @@ class Proxy:
         self.events = events
         g = cfg.gateway
         self.limits = ClientLimits(g.client_concurrency, g.client_rate)
-        self._upstream = UpstreamClient(connect_timeout=CONNECT_TIMEOUT)
+        self._auth_failures = AuthFailures(g.auth_failures_per_minute)
+        self._auth_events = Summarised(events.emit, "auth_failed", g.auth_event_interval)
+        self._upstream = UpstreamClient(connect_timeout=CONNECT_TIMEOUT,
+                                        before_connect=self._verify_listener)
         self._target: Target | None = None
         self._log_broken: str | None = None
         self._known_paths = {r.path for r in backend.routes if not r.prefix}
@@ -191,10 +202,40 @@ class Proxy:
 
     def install(self, app: web.Application) -> None:
         """Route everything not otherwise routed (the health endpoints) through the proxy."""
-        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.router.add_route("*", "/{tail:.*}", self.handle, expect_handler=self._expect)
 
     async def close(self) -> None:
+        self._auth_events.flush(everything=True)
         await self._upstream.close()
+
+    async def _expect(self, request: web.Request) -> None:
+        """`Expect: 100-continue` (RFC 9110 10.1.1): invite the body only once route, method
+        and key are known good; otherwise say nothing, and the handler's refusal (404, 405,
+        401) is the final answer, recorded as usual, before the client sends its body."""
+        if request.version != HttpVersion11:
+            return
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text="only Expect: 100-continue is understood")
+        raw = request.rel_url.raw_path
+        if not (safe_path(raw) and self.backend.allowed(request.method, raw)):
+            return
+        outcome = self.keys.check(_bearer(request))
+        request["auth_outcome"] = outcome  # checked once: the handler reuses it
+        if outcome.client is None:
+            return
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's own handler: the response has not begun
+
+    async def _verify_listener(self, target: Target) -> None:
+        """Before every new TCP connection to the server: the port's listener must be the
+        server the daemon started; an impostor is never sent a request (nor the key)."""
+        check = await self.supervisor.verify_listener()
+        if check.owned:
+            return
+        if check.impostor is not None:
+            self.events.emit("port_impostor", level="critical", port=target.port,
+                             holder=check.impostor, detail=check.detail)
+        raise UpstreamConnectError(check.detail)
 
     # --- admin check for /status and /metrics on a network listener ---------------------------
 
@@ -208,6 +249,15 @@ class Proxy:
             return _error(403, "this endpoint needs an admin key", "permission_error",
                           "admin_required")
         return None
+
+    def record_refusal(self, remote: str | None, status: int, kind: str) -> None:
+        """A request the HTTP parser refused before any handler ran: recorded like every
+        other request, by its error class (never by its bytes, which may hold a key)."""
+        self._finish({
+            "id": secrets.token_hex(12), "client": None, "method": None, "path": "-",
+            "model": None, "status": status, "stream": False, "latency_ms": 0.0,
+            "ttfb_ms": None, "ttft_ms": None, "prompt_tokens": None, "completion_tokens": None,
+            "bytes_in": 0, "bytes_out": 0, "remote": remote, "error": f"http_parser_{kind}"})
 
     # --- the request path -----------------------------------------------------------------------
 
@@ -263,11 +313,18 @@ class Proxy:
         if not self.backend.allowed(request.method, request.rel_url.raw_path):
             raise _Refused(405, f"Method {request.method} not allowed on {raw}",
                            "invalid_request_error", "method_not_allowed")
-        outcome = self.keys.check(_bearer(request))
+        outcome = request.get("auth_outcome") or self.keys.check(_bearer(request))
         if outcome.client is None:
             self.metrics.auth_failures.labels(reason=outcome.reason).inc()
-            self.events.emit("auth_failed", level="warning", path=raw,
-                             remote=request.remote, **outcome.log_fields())
+            remote = request.remote or "-"
+            self._auth_events.note(f"{remote} {outcome.reason}", path=raw, remote=remote,
+                                   **outcome.log_fields())
+            retry = self._auth_failures.fail(remote)
+            if retry is not None:
+                raise _Refused(429, "too many failed authentications from this address",
+                               "rate_limit_error", "auth_throttled",
+                               headers={"Retry-After": str(max(1, round(retry)))},
+                               error="auth_throttled")
             message = ("Missing API key: send Authorization: Bearer <key>"
                        if outcome.reason == "missing" else "Invalid API key")
             raise _Refused(401, message, "invalid_request_error", "invalid_api_key",
@@ -309,6 +366,8 @@ class Proxy:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in drop]
         headers.append(("Authorization", f"Bearer {upstream.key}"))
         headers.append(("X-Request-ID", rid))
+        if request.remote:
+            headers.append(("X-Forwarded-For", request.remote))
         target = upstream.target
         if target != self._target:
             if self._target is not None:
@@ -327,7 +386,10 @@ class Proxy:
             rec["ttfb_ms"] = round((time.perf_counter() - t0) * 1000, 3)
             self.metrics.upstream_progress = time.monotonic()  # the stall watch's evidence
             rec["status"] = up.status
-            out_headers = [(k, v) for k, v in up.headers if k.lower() not in RESPONSE_DROP]
+            named_up = {t.strip().lower() for k, v in up.headers if k.lower() == "connection"
+                        for t in v.split(",")}
+            out_headers = [(k, v) for k, v in up.headers
+                           if k.lower() not in RESPONSE_DROP and k.lower() not in named_up]
             out_headers.append(("X-Request-ID", rid))
             if up.content_type == "text/event-stream":
                 return await self._stream(request, up, out_headers, rec, t0=t0,

@@ -141,6 +141,13 @@ def parse_rotated_name(path: Path) -> Segment | None:
     return Segment(path, start.timestamp(), int(m.group(2)), int(m.group(3)))
 
 
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def list_segments(logs_dir: Path) -> list[Segment]:
     """Rotated files, oldest first; where a plain file and its .gz both exist, the plain one.
 
@@ -376,8 +383,8 @@ class RequestLog:
     def __init__(self, logs_dir: Path, state_dir: Path, *,
                  rotate_bytes: int = 64 * 2**20, rotate_daily: bool = True,
                  compress: bool = True, keep_files: int = 0, max_age: float = 0.0,
-                 record_bodies: str = "none", seal_interval: float = 900.0,
-                 require_seal: bool = False, emit: Emit = discard,
+                 max_total_bytes: int = 0, record_bodies: str = "none",
+                 seal_interval: float = 900.0, require_seal: bool = False, emit: Emit = discard,
                  clock: Callable[[], float] = time.time, file_mode: int = 0o640) -> None:
         if record_bodies not in BODY_MODES:
             raise ValueError(f"record_bodies must be one of {', '.join(BODY_MODES)}")
@@ -388,6 +395,7 @@ class RequestLog:
         self.compress = compress
         self.keep_files = keep_files
         self.max_age = max_age
+        self.max_total_bytes = max_total_bytes
         self.record_bodies = record_bodies
         self.seal_interval = seal_interval
         self.require_seal = require_seal
@@ -424,7 +432,8 @@ class RequestLog:
         r = cfg.requests
         return cls(cfg.logs.dir, cfg.state_dir, rotate_bytes=r.rotate_bytes,
                    rotate_daily=r.rotate_daily, compress=r.compress, keep_files=r.keep_files,
-                   max_age=r.max_age, record_bodies=r.record_bodies,
+                   max_age=r.max_age, max_total_bytes=r.max_total_bytes,
+                   record_bodies=r.record_bodies,
                    seal_interval=r.seal_interval, require_seal=r.require_seal,
                    emit=emit, clock=clock)
 
@@ -775,21 +784,25 @@ class RequestLog:
 
     def _apply_retention(self, now: float) -> None:
         self._next_retention = now + RETENTION_CHECK_INTERVAL
-        if not self.keep_files and not self.max_age:
+        if not self.keep_files and not self.max_age and not self.max_total_bytes:
             return
         self._reap_compression()
         segments = list_segments(self.logs_dir)
         # The newest rotated file always stays: with it, the log can be continued and checked.
         excess = len(segments) - self.keep_files if self.keep_files else 0
+        total = sum(_size_of(seg.path) for seg in segments) if self.max_total_bytes else 0
         for i, seg in enumerate(segments[:-1]):
             nxt = segments[i + 1]
             too_many = i < excess
             too_old = bool(self.max_age) and now - nxt.start > self.max_age
+            too_big = bool(self.max_total_bytes) and total > self.max_total_bytes
             # Only the oldest files go, in order: the ledger then describes one unbroken prefix.
-            if not (too_many or too_old) or seg.path in self._compressing \
+            if not (too_many or too_old or too_big) or seg.path in self._compressing \
                     or nxt.path in self._compressing:
                 break
-            self._retire(seg, nxt, "keep_files" if too_many else "max_age", now)
+            total -= _size_of(seg.path)
+            self._retire(seg, nxt, "keep_files" if too_many else "max_age" if too_old
+                         else "max_total_bytes", now)
 
     def _retire(self, seg: Segment, nxt: Segment, reason: str, now: float) -> None:
         first = orjson.loads(_first_line(nxt.path))

@@ -23,14 +23,13 @@ import dataclasses
 import enum
 import os
 import secrets
-import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sovereignd import __version__
+from sovereignd import __version__, serversock
 from sovereignd.backends import Backend
 from sovereignd.config import Config
 from sovereignd.eventlog import EventLog
@@ -142,8 +141,10 @@ class Supervisor:
         self._listeners: list[Callable[[State, State], None]] = []
         self._done = asyncio.Event()
         s = cfg.server
-        self.prober = Prober(s.host, s.port, str(s.uds) if s.uds else None)
-        self._target = Target(s.host, s.port, str(s.uds) if s.uds else None)
+        uds = str(cfg.server_uds) if cfg.server_uds else None
+        self.prober = Prober(s.host, s.port, uds)
+        self.prober.guard = self._probe_guard
+        self._target = Target(s.host, s.port, uds)
         self._upstream: Upstream | None = None
         self.pidfile = cfg.state_dir / "server.pid"
 
@@ -310,12 +311,38 @@ class Supervisor:
             return Blocked(State.FATAL, f"model directory {s.model} is not readable",
                            {"kind": "model-unreadable", "mitigation": "make it readable by the "
                             "service account"})
-        if s.uds is None and not await asyncio.to_thread(_port_free, s.host, s.port):
-            return Blocked(State.FATAL, f"port {s.host}:{s.port} is already in use",
-                           {"kind": "port-in-use", "mitigation": "stop whatever listens there "
-                            f"(`lsof -iTCP:{s.port} -sTCP:LISTEN`) or choose another "
-                            "server.port"})
+        uds = self.cfg.server_uds
+        if uds is not None:
+            try:
+                await asyncio.to_thread(serversock.prepare_uds, uds)
+            except serversock.SocketDirError as exc:
+                return Blocked(State.FATAL, str(exc), {"kind": "socket-folder"})
         return None
+
+    async def verify_listener(self) -> serversock.ListenerCheck:
+        """Whether the server's TCP port is held by the server this daemon started (its
+        socket in the descriptors of the server's processes)."""
+        s, server = self.cfg.server, self._server
+
+        def check() -> serversock.ListenerCheck:  # reads /proc: off the loop
+            pids = [m.pid for m in server.members()] if server is not None else []
+            return serversock.check_listener(s.host, s.port, pids)
+
+        return await asyncio.to_thread(check)
+
+    async def _probe_guard(self) -> tuple[str, dict[str, Any] | None] | None:
+        check = await self.verify_listener()
+        return None if check.owned else (check.detail, check.impostor)
+
+    def _port_taken(self, detail: str, holder: dict[str, Any] | None) -> Failure:
+        # Not deterministic: whoever holds the port may go; retried with backoff, never
+        # parked in FATAL for good (a crash loop still ends in FATAL with its cool-down).
+        self.events.emit("port_impostor", level="critical", port=self.cfg.server.port,
+                         holder=holder or {}, detail=detail)
+        return Failure(kind="port-in-use", message=detail,
+                       mitigation="stop whatever listens there (`lsof -iTCP:"
+                       f"{self.cfg.server.port} -sTCP:LISTEN`), keep other accounts off it "
+                       "with the firewall rules in ops/, or choose another server.port")
 
     async def _park(self) -> None:
         """Wait in FATAL or QUARANTINED for the cool-down, the operator or verified files."""
@@ -354,6 +381,13 @@ class Supervisor:
         self.starts += 1
         self._transition(State.STARTING, self._start_reason)
         self._ready_at = None
+        s = self.cfg.server
+        if self.cfg.server_uds is None and not await asyncio.to_thread(
+                serversock.port_free, s.host, s.port):
+            holder = await asyncio.to_thread(serversock.holder_of, s.port)
+            await self._failed(self._port_taken(
+                f"port {s.host}:{s.port} is already in use by another process", holder), None)
+            return
         server = ServerProcess(argv, env, self.cfg.state_dir, self.output,
                                on_members=self._members_changed)
         try:
@@ -452,6 +486,8 @@ class Supervisor:
             self._observe(result, quiet=True)
             if result.ok:
                 break
+            if result.impostor is not None:
+                return self._port_taken(result.detail, result.impostor)
             if self.clock() >= deadline:
                 return self._start_timeout("/health did not answer 200", result)
             await asyncio.sleep(h.startup_poll)
@@ -467,6 +503,8 @@ class Supervisor:
             self._observe(result)
             if result.ok:
                 break
+            if result.impostor is not None:
+                return self._port_taken(result.detail, result.impostor)
             if result.status == 400:  # the server refuses the request itself: no retry helps
                 return Failure(kind="canary-rejected", message="the server refused the canary "
                                f"request {canary_path} with HTTP 400 while warming up",
@@ -501,6 +539,8 @@ class Supervisor:
             else:
                 result = await self.prober.health(path, h.timeout)
             self._observe(result)
+            if result.impostor is not None:
+                return self._port_taken(result.detail, result.impostor)
             if result.ok:
                 failed = 0
                 self.probe_stats["consecutive_failures"] = 0
@@ -733,15 +773,3 @@ class Supervisor:
         if self._server is not None:
             await self._stop_server(self._server, self.cfg.server.stop_grace, "shutdown")
         self._transition(State.STOPPED, "shutdown complete")
-
-
-def _port_free(host: str, port: int) -> bool:
-    """True if nothing listens on host:port (SO_REUSEADDR ignores TIME_WAIT leftovers)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True

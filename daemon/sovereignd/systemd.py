@@ -92,6 +92,8 @@ RestartPreventExitStatus=78
 KillMode=control-group
 KillSignal=SIGTERM
 TimeoutStopSec={stop_timeout(cfg)}s
+# Descriptors: systemd's default soft limit (1024) falls to a flood of idle connections.
+LimitNOFILE=65536
 UMask=0027
 WorkingDirectory={_quote(s.home)}
 Environment={_quote(f"PATH={s.program.parent}:/usr/bin:/bin")}

@@ -26,6 +26,7 @@ import orjson
 from sovereignd.errors import SovereigndError
 from sovereignd.logfiles import rotated_files
 from sovereignd.requestlog import LIVE_NAME, list_segments, open_lines
+from sovereignd.textsafe import escape, escape_all
 
 SOURCES = ("events", "server", "requests")
 POLL_INTERVAL = 0.2
@@ -75,7 +76,8 @@ def _time(ts: Any) -> str:
 
 def _value(v: Any) -> str:
     if isinstance(v, str):
-        return v if _BARE.match(v) else orjson.dumps(v).decode()
+        # Records arrive here escaped (textsafe): quoting must not escape their escapes again.
+        return v if _BARE.match(v) else '"' + v.replace('"', '\\"') + '"'
     return orjson.dumps(v, default=str).decode()
 
 
@@ -290,8 +292,9 @@ class Tail:
             if not line.strip() or not self._new(line) or not self._wanted(line):
                 continue
             rec = self._parse(line)
-            text = (self._format(rec, self.style) if rec is not None
-                    else line.decode("utf-8", "replace"))
+            # Client and server text is escaped before colours are added (textsafe).
+            text = (self._format(escape_all(rec), self.style) if rec is not None
+                    else escape(line.decode("utf-8", "replace")))
             self.out.write(text + "\n")
             written = True
         if written:

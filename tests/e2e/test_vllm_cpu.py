@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 from http.client import HTTPConnection
 from pathlib import Path
 
@@ -39,6 +41,44 @@ def engine_processes(pgid: int) -> dict[str, psutil.Process]:
     return out
 
 
+def uds_http(sock: Path, method: str, path: str, body: dict[str, object] | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """One HTTP request over the server's Unix socket."""
+    class Conn(HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(60)
+            self.sock.connect(str(sock))
+
+    conn = Conn("localhost")
+    data = json.dumps(body) if body is not None else None
+    conn.request(method, path, body=data,
+                 headers={**(headers or {}), "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    try:
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def http_listeners(pgid: int) -> list[str]:
+    """TCP sockets of the server's processes that answer HTTP. (vLLM's engine processes also
+    listen on loopback TCP ports of their own, for ZMQ and torch.distributed; those do not
+    speak HTTP.)"""
+    out = []
+    for p in group_processes(pgid):
+        with contextlib.suppress(psutil.Error):
+            for c in p.net_connections(kind="inet"):
+                if c.status != psutil.CONN_LISTEN:
+                    continue
+                with contextlib.suppress(OSError), \
+                        socket.create_connection((c.laddr.ip, c.laddr.port), timeout=2) as s:
+                    s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+                    if s.recv(5) == b"HTTP/":
+                        out.append(f"{p.pid} {c.laddr}")
+    return out
+
+
 def wait_new_ready(d: Daemon, old_pid: int) -> int:
     def ready_with_new_pid() -> int | None:
         st = d.status()
@@ -55,12 +95,16 @@ def test_real_vllm_becomes_ready_and_answers_with_the_internal_key(vllm_daemon: 
     pid = st["server"]["pid"]
     assert set(engine_processes(pid)) == {"VLLM::EngineCore", "VLLM::Worker"}
     key = internal_key(pid)
-    base = f"http://127.0.0.1:{d.server_port}"
-    code, body, _ = http("POST", base + "/v1/completions",
-                         {"model": "tiny", "prompt": "hello", "max_tokens": 3},
-                         {"Authorization": f"Bearer {key}"}, timeout=60)
+    # It serves on the Unix socket in the daemon's private folder, and on no TCP port.
+    sock = d.logs / "srv" / "server.sock"
+    assert "--uds" in st["server"]["argv"] and "--port" not in st["server"]["argv"]
+    assert (sock.parent.stat().st_mode & 0o777) == 0o700
+    assert http_listeners(pid) == []
+    code, body = uds_http(sock, "POST", "/v1/completions",
+                          {"model": "tiny", "prompt": "hello", "max_tokens": 3},
+                          {"Authorization": f"Bearer {key}"})
     assert code == 200 and b'"choices"' in body
-    assert http("GET", base + "/v1/models")[0] == 401  # the server's own key is in force
+    assert uds_http(sock, "GET", "/v1/models")[0] == 401  # the server's own key is in force
     assert st["probe"]["last_canary_ms"] > 0
 
 
@@ -102,9 +146,9 @@ def test_invocations_is_404_at_the_gateway_but_open_at_vllm_itself(vllm_daemon: 
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
     auth = {"Authorization": f"Bearer {d.client_key}"}
     assert http("POST", d.url + "/invocations", body, auth, timeout=60)[0] == 404
-    direct, payload, _ = http("POST", f"http://127.0.0.1:{d.server_port}/invocations", body,
-                              timeout=60)
-    assert direct == 200 and b'"choices"' in payload  # no key at all, and it answers
+    # Only the service account can enter the socket's folder; there, no key is asked.
+    direct, payload = uds_http(d.logs / "srv" / "server.sock", "POST", "/invocations", body)
+    assert direct == 200 and b'"choices"' in payload
 
 
 def test_kill_9_of_the_api_server_is_recovered_without_orphans(vllm_daemon: Daemon) -> None:

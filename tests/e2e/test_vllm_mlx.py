@@ -118,6 +118,29 @@ def test_mlx_crash_loop_goes_fatal_and_an_operator_restart_recovers(mlx_daemon: 
     ready_pid(d)
 
 
+def test_mlx_port_taken_after_a_crash_is_never_talked_to(mlx_daemon: Daemon,
+                                                         tmp_path: Path) -> None:
+    """vllm-mlx serves on TCP only. Another process binds its port the moment it dies: the
+    daemon sends it nothing (no probe, no key), names it, and serves again once it is gone."""
+    from tests.test_serversock import start_impostor
+
+    d = mlx_daemon
+    pid = ready_pid(d)
+    seen = len(d.events("port_impostor"))
+    got = tmp_path / "impostor.bytes"
+    os.kill(pid, signal.SIGKILL)
+    impostor = start_impostor(d.server_port, got, patience=10)
+    try:
+        wait_for(lambda: len(d.events("port_impostor")) > seen, 60, what="impostor refused")
+        assert d.events("port_impostor")[-1]["holder"]["pid"] == impostor.pid
+    finally:
+        impostor.kill()
+        impostor.wait()
+    ready_pid(d, not_pid=pid)
+    assert not got.exists() or got.read_bytes() == b""
+    assert d.state() == "READY"
+
+
 def test_mlx_sigterm_leaves_nothing_running(mlx_daemon: Daemon) -> None:
     d = mlx_daemon
     pid = ready_pid(d)

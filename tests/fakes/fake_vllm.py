@@ -29,6 +29,7 @@ Behaviour comes from a JSON control file named by FAKE_VLLM_CONTROL, read at eac
     tokens: int            completion tokens to produce (default 4)
     stream_cut_after: int  close the connection after this many streamed chunks, mid-body
     echo_headers: bool     completions answer with the request headers the server received
+    response_headers: dict extra header fields on (non-streamed) completion answers
     completion_delay: float  seconds before a client's non-streamed completion is answered
                            (the canary, max_tokens 1, is answered at once)
 Each start appends {"pid", "pgid", "argv", "has_key", "start"} to `<control>.starts`.
@@ -195,7 +196,8 @@ class Fake:
             "id": "cmpl-fake", "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": self.name, "choices": [choice],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
-                      "total_tokens": prompt_tokens + n}, **extra})
+                      "total_tokens": prompt_tokens + n}, **extra},
+            headers=self.b.get("response_headers"))
 
     async def stream(self, request: web.Request, body: dict[str, Any], chat: bool, n: int,
                      prompt_tokens: int) -> web.StreamResponse:
