@@ -202,6 +202,11 @@ class DaemonSection:
     user: str | None = setting(
         "The service account the daemon is expected to run as; checked at start when set.",
         _opt_str, None, "_sovereignd")
+    software_manifest: Path | None = setting(
+        "The daemon's own software manifest (its venv and interpreter), with a .sha256 "
+        "companion; written by `sovereignd baseline`, verified at start and every "
+        "environment.interval. Unset: the daemon does not verify itself.",
+        _opt_path, None, "/usr/local/etc/sovereignd/daemon-software.sha256")
 
 
 @dataclass(frozen=True)
@@ -359,6 +364,11 @@ class EnvironmentSection:
         _choice("block-restart", "stop", "alert"), "block-restart")
     record_check: bool = setting(
         "Hash every installed file against its RECORD entry.", _bool, True)
+    files_check: bool = setting(
+        "Hash every file of the server venv and of its interpreter (binary, libpython, standard "
+        "library) against the software manifest `sovereignd baseline` writes beside the frozen "
+        "file; changed bytecode counts unless it is what its verified source compiles to.",
+        _bool, True)
     watch: bool = setting("Watch the server venv's site-packages for changes.", _bool, True)
     interval: float = setting(
         "Time between scheduled environment checks (0 = never).", _duration(), 86400.0)
