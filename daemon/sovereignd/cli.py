@@ -139,14 +139,17 @@ def _add_manifest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     v.set_defaults(handler=_cmd_manifest_verify)
 
 
-def _env_targets(args: argparse.Namespace) -> tuple[Path, Path | None, bool, int]:
-    """(venv, frozen file or None, whether to check RECORD, workers) from flags and config."""
+def _env_targets(args: argparse.Namespace) -> tuple[Path, Path | None, bool, int, bool]:
+    """(venv, frozen file or None, whether to check RECORD, workers, whether to check every
+    file against the software manifest) from flags and config."""
     venv, frozen, record, workers = args.venv, args.frozen, not args.no_record, args.workers
+    files = not args.no_files
     if args.config is not None:
         cfg = _load(args)
         venv = venv or cfg.server.venv
         frozen = frozen or cfg.environment.frozen
         record = record and cfg.environment.record_check
+        files = files and cfg.environment.files_check
         workers = cfg.integrity.hash_workers if workers is None else workers
         if venv is None:
             from sovereignd.errors import ConfigProblem
@@ -155,19 +158,37 @@ def _env_targets(args: argparse.Namespace) -> tuple[Path, Path | None, bool, int
                 "server.venv", "is not set: there is no server venv to verify")])
     if venv is None:
         raise SovereigndError("say which venv to verify: --config FILE or --venv DIR")
-    return venv, frozen, record, workers or 0
+    return venv, frozen, record, workers or 0, files
 
 
 def _cmd_env_verify(args: argparse.Namespace) -> int:
-    from sovereignd import environment
+    from sovereignd import environment, software
 
-    venv, frozen, record, workers = _env_targets(args)
+    if args.self:
+        cfg = _load(args)
+        if cfg.daemon.software_manifest is None:
+            raise SovereigndError("daemon.software_manifest is not set: the daemon has no "
+                                  "approved software of its own to verify against")
+        own = software.verify(software.read_with_companion(cfg.daemon.software_manifest),
+                              workers=args.workers or 0)
+        print(own.render())
+        if not own.ok:
+            raise CheckFailed("the daemon's own venv or interpreter differs from "
+                              f"{cfg.daemon.software_manifest}")
+        return EX_OK
+    venv, frozen, record, workers, files = _env_targets(args)
     failed = []
     if frozen is not None:
         diff = environment.compare(environment.read_frozen(frozen), venv)
         print(diff.render())
         if not diff.ok:
             failed.append("installed packages differ from the frozen requirements")
+    if frozen is not None and files:
+        approved = software.verify(software.read_approved(frozen), workers=workers)
+        print(approved.render())
+        if not approved.ok:
+            failed.append("files of the venv or its interpreter differ from the approved "
+                          "software")
     if record:
         report = environment.verify_records(venv, workers=workers)
         print(report.render())
@@ -199,6 +220,10 @@ def _add_env(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.add_argument("--frozen", type=Path, metavar="FILE",
                    help="frozen requirements with a .sha256 beside them (environment.frozen)")
     v.add_argument("--no-record", action="store_true", help="skip the RECORD hash check")
+    v.add_argument("--no-files", action="store_true",
+                   help="skip hashing every file against the software manifest")
+    v.add_argument("--self", action="store_true",
+                   help="verify the daemon's own venv and interpreter (daemon.software_manifest)")
     _workers_arg(v)
     v.set_defaults(handler=_cmd_env_verify)
     f = esub.add_parser("freeze", help="print VENV's packages as pip freeze does, without "

@@ -13,7 +13,7 @@ from typing import Any
 
 import uvloop
 
-from sovereignd import __version__, backends, guards, integrity, memory, upgrade
+from sovereignd import __version__, backends, guards, integrity, memory, selfcheck, upgrade
 from sovereignd.config import Config
 from sovereignd.control import ControlServer
 from sovereignd.eventlog import EventLog
@@ -60,6 +60,7 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     supervisor = Supervisor(cfg, backend, events, metrics, output=output)
     # Gates run in order before every start: drifted files quarantine before memory is judged.
     watchers = integrity.guards_for(cfg, supervisor, events)
+    watchers += selfcheck.guards_for(cfg, supervisor, events)  # the daemon's own code
     supervisor.add_gate(memory.gate(memory.Preflight(cfg), events))
     keys = KeyStore(cfg.gateway.keys_file, cfg.state_dir / "keys-usage.json", emit=events.emit)
     keys.load()

@@ -557,3 +557,23 @@ def status_fields(m: SoftwareManifest | None) -> dict[str, str]:
         return {}
     return {"python": m.interpreter.summary(), "python_version": m.interpreter.version,
             "software_manifest": m.source, "software_manifest_sha256": m.sha256}
+
+
+def interpreter_check(m: SoftwareManifest, venv: Path) -> tuple[bool, str]:
+    """Whether `venv` runs the approved interpreter with its binary unchanged: (ok, sentence).
+
+    Cheap (one file hashed), for `sovereignd check`; the full check is `verify`.
+    """
+    exe = base_executable(venv)
+    if str(exe) != m.interpreter.executable:
+        return False, (f"{venv} runs {exe}, but the approved interpreter is "
+                       f"{m.interpreter.summary()}; run `sovereignd baseline` if this is meant")
+    try:
+        actual = hashing.hash_file(exe)
+    except OSError as exc:
+        return False, f"cannot read {exe}: {exc.strerror or exc}"
+    if actual != m.digests.get(str(exe)):
+        return False, (f"{exe} changed since it was approved (sha256 {actual}, approved "
+                       f"{m.digests.get(str(exe))})")
+    return True, (f"{m.interpreter.summary()}, binary as approved; {len(m.digests)} files "
+                  f"approved in {m.source}")
