@@ -183,7 +183,11 @@ def _cmd_env_verify(args: argparse.Namespace) -> int:
         print(diff.render())
         if not diff.ok:
             failed.append("installed packages differ from the frozen requirements")
-    if frozen is not None and files:
+    if frozen is not None and files and not software.approves_manifest(frozen):
+        print(f"{frozen} approves no software manifest: the venv's files and its interpreter "
+              "are not verified (write one with `sovereignd baseline`; the daemon refuses to "
+              "start the server without it unless environment.files_check is false)")
+    elif frozen is not None and files:
         approved = software.verify(software.read_approved(frozen), workers=workers)
         print(approved.render())
         if not approved.ok:

@@ -142,7 +142,7 @@ class Guard:
                                                           "files": self.listed()})
 
     def reason(self) -> str:
-        items = sorted(self.drift)
+        items = sorted(self.drift, key=lambda k: (not k.startswith("package "), k))
         shown = ", ".join(f"{self.drift[k].get('status', 'CHANGED')} {k}"
                           for k in items[:3])
         more = f" and {len(items) - 3} more" if len(items) > 3 else ""

@@ -502,6 +502,14 @@ def link_line(manifest_path: Path, digest: str) -> bytes:
     return f"# sovereignd software manifest: {manifest_path.name} sha256={digest}\n".encode()
 
 
+def approves_manifest(frozen: Path) -> bool:
+    """Whether the frozen file names a software manifest (False also when unreadable)."""
+    try:
+        return _LINK.search(frozen.read_bytes()) is not None
+    except OSError:
+        return False
+
+
 def read_approved(frozen: Path) -> SoftwareManifest:
     """The software manifest a frozen file approves (its companion checked first).
 
