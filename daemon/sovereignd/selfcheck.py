@@ -19,7 +19,7 @@ from sovereignd.config import Config
 from sovereignd.errors import ManifestError
 from sovereignd.eventlog import EventLog
 from sovereignd.integrity import Guard
-from sovereignd.supervisor import Supervisor
+from sovereignd.supervisor import Blocked, Supervisor
 
 
 class SelfGuard(Guard):
@@ -52,6 +52,14 @@ class SelfGuard(Guard):
 
     def watched(self) -> list[Path]:
         return []
+
+    async def gate(self) -> Blocked | None:
+        """As every guard's gate; drift found at start also marks the daemon degraded (the
+        schedule's re-checks do so through the alert policy)."""
+        blocked = await super().gate()
+        if self.drift:
+            self.supervisor.set_degraded(self.name, self.reason() + " — alert only")
+        return blocked
 
     def load(self) -> None:
         m = software.read_with_companion(self.path)
