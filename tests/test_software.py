@@ -118,6 +118,13 @@ def test_files_no_record_lists_scripts_and_removed_files_are_reported(
     # The touched paths alone give the same verdicts (the watcher's re-check).
     limited = software.verify(approved, paths=[venv / "bin"])
     assert [i.path for i in limited.issues] == [str(venv / "bin" / "helper")]
+    # A folder link (lib64 -> lib) is approved by its target, also when touched itself.
+    assert (venv / "lib64").is_symlink()
+    assert software.verify(approved, paths=[venv / "lib64"]).ok
+    (venv / "lib64").unlink()
+    (venv / "lib64").symlink_to("/tmp")
+    assert [(i.path, i.status) for i in software.verify(approved, paths=[venv / "lib64"]).issues
+            ] == [(str(venv / "lib64"), "CHANGED")]
 
 
 def test_the_manifest_reads_back_and_rejects_a_changed_copy(pyenv: PyEnv,

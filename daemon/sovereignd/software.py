@@ -177,7 +177,7 @@ def _walk(root: str, stdlib: bool) -> Iterator[tuple[str, bool]]:
     """(path, is a symlink to a folder) of every file under root, not following folder links."""
     if os.path.islink(root) or not os.path.isdir(root):  # noqa: PTH112,PTH114 - hot path
         if os.path.lexists(root):
-            yield root, False
+            yield root, os.path.islink(root) and os.path.isdir(root)  # noqa: PTH112,PTH114
         return
     for dirpath, dirnames, filenames in os.walk(root):
         keep = []
