@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pwd
 import shutil
 from collections.abc import Sequence
@@ -496,3 +497,16 @@ def test_a_frozen_file_approving_no_software_manifest_fails(site: Site,
         f"{manifest.file_sha256(site.frozen)}  requirements-frozen.txt\n")
     env = site.report(host.probe()).control("environment")
     assert env.verdict == "FAIL" and "approves no software manifest" in env.finding
+
+
+def test_software_manifests_owned_by_the_service_account_fail_posture(
+        site: Site, host: FakeHost) -> None:
+    """The software manifests approve code as the frozen file does: the account must not own
+    them (the daemon's guard rails refuse to start on the same evidence)."""
+    assert NOBODY is not None
+    for path in (site.software, site.own):
+        os.chown(path, NOBODY.pw_uid, -1)
+    rows = {r[0]: r for r in site.report(host.probe()).control("file_posture").tables[0].rows}
+    for what in ("software manifest", "daemon software manifest"):
+        assert rows[what][4] == "FAIL" and "is owned by nobody" in rows[what][5]
+    assert rows["daemon software manifest checksum"][4] != "FAIL"
