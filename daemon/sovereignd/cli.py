@@ -256,8 +256,9 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def _add_baseline(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("baseline", help="approve the current weights and server venv: write "
-                                        "integrity.manifest and environment.frozen (+ .sha256)")
+    p = sub.add_parser("baseline", help="approve the current weights and software: write "
+                                        "integrity.manifest, environment.frozen (+ .sha256 and "
+                                        "the software manifest) and daemon.software_manifest")
     _config_arg(p)
     _workers_arg(p)
     p.add_argument("--accept", action="store_true",
