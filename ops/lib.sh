@@ -46,12 +46,31 @@ warn_unless_model_readable() {
   fi
 }
 
+# pip_install_lock VENV LOCK: install exactly the packages of a lock, each file checked against
+# its --hash (pip's hash-checking mode; --no-deps, as pip-sync: a lock lists every package).
+# A file without hashes is refused unless allow_unhashed=1 (the operator insists): then pip
+# installs whatever the index serves for each pin. Reads allow_unhashed.
+pip_install_lock() {
+  local pip=("$1/bin/pip" install --quiet --disable-pip-version-check)
+  if [ "$allow_unhashed" = 1 ]; then
+    run "${pip[@]}" -r "$2"
+  elif ! grep -q -- '--hash=' "$2"; then
+    die "$2 pins no package by --hash: install from a lock (ops/locks/, written by" \
+        "uv pip compile --generate-hashes), or pass --allow-unhashed to accept it as it is"
+  else
+    run "${pip[@]}" --require-hashes --no-deps -r "$2"
+  fi
+}
+
 # install_daemon_venv VENV: sovereignd from this checkout in a root-owned venv, so the account
-# cannot change the code it runs; skipped when built already. Reads skip_venvs, python, repo.
+# cannot change the code it runs; its dependencies (and the setuptools that builds it) from the
+# hash lock; skipped when built already. Reads skip_venvs, python, repo, allow_unhashed.
 install_daemon_venv() {
   if [ "$skip_venvs" = 0 ] && [ ! -x "$1/bin/sovereignd" ]; then
     run "$python" -m venv "$1"
-    run "$1/bin/pip" install --quiet --disable-pip-version-check "$repo"
+    pip_install_lock "$1" "$repo/ops/locks/daemon.txt"
+    run "$1/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+      --no-build-isolation "$repo"
   fi
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pwd
 import shutil
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sovereignd import audit, auditevidence, cli, hostfacts, sealing
+from sovereignd import audit, auditevidence, cli, hostfacts, manifest, sealing, software
 from sovereignd import config as config_mod
 from sovereignd import keys as keys_mod
 from sovereignd.logfiles import utc_timestamp
@@ -49,8 +50,20 @@ class Site:
         self.manifest.write_text("".join(
             f"{hashlib.sha256(p.read_bytes()).hexdigest()}  ./{p.name}\n"
             for p in sorted(self.model.iterdir()) if p != self.manifest))
+        self.software = root / "requirements-frozen.software.sha256"
+        self.software.write_text(
+            f"# sovereignd software manifest of the venv {root / 'venv'}\n"
+            '# python: {"build": "3.11.7 (main)", "executable": "/usr/bin/python3.11", '
+            '"implementation": "cpython", "libraries": [], "stdlib": ["/usr/lib/python3.11"], '
+            '"version": "3.11.7"}\n' + "ab" * 32 + "  /usr/bin/python3.11\n")
+        link = software.link_line(self.software, manifest.file_sha256(self.software)).decode()
+        self.own = root / "daemon-software.sha256"
+        shutil.copy(self.software, self.own)
+        (root / "daemon-software.sha256.sha256").write_text(
+            f"{manifest.file_sha256(self.own)}  {self.own.name}\n")
         self.frozen = root / "requirements-frozen.txt"
-        self.frozen.write_text("# uv pip freeze\naiohttp==3.9.5\nnumpy==1.26.4\nvllm==0.8.0\n")
+        self.frozen.write_text(link + "# uv pip freeze\naiohttp==3.9.5\nnumpy==1.26.4\n"
+                               "vllm==0.8.0\n")
         digest = hashlib.sha256(self.frozen.read_bytes()).hexdigest()
         (root / "requirements-frozen.txt.sha256").write_text(
             f"{digest}  requirements-frozen.txt\n")
@@ -87,6 +100,7 @@ class Site:
         self.event(0.6, "environment_verified", packages=3, record_files=1200,
                    record_bytes=2**30, seconds=4.2, frozen=str(self.frozen),
                    frozen_sha256=hashlib.sha256(self.frozen.read_bytes()).hexdigest())
+        self.event(0.65, "self_verified", scope="full", files=1)
         self.event(1, "state", **{"from": "STOPPED", "to": "STARTING",
                                   "reason": "daemon started"})
         self.event(1.1, "spawn", pid=200, argv=["vllm", "serve"], start=1,
@@ -104,7 +118,7 @@ class Site:
     def config_path(self) -> Path:
         assert NOBODY is not None
         cfg: dict[str, Any] = {
-            "daemon": {"user": NOBODY.pw_name},
+            "daemon": {"user": NOBODY.pw_name, "software_manifest": str(self.own)},
             "server": {"model": str(self.model), "command": ["vllm", "serve"]},
             "gateway": {"listen": "127.0.0.1:8000", "keys_file": str(self.keys_file)},
             "integrity": {"manifest": str(self.manifest)},
@@ -212,7 +226,7 @@ def test_cli_exits_0_when_every_control_passes(site: Site, host: FakeHost,
     assert out["counts"]["fail"] == 0
     assert [c["id"] for c in out["controls"]] == [
         "host", "service_account", "launch", "config", "listen", "offline", "secrets",
-        "file_posture", "egress", "integrity", "environment", "request_chain",
+        "file_posture", "egress", "integrity", "environment", "daemon_software", "request_chain",
         "request_activity", "event_coverage", "incidents", "changes"]
 
 
@@ -454,3 +468,45 @@ def test_baselines_the_daemon_would_refuse_fail_with_its_reasons(site: Site,
     assert {f.key: f.value for f in env.facts}["companion_matches"] is False
     integrity = report.control("integrity")
     assert integrity.verdict == "FAIL" and "line 3" in integrity.finding
+
+
+def test_the_daemons_own_software_is_a_control(site: Site, host: FakeHost) -> None:
+    """Unset: a warning; set and drifted in the period: FAIL, naming the file."""
+    report = site.report(host.probe())
+    env = report.control("environment")
+    facts = {f.key: f.value for f in env.facts}
+    assert facts["interpreter"].startswith("CPython 3.11.7 at /usr/bin/python3.11")
+    assert facts["software_files"] == 1
+    assert report.control("daemon_software").verdict == "PASS"
+    site.event(20, "self_drift", level="error", scope="full", policy="alert", count=1,
+               files=[{"path": "file /venv/lib/python3.11/site-packages/x.pth",
+                       "status": "EXTRA"}])
+    own = site.report(host.probe()).control("daemon_software")
+    assert own.verdict == "FAIL" and "drifted" in own.finding
+    assert "x.pth EXTRA" in own.tables[0].rows[0][1]
+    site.overrides = {"daemon": {"software_manifest": None}}
+    own = site.report(host.probe()).control("daemon_software")
+    assert own.verdict == "WARN" and "does not verify its own" in own.finding
+
+
+def test_a_frozen_file_approving_no_software_manifest_fails(site: Site,
+                                                            host: FakeHost) -> None:
+    text = site.frozen.read_text().split("\n", 1)[1]
+    site.frozen.write_text(text)
+    (site.root / "requirements-frozen.txt.sha256").write_text(
+        f"{manifest.file_sha256(site.frozen)}  requirements-frozen.txt\n")
+    env = site.report(host.probe()).control("environment")
+    assert env.verdict == "FAIL" and "approves no software manifest" in env.finding
+
+
+def test_software_manifests_owned_by_the_service_account_fail_posture(
+        site: Site, host: FakeHost) -> None:
+    """The software manifests approve code as the frozen file does: the account must not own
+    them (the daemon's guard rails refuse to start on the same evidence)."""
+    assert NOBODY is not None
+    for path in (site.software, site.own):
+        os.chown(path, NOBODY.pw_uid, -1)
+    rows = {r[0]: r for r in site.report(host.probe()).control("file_posture").tables[0].rows}
+    for what in ("software manifest", "daemon software manifest"):
+        assert rows[what][4] == "FAIL" and "is owned by nobody" in rows[what][5]
+    assert rows["daemon software manifest checksum"][4] != "FAIL"

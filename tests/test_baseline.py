@@ -52,7 +52,12 @@ def test_baseline_writes_both_baselines_that_the_checks_then_accept(
         assert f"wrote {path}" in result.stdout
         assert hashlib.sha256(path.read_bytes()).hexdigest() in result.stdout
     assert "5 files of" in result.stdout
-    assert frozen.read_text() == environment.freeze(venv, all=True)
+    link, _, rest = frozen.read_text().partition("\n")
+    assert rest == environment.freeze(venv, all=True)
+    files = approved / "requirements-frozen.software.sha256"
+    digest = hashlib.sha256(files.read_bytes()).hexdigest()
+    assert link == f"# sovereignd software manifest: {files.name} sha256={digest}"
+    assert f"wrote {files}" in result.stdout
     assert run_cli("manifest", "verify", str(model), "-m", str(manifest_file)).returncode == 0
     env = run_cli("env", "verify", "--config", str(config))
     assert env.returncode == 0, env.stdout + env.stderr
@@ -109,6 +114,7 @@ def test_baseline_library_call_returns_what_it_wrote(setup: tuple[Path, Path, Pa
     cfg = config_mod.load(setup[0])
     result = baseline.write_baselines(cfg, workers=1)
     assert [w.path.name for w in result.written] == [
-        "CHECKSUMS.sha256", "requirements-frozen.txt", "requirements-frozen.txt.sha256"]
+        "CHECKSUMS.sha256", "requirements-frozen.software.sha256", "requirements-frozen.txt",
+        "requirements-frozen.txt.sha256"]
     assert cfg.integrity.manifest is not None
     assert manifest.read_manifest(cfg.integrity.manifest).sha256 == result.written[0].sha256

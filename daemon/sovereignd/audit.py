@@ -20,12 +20,12 @@ import re
 import stat
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sovereignd import __version__, environment, guards, hostfacts, logverify, sealing
+from sovereignd import __version__, environment, guards, hostfacts, logverify, sealing, software
 from sovereignd import keys as keys_mod
 from sovereignd.auditevidence import (
     UNAUTHENTICATED,
@@ -283,6 +283,7 @@ def build_report(cfg: Config, since: float | None = None, until: float | None = 
         _egress_control(inputs),
         _integrity_control(inputs, incidents),
         _environment_control(inputs),
+        _self_control(inputs),
         _chain_control(inputs),
         _activity_control(inputs, stats),
         _coverage_control(inputs),
@@ -830,6 +831,8 @@ def _environment_control(i: _Inputs) -> Control:
     if not env.record_check:
         problems.append((WARN, "environment.record_check is off: installed files are not "
                          "checked against their RECORD hashes"))
+    _approved_software(c, problems, env.files_check,
+                       lambda: software.read_approved(env.frozen) if env.frozen else None)
     last_ok = i.history.last("environment_verified")
     if last_ok is None:
         problems.append((FAIL, "no verification of the server's software is recorded"))
@@ -837,7 +840,9 @@ def _environment_control(i: _Inputs) -> Control:
         c.fact("last_verification", "Last verification", last_ok["ts"],
                f"{short_ts(last_ok['ts'])}: OK, {last_ok.get('packages')} packages, "
                f"{last_ok.get('record_files')} installed files "
-               f"({human_size(int(last_ok.get('record_bytes') or 0))}) match RECORD")
+               f"({human_size(int(last_ok.get('record_bytes') or 0))}) match RECORD"
+               + (f"; {last_ok.get('software_files')} files of the venv and its interpreter "
+                  "match the software manifest" if last_ok.get("software_files") else ""))
         known = last_ok.get("frozen_sha256")
         if digest is not None and isinstance(known, str) and known != digest:
             problems.append((WARN, "the frozen file changed after the daemon last verified"))
@@ -854,6 +859,58 @@ def _environment_control(i: _Inputs) -> Control:
     return _conclude(c, problems, lambda: (
         f"software verified at {short_ts(last_ok['ts']) if last_ok else '?'}; "
         f"{len(drifts)} drift(s) in the period"))
+
+
+def _approved_software(c: Control, problems: list[tuple[str, str]], enabled: bool,
+                       read: Callable[[], software.SoftwareManifest | None]) -> None:
+    """Facts of an approved software manifest (files, interpreter); what the daemon's reader
+    refuses, the audit fails."""
+    c.fact("files_check", "Every file of the venv and its interpreter hashed", enabled)
+    if not enabled:
+        problems.append((WARN, "environment.files_check is off: bytecode, scripts, files no "
+                         "RECORD lists and the interpreter are not verified"))
+        return
+    try:
+        m = read()
+    except SovereigndError as exc:
+        problems.append((FAIL, str(exc)))
+        return
+    if m is None:
+        return
+    c.fact("software_manifest", "Software manifest", m.source)
+    c.fact("software_manifest_sha256", "Software manifest SHA-256", m.sha256)
+    c.fact("software_files", "Files approved (venv, interpreter, standard library)",
+           len(m.digests))
+    c.fact("interpreter", "Approved interpreter", m.interpreter.summary())
+
+
+def _self_control(i: _Inputs) -> Control:
+    """The daemon's own venv and interpreter (daemon.software_manifest)."""
+    path = i.cfg.daemon.software_manifest
+    c = Control("daemon_software", SECTIONS[4], "The daemon's own software", PASS, "")
+    c.fact("software_manifest", "Software manifest (daemon.software_manifest)",
+           str(path) if path else None)
+    if path is None:
+        c.verdict = WARN
+        c.finding = ("daemon.software_manifest is not set: the daemon does not verify its own "
+                     "venv and interpreter, so the gateway's code is not shown to be approved")
+        return c
+    problems: list[tuple[str, str]] = []
+    _approved_software(c, problems, True, lambda: software.read_with_companion(path))
+    last_ok = i.history.last("self_verified")
+    if last_ok is None:
+        problems.append((FAIL, "no verification of the daemon's own software is recorded"))
+    else:
+        c.fact("last_verification", "Last verification", last_ok["ts"],
+               f"{short_ts(last_ok['ts'])}: OK, {last_ok.get('files')} files match")
+    _last_check(c, i, "self", problems, "the daemon's own software differs from its manifest")
+    t = c.table("drifts", "Drift detected in the period", ["time", "files"])
+    drifts = i.history.in_period(i.period, "self_drift")
+    for d in drifts:
+        t.rows.append([d["ts"], _software_drift(d)[3]])
+        problems.append((FAIL, f"the daemon's own software drifted at {short_ts(d['ts'])}"))
+    return _conclude(c, problems, lambda: (
+        f"the daemon's own software verified at {short_ts(last_ok['ts']) if last_ok else '?'}"))
 
 
 def _software_drift(event: dict[str, Any]) -> list[str]:

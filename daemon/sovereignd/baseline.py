@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sovereignd import environment, manifest
+from sovereignd import environment, manifest, software
 from sovereignd.config import Config
 from sovereignd.errors import CheckFailed, ConfigError, ConfigProblem
 from sovereignd.fsutil import atomic_write
@@ -43,7 +43,7 @@ def _targets(cfg: Config) -> tuple[Path | None, Path | None]:
     """(manifest, frozen) to write; raise ConfigError when the configuration cannot say."""
     problems = []
     frozen = cfg.environment.frozen
-    if cfg.integrity.manifest is None and frozen is None:
+    if cfg.integrity.manifest is None and frozen is None and cfg.daemon.software_manifest is None:
         problems.append(ConfigProblem("integrity.manifest", "neither integrity.manifest nor "
                                       "environment.frozen is set: there is no baseline to write"))
     if frozen is not None and cfg.server.venv is None:
@@ -55,8 +55,9 @@ def _targets(cfg: Config) -> tuple[Path | None, Path | None]:
 
 
 def write_baselines(cfg: Config, *, workers: int | None = None) -> BaselineResult:
-    """Approve the current weights and server software: write integrity.manifest and
-    environment.frozen (with its .sha256) from server.model and server.venv.
+    """Approve the current weights and software: write integrity.manifest, environment.frozen
+    (with its .sha256 and the software manifest it approves) from server.model and
+    server.venv, and daemon.software_manifest (+ .sha256) from the daemon's own venv.
 
     Raises CheckFailed, writing nothing, if the model folder holds unsafe paths or corrupt
     safetensors, or if installed files differ from their RECORD (environment.record_check).
@@ -70,6 +71,7 @@ def write_baselines(cfg: Config, *, workers: int | None = None) -> BaselineResul
                                            allowed_roots=cfg.integrity.allowed_roots,
                                            workers=threads)
     frozen_data = None
+    files: software.SoftwareManifest | None = None
     venv = cfg.server.venv
     if frozen_path is not None and venv is not None:
         if cfg.environment.record_check:
@@ -80,6 +82,11 @@ def write_baselines(cfg: Config, *, workers: int | None = None) -> BaselineResul
                                   "affected packages, then run the baseline again")
         # --all: pip, setuptools and wheel are server software too (uv pip freeze lists them).
         frozen_data = environment.freeze(venv, all=True).encode()
+        if cfg.environment.files_check:
+            files = software.create(venv, workers=threads)
+    own = None
+    if cfg.daemon.software_manifest is not None:
+        own = software.create(software.own_venv(), workers=threads)
 
     written: list[Written] = []
     if created is not None and manifest_path is not None:
@@ -93,6 +100,11 @@ def write_baselines(cfg: Config, *, workers: int | None = None) -> BaselineResul
             notes.append(f"integrity.manifest_sha256 pins {pin}: set it to {digest} in "
                          f"{cfg.source}, or the daemon will refuse the new manifest")
     if frozen_data is not None and frozen_path is not None:
+        if files is not None:
+            files_path = software.path_for_frozen(frozen_path)
+            files_digest = software.write(files_path, files)
+            frozen_data = software.link_line(files_path, files_digest) + frozen_data
+            written.append(Written(files_path, files_digest, _software_what(files)))
         atomic_write(frozen_path, frozen_data, mode=0o644)
         companion = environment.companion_path(frozen_path)
         companion_data = environment.render_companion(frozen_path, frozen_data)
@@ -102,4 +114,18 @@ def write_baselines(cfg: Config, *, workers: int | None = None) -> BaselineResul
                                f"{count} packages of {venv}, pip freeze --all format"))
         written.append(Written(companion, manifest.file_sha256(companion),
                                f"shasum -a 256 of {frozen_path.name}"))
+    if own is not None and cfg.daemon.software_manifest is not None:
+        path = cfg.daemon.software_manifest
+        digest = software.write(path, own)
+        written.append(Written(path, digest, _software_what(own) + " (the daemon itself)"))
+        companion = environment.companion_path(path)
+        atomic_write(companion, environment.render_companion(path, path.read_bytes()),
+                     mode=0o644)
+        written.append(Written(companion, manifest.file_sha256(companion),
+                               f"shasum -a 256 of {path.name}"))
     return BaselineResult(written=tuple(written), notes=tuple(notes))
+
+
+def _software_what(m: software.SoftwareManifest) -> str:
+    return (f"{len(m.digests)} files of {m.venv} and its interpreter "
+            f"{m.interpreter.summary()}")

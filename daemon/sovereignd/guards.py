@@ -25,6 +25,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from sovereignd import software
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError, UnsafeHost
 
@@ -93,6 +94,12 @@ def protected_paths(cfg: Config) -> list[tuple[str, Path]]:
         frozen = cfg.environment.frozen
         out.append(("frozen environment", frozen))
         out.append(("frozen environment checksum", frozen.with_name(frozen.name + ".sha256")))
+        if cfg.environment.files_check:
+            out.append(("software manifest", software.path_for_frozen(frozen)))
+    own = cfg.daemon.software_manifest
+    if own is not None:
+        out.append(("daemon software manifest", own))
+        out.append(("daemon software manifest checksum", own.with_name(own.name + ".sha256")))
     return out
 
 

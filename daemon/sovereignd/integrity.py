@@ -37,7 +37,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from sovereignd import environment, manifest, weights
+from sovereignd import environment, manifest, software, weights
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
 from sovereignd.eventlog import EventLog
@@ -186,7 +186,7 @@ class Guard:
                                                           "files": self.listed()})
 
     def reason(self) -> str:
-        items = sorted(self.drift)
+        items = sorted(self.drift, key=lambda k: (not k.startswith("package "), k))
         shown = ", ".join(f"{self.drift[k].get('status', 'CHANGED')} {k}"
                           for k in items[:3])
         more = f" and {len(items) - 3} more" if len(items) > 3 else ""
@@ -487,6 +487,9 @@ class EnvironmentGuard(Guard):
         self.record_files = 0
         self.record_bytes = 0
         self.stat_interval = max(60.0, cfg.integrity.stat_interval)
+        self.software: software.SoftwareManifest | None = None
+        self.software_files = 0
+        self.recompiled = 0
 
     @property
     def venv(self) -> Path:
@@ -510,11 +513,15 @@ class EnvironmentGuard(Guard):
         return self.cfg.environment.watch
 
     def watched(self) -> list[Path]:
-        return environment.site_packages(self.venv)
+        if self.software is None:
+            return environment.site_packages(self.venv)
+        return [Path(p) for p in self.software.roots() if Path(p).is_dir()]
 
     def load(self) -> None:
         self.frozen = environment.read_frozen(self.path)
         self.frozen_sha256 = manifest.file_sha256(self.path)
+        if self.cfg.environment.files_check:
+            self.software = software.read_approved(self.path)
 
     def verify(self, paths: list[str] | None, low_priority: bool) -> dict[str, dict[str, Any]]:
         assert self.frozen is not None
@@ -546,20 +553,31 @@ class EnvironmentGuard(Guard):
                     out[f"file {issue.path}"] = {"status": status, "dist": issue.dist or None,
                                                  "expected": issue.expected,
                                                  "actual": issue.actual, "detail": issue.reason}
-            # Earlier file verdicts under the re-checked paths (all of them, when complete)
-            # that are not found again have been repaired.
-            for key in list(self.drift):
-                if key.startswith("file ") and key not in out and (
-                        paths is None or any(p.endswith(key[5:]) for p in paths)):
-                    out[key] = {}
+        if self.software is not None:
+            files = software.verify(self.software, paths=paths,
+                                    workers=self.cfg.integrity.hash_workers,
+                                    low_priority=low_priority, stop=self._stop)
+            if paths is None:
+                self.software_files, self.recompiled = (files.files_checked,
+                                                        len(files.recompiled))
+            out.update(software.drift_entries(files))
+        # Earlier file verdicts under the re-checked paths (all of them, when complete)
+        # that are not found again have been repaired.
+        for key in list(self.drift):
+            if key.startswith("file ") and key not in out and (
+                    paths is None or any(p.endswith(key[5:]) or key[5:].startswith(p)
+                                         for p in paths)):
+                out[key] = {}
         return out
 
     def verified_fields(self) -> dict[str, Any]:
         return {"packages": self.packages, "record_files": self.record_files,
-                "record_bytes": self.record_bytes}
+                "record_bytes": self.record_bytes, "software_files": self.software_files,
+                "bytecode_recompiled": self.recompiled}
 
     def baseline_fields(self) -> dict[str, Any]:
-        return {"frozen": str(self.path), "frozen_sha256": self.frozen_sha256}
+        return {"frozen": str(self.path), "frozen_sha256": self.frozen_sha256,
+                **software.status_fields(self.software)}
 
 
 def guards_for(cfg: Config, supervisor: Supervisor, events: EventLog) -> list[Guard]:

@@ -5,10 +5,20 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sovereignd import backends, environment, guards, manifest, memory, modelfiles, serverargs
+from sovereignd import (
+    backends,
+    environment,
+    guards,
+    manifest,
+    memory,
+    modelfiles,
+    serverargs,
+    software,
+)
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
 from sovereignd.units import format_duration
@@ -70,6 +80,7 @@ def run_checks(cfg: Config) -> Report:
     _check_guards(cfg, report)
     _check_memory(cfg, report)
     _check_baselines(cfg, report)
+    _check_software(cfg, report)
     return report
 
 
@@ -266,3 +277,28 @@ def _check_baselines(cfg: Config, report: Report) -> None:
                        ".sha256 companion matches")
         except (SovereigndError, OSError) as exc:
             report.add(FAIL, "software baseline", f"{exc} (write it with `sovereignd baseline`)")
+
+
+def _check_software(cfg: Config, report: Report) -> None:
+    """The approved interpreters (server's and daemon's) against the ones that would run."""
+    targets: list[tuple[str, Path, Callable[[], software.SoftwareManifest]]] = []
+    frozen = cfg.environment.frozen
+    if frozen is not None and cfg.server.venv is not None and cfg.environment.files_check:
+        targets.append(("server interpreter", cfg.server.venv,
+                        lambda: software.read_approved(frozen)))
+    own = cfg.daemon.software_manifest
+    if own is None:
+        report.add(WARN, "daemon software", "daemon.software_manifest is not set: the daemon "
+                   "does not verify its own venv and interpreter")
+    else:
+        try:
+            targets.append(("daemon interpreter", software.own_venv(),
+                            lambda: software.read_with_companion(own)))
+        except SovereigndError as exc:
+            report.add(FAIL, "daemon software", str(exc))
+    for name, venv, read in targets:
+        try:
+            ok, text = software.interpreter_check(read(), venv)
+            report.add(OK if ok else FAIL, name, text)
+        except (SovereigndError, OSError) as exc:
+            report.add(FAIL, name, f"{exc} (write it with `sovereignd baseline`)")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from sovereignd import control, environment
+from sovereignd import control, environment, locks, software
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
 from sovereignd.eventlog import EventLog
@@ -168,6 +168,9 @@ class Upgrade:
     prebuilt: Path | None = None
     python: str = "python3"
     uninstall: Sequence[str] = ()
+    #: Build from requirements without --hash lines (the operator insists): pip then installs
+    #: whatever the index serves for each pin.
+    allow_unhashed: bool = False
     timeout: float = 600.0
     poll: float = 0.25
     say: Callable[[str], None] = print
@@ -240,13 +243,22 @@ class Upgrade:
         if target.exists():
             raise UpgradeFailed(f"{target} exists already; pick another --name, or pass it "
                                 "as --venv if it is complete")
+        missing = locks.unhashed(self.requirements)
+        if missing and not self.allow_unhashed:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more"
+                                              if len(missing) > 5 else "")
+            raise UpgradeFailed(f"{self.requirements} pins packages without --hash ({shown}): "
+                                "write a lock with `uv pip compile --generate-hashes`, or pass "
+                                "--allow-unhashed to install whatever the index serves")
         self.step("build", venv=str(target), requirements=str(self.requirements))
         t0 = time.monotonic()
         target.parent.mkdir(parents=True, exist_ok=True)
         pip = [str(target / "bin" / "pip"), "--disable-pip-version-check", "--quiet"]
         try:
             self._call([self.python, "-m", "venv", str(target)])
-            self._call([*pip, "install", "-r", str(self.requirements)])
+            # A lock lists every package: --no-deps installs exactly it (as pip-sync does).
+            locked = [] if missing else ["--require-hashes", "--no-deps"]
+            self._call([*pip, "install", *locked, "-r", str(self.requirements)])
             if self.uninstall:
                 self._call([*pip, "uninstall", "-y", *self.uninstall])
         except UpgradeFailed:
@@ -266,7 +278,16 @@ class Upgrade:
             self.step("baseline", skipped="environment.frozen is not set")
             return
         data = freeze_venv(target)
-        frozen, companion = saved
+        frozen, companion = saved[:2]
+        if self.cfg.environment.files_check:
+            # The new venv file by file, approved by the frozen file (see software).
+            files_path = software.path_for_frozen(frozen.path)
+            saved.append(SavedFile.read(files_path))
+            try:
+                approved = software.create(target, workers=self.cfg.integrity.hash_workers)
+            except SovereigndError as exc:
+                raise UpgradeFailed(str(exc)) from exc
+            data = software.link_line(files_path, software.write(files_path, approved)) + data
         frozen.write(data)
         companion.write(companion_bytes(frozen.path, data))
         self.step("baseline", frozen=str(frozen.path),

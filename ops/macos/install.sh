@@ -13,6 +13,10 @@
 #                            from a copy you have reviewed: shasum -a 256 install.sh
 #   --installer-url URL      vllm-metal's installer, pinned to a commit (default below)
 #   --server-venv DIR        use this server venv (built and reviewed elsewhere) instead
+#   --server-requirements FILE  build the server venv from this hash lock instead of the
+#                            installer (e.g. ops/locks/vllm-mlx-macos.txt for vllm-mlx)
+#   --allow-unhashed         accept requirements without --hash (pip installs what the index
+#                            serves)
 #   --skip-venvs             build no venv (--server-venv still applies)
 #   --user NAME              role account (default _sovereignd)
 #   --uid N                  its uid/gid (default: the highest free id from 499 down to 400)
@@ -45,6 +49,8 @@ label=org.sovereignd
 python=python3
 model=""
 server_venv=""
+server_requirements=""
+allow_unhashed=0
 skip_venvs=0
 baseline=1
 load=1
@@ -64,6 +70,8 @@ while [ $# -gt 0 ]; do
     --installer-sha256) installer_sha256="$2"; shift 2 ;;
     --installer-url) installer_url="$2"; shift 2 ;;
     --server-venv) server_venv="$2"; shift 2 ;;
+    --server-requirements) server_requirements="$2"; shift 2 ;;
+    --allow-unhashed) allow_unhashed=1; shift ;;
     --skip-venvs) skip_venvs=1; shift ;;
     --user) user="$2"; shift 2 ;;
     --uid) uid="$2"; shift 2 ;;
@@ -76,7 +84,7 @@ while [ $# -gt 0 ]; do
     --no-baseline) baseline=0; shift ;;
     --no-load) load=0; shift ;;
     --no-pf) pf=0; shift ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -86,7 +94,7 @@ need_root "run as root (sudo): it creates an account and root-owned folders; or 
 if [ "$dry_run" = 0 ] && [ "$(uname -s)" != Darwin ]; then
   die "this installs a macOS LaunchDaemon; on Linux use ops/linux/install.sh"
 fi
-if [ "$skip_venvs" = 0 ] && [ -z "$server_venv" ]; then
+if [ "$skip_venvs" = 0 ] && [ -z "$server_venv" ] && [ -z "$server_requirements" ]; then
   if ! [[ "$installer_sha256" =~ ^[0-9a-fA-F]{64}$ ]]; then
     die "refusing to run vllm-metal's installer unchecked: pass --installer-sha256 HEX (the" \
         "SHA-256 of $installer_url, from a copy you have reviewed), or --server-venv DIR"
@@ -145,6 +153,14 @@ warn_unless_model_readable sudo -u "$user"
 install_daemon_venv "$prefix/venv"
 if [ -n "$server_venv" ]; then
   target="$server_venv"
+elif [ -n "$server_requirements" ]; then
+  target="$prefix/server-venvs/$(basename "$server_requirements" .txt)"
+  if [ "$skip_venvs" = 0 ] && [ ! -f "$target/.sovereignd-complete" ]; then
+    run install -d -o root -g wheel -m 0755 "$prefix/server-venvs"
+    run "$python" -m venv "$target"
+    pip_install_lock "$target" "$server_requirements"
+    run touch "$target/.sovereignd-complete"
+  fi
 else
   commit="$(sed -n 's|.*/vllm-metal/\([0-9a-f]\{12\}\).*|\1|p' <<<"$installer_url")"
   staging="$prefix/server-venvs/vllm-metal-${commit:-pinned}"

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "daemon"))
 
-from sovereignd import environment, hashing, manifest  # noqa: E402 - after the path is set
+from sovereignd import environment, hashing, manifest, software  # noqa: E402 - after the path is set
 from sovereignd.units import parse_size  # noqa: E402
 
 BLOCK = 64 * 2**20
@@ -220,6 +220,22 @@ def bench_venv(args: argparse.Namespace) -> None:
               f"{report.bytes_hashed / 2**30:.2f} GiB in {seconds:.2f} s: "
               f"{gb_s(report.bytes_hashed, seconds):.2f} GB/s, "
               f"{report.files_checked / seconds:,.0f} files/s; {verdict}")
+    print(f"\nSoftware verification of {venv} and its interpreter, every file, bytecode "
+          f"included (load {load()}):")
+    start = time.perf_counter()
+    approved = software.create(venv, workers=args.workers)
+    seconds = time.perf_counter() - start
+    print(f"  baseline (hash all)  {len(approved.digests)} files in {seconds:.2f} s; "
+          f"{approved.interpreter.summary()}")
+    for label in ("verify", "verify again"):
+        start = time.perf_counter()
+        files = software.verify(approved, workers=args.workers)
+        seconds = time.perf_counter() - start
+        print(f"  {label:20s} {files.files_checked} files, "
+              f"{files.bytes_hashed / 2**30:.2f} GiB in {seconds:.2f} s: "
+              f"{gb_s(files.bytes_hashed, seconds):.2f} GB/s; "
+              f"{'all match' if files.ok else f'{len(files.issues)} problems'}, "
+              f"{len(files.recompiled)} recompiled .pyc")
     start = time.perf_counter()
     frozen = environment.freeze(venv)
     print(f"  freeze (metadata only) {len(frozen.splitlines())} lines in "

@@ -139,6 +139,20 @@ def test_chat_and_streamed_chat_through_the_gateway_with_a_client_key(
     assert plain["completion_tokens"] == answer["usage"]["completion_tokens"]
 
 
+def test_the_serving_real_server_leaves_its_software_verified_file_by_file(
+        vllm_daemon: Daemon) -> None:
+    """After the real vLLM imported everything and answered, every file of its venv and its
+    interpreter (bytecode included) still matches: a running server causes no false drift."""
+    d = vllm_daemon
+    st = d.wait_state("READY", timeout=READY_TIMEOUT)
+    env = st["environment"]
+    assert env["result"] == "ok" and env["software_files"] > 50_000
+    assert env["python"].startswith("CPython 3.")
+    check = run_cli("env", "verify", "--config", str(d.config_path), timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "software check of" in check.stdout and ": all match" in check.stdout
+
+
 def test_invocations_is_404_at_the_gateway_but_open_at_vllm_itself(vllm_daemon: Daemon) -> None:
     """vLLM serves /invocations to anyone who reaches its port; the gateway does not pass it."""
     d = vllm_daemon
