@@ -95,9 +95,12 @@ def test_the_death_of_a_descendant_fails_the_server_at_once(make_daemon: MakeDae
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: d.get("/readyz")[0] == 503, 5, what="/readyz 503")
     wait_for(lambda: len(d.starts()) == 2, 10, what="a respawn")
-    st = d.wait_state("READY")
-    assert st["last_exit"]["kind"] == "engine-died"
-    assert st["last_exit"]["process"]["pid"] == victim
+    d.wait_state("READY")
+    # The engine's death is the run's failure (on a loaded machine a later retry may have
+    # its own, e.g. an ephemeral port taken by another program, so look it up by kind).
+    died = [e for e in d.events("failure") + d.events("exit") if e.get("kind") == "engine-died"]
+    assert died, "no engine-died failure event"
+    assert died[0]["process"]["pid"] == victim
     failure = d.events("failure")[-1]
     assert failure["kind"] == "engine-died"
     stopped = next(e for e in d.events("server_stopped") if e["pid"] == pid)
