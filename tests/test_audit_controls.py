@@ -212,7 +212,7 @@ def test_cli_exits_0_when_every_control_passes(site: Site, host: FakeHost,
     assert out["counts"]["fail"] == 0
     assert [c["id"] for c in out["controls"]] == [
         "host", "service_account", "launch", "config", "listen", "offline", "secrets",
-        "file_posture", "egress", "integrity", "environment", "request_chain",
+        "file_posture", "egress", "integrity", "environment", "request_chain", "request_records",
         "request_activity", "event_coverage", "incidents", "changes"]
 
 

@@ -122,6 +122,14 @@ def format_request(rec: dict[str, Any], style: Style) -> str:
     kind = rec.get("kind")
     ts = style(_time(rec.get("ts")), "2")
     seq = f"{style('seq=', '2')}{rec.get('seq')}"
+    if kind in ("start", "incomplete"):
+        # A request accepted for the server, or one whose end was never recorded (crash).
+        label = style("START", "2") if kind == "start" else style("INCOMPLETE", "31")
+        rest = _pairs(rec, ("ts", "seq", "kind", "client", "method", "path", "model", "prev",
+                            "epoch", "seal"), style)
+        return "  ".join([ts, label, str(rec.get("client") or "-"),
+                          f"{rec.get('method', '')} {rec.get('path', '')}",
+                          f"{style('model=', '2')}{_value(rec.get('model'))}", seq, rest]).rstrip()
     if kind != "request":
         rest = _pairs(rec, ("ts", "seq", "kind", "prev", "epoch", "seal"), style)
         return "  ".join([ts, "---", style(f"[{kind}]", "35"), f"{seq} {rest}".rstrip()])
@@ -268,8 +276,8 @@ class Tail:
         if self.client is None:
             return True
         rec = self._parse(line)
-        return rec is not None and rec.get("kind") == "request" and rec.get("client") == \
-            self.client
+        return rec is not None and rec.get("kind") in ("request", "start", "incomplete") \
+            and rec.get("client") == self.client
 
     def _new(self, line: bytes) -> bool:
         """For the request log: True unless this record was shown already (by its seq)."""
