@@ -49,9 +49,9 @@ async def _stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any]
         try:
             async with session.post(url, json={**body, "stream": True}) as r:
                 rid = r.headers.get("X-Request-ID", "")
+                got.partial.add(rid)  # the answer has begun: status line and headers
                 done = False
                 async for line in r.content:
-                    got.partial.add(rid)
                     if line.startswith(b"data: [DONE]"):
                         done = True
                 if r.status == 200 and done:
@@ -63,14 +63,15 @@ async def _stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any]
 
 
 async def load_then_kill(d: Daemon, key: str, model: str, *, plain: int, streams: int,
-                         seconds: float, max_tokens: int) -> Received:
+                         seconds: float, max_tokens: int,
+                         extra: dict[str, Any] | None = None) -> Received:
     """Run `plain` + `streams` clients against the gateway, SIGKILL the daemon after
     `seconds`, and return what the clients received by then."""
     got = Received()
     stop = asyncio.Event()
     url = d.url + "/v1/chat/completions"
     body = {"model": model, "messages": [{"role": "user", "content": "hello"}],
-            "max_tokens": max_tokens}
+            "max_tokens": max_tokens, **(extra or {})}
     timeout = aiohttp.ClientTimeout(total=120)
     headers = {"Authorization": f"Bearer {key}"}
     connector = aiohttp.TCPConnector(limit=plain + streams)
@@ -110,6 +111,7 @@ class Accounting:
     unaccounted: list[int]         # start entries with neither a record nor "incomplete"
     incomplete: list[dict[str, Any]]
     partial_streams: int
+    streamed: int                  # of the answered, how many were streams
 
 
 def account(d: Daemon, got: Received) -> Accounting:
@@ -127,7 +129,7 @@ def account(d: Daemon, got: Received) -> Accounting:
         answered=len(got.complete), unrecorded=unrecorded, without_tokens=bad,
         unaccounted=[s for s in starts if s not in closed],
         incomplete=[r for r in everything if r["kind"] == "incomplete"],
-        partial_streams=len(got.partial))
+        partial_streams=len(got.partial), streamed=sum(got.complete.values()))
 
 
 def verify_with_key(d: Daemon) -> str:
