@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from http.client import HTTPConnection
+from typing import Any
 
 import pytest
 
@@ -63,3 +66,48 @@ def test_sigkill_under_load_leaves_every_answer_recorded_and_every_start_closed(
     print(f"\ncrash runs: {RUNS}, answered completely {answered}, "
           f"answered-but-unrecorded {unrecorded}, incomplete entries {incomplete}, "
           f"starts {result.starts}, completed {result.completed} (stand-in)")
+
+
+def _find(d: Daemon, kind: str, rid: str) -> dict[str, Any] | None:
+    from sovereignd.requestlog import iter_records
+
+    return next((r for r in iter_records(d.logs, kinds=(kind,)) if r["id"] == rid), None)
+
+
+def test_the_record_is_on_file_before_the_client_sees_the_end_of_the_answer(
+        make_daemon: MakeDaemon) -> None:
+    """A stream's start entry is there while it runs, its record before `[DONE]` arrives; a
+    plain answer's record before its body arrives."""
+    d = make_daemon(behaviour={"default": {"stream_delay": 0.05, "tokens": 6}})
+    _setup(d)
+    d.start()
+    d.wait_state("READY")
+    conn = HTTPConnection("127.0.0.1", d.port, timeout=10)
+    body = json.dumps({"model": "model", "stream": True, "max_tokens": 6,
+                       "messages": [{"role": "user", "content": "hello"}]})
+    conn.request("POST", "/v1/chat/completions", body,
+                 {"Authorization": f"Bearer {d.client_key}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    rid = resp.getheader("X-Request-ID") or ""
+    first = resp.readline()
+    assert first.startswith(b"data: {")
+    start = _find(d, "start", rid)
+    assert start is not None and start["client"] == "crash-client"
+    assert _find(d, "request", rid) is None  # still streaming
+    while not (line := resp.readline()).startswith(b"data: [DONE]"):
+        assert line, "the stream ended without [DONE]"
+    rec = _find(d, "request", rid)  # read the moment [DONE] arrived, before anything else
+    assert rec is not None and rec["status"] == 200 and rec["start_seq"] == start["seq"]
+    assert (rec["prompt_tokens"], rec["completion_tokens"]) == (7, 6)
+    conn.close()
+
+    conn = HTTPConnection("127.0.0.1", d.port, timeout=10)
+    conn.request("POST", "/v1/chat/completions", json.dumps({**json.loads(body),
+                                                             "stream": False}),
+                 {"Authorization": f"Bearer {d.client_key}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    rid = resp.getheader("X-Request-ID") or ""
+    rec = _find(d, "request", rid)  # headers and body go out together, after the record
+    assert rec is not None and rec["completion_tokens"] == 6
+    assert json.loads(resp.read())["usage"]["completion_tokens"] == 6
+    conn.close()
