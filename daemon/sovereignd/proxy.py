@@ -486,6 +486,7 @@ class Proxy:
         except RequestLogError as exc:
             self._log_failed(exc)
             return False
+        self._log_recovered()
         return True
 
     def _log_failed(self, exc: RequestLogError) -> None:
@@ -507,11 +508,15 @@ class Proxy:
         except RequestLogError as exc:
             self._log_failed(exc)
             return None
+        if self.log.sync_mode != "always":  # else only once the record is durable too
+            self._log_recovered()
+        return seq
+
+    def _log_recovered(self) -> None:
         if self._log_broken is not None:
             self.events.emit("requests_recordable", level="warning",
                              reason="request records can be written again")
             self._log_broken = None
-        return seq
 
 
 def _split_final(data: bytes) -> tuple[bytes, bytes]:

@@ -28,9 +28,12 @@ MODES = ("always", "interval", "never")
 
 
 def sync_daemon(root: Path, mode: str) -> bg.Daemon:
+    root.mkdir(parents=True, exist_ok=True)
     d = bg.nginx_daemon(root)
-    d.cfg["requests"] = {**d.cfg.get("requests", {}), "sync": mode, "sync_interval": "50ms"}
-    d.write_config()
+    if mode != "unset":  # "unset": no requests.sync key, for a checkout from before it existed
+        d.cfg["requests"] = {**d.cfg.get("requests", {}), "sync": mode,
+                             "sync_interval": "50ms"}
+        d.write_config()
     return d
 
 
@@ -81,7 +84,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up before each")
     ap.add_argument("--quiet", type=float, default=20.0,
                     help="before each row, wait up to this many seconds for other load")
-    ap.add_argument("--modes", default=",".join(MODES), help="sync settings to measure")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help="sync settings to measure, comma-separated; `unset` leaves the key "
+                         "out (to measure a checkout from before requests.sync)")
     args = ap.parse_args()
     missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
     if missing:
