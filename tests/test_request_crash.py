@@ -45,7 +45,8 @@ def test_sigkill_under_load_leaves_every_answer_recorded_and_every_start_closed(
                                          seconds=1.0 + 0.3 * run, max_tokens=16))
         d.start()  # the next start closes what the killed run left open
         wait_log_reopened(d, before + 1)
-        d.stop()
+        d.wait_state("READY")  # a SIGTERM before the daemon's handlers are set would kill it
+        assert d.stop() == 0
         acc = account(d, got)
         assert acc.answered > 0
         assert acc.unrecorded == [], f"run {run}: answered but unrecorded"

@@ -276,8 +276,8 @@ class Tail:
         if self.client is None:
             return True
         rec = self._parse(line)
-        return rec is not None and rec.get("kind") in ("request", "start", "incomplete") \
-            and rec.get("client") == self.client
+        return rec is not None and rec.get("kind") == "request" and rec.get("client") == \
+            self.client
 
     def _new(self, line: bytes) -> bool:
         """For the request log: True unless this record was shown already (by its seq)."""

@@ -13,6 +13,7 @@ from sovereignd.logverify import verify_logs
 from tests.crashload import account, load_then_kill, opens, verify_with_key, wait_log_reopened
 from tests.e2e.conftest import running, vllm_overrides
 from tests.harness import Daemon
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -40,8 +41,9 @@ def test_sigkill_under_real_load_leaves_every_answer_recorded(crash_daemon: Daem
     # Long streams (ignore_eos: the random tiny model would stop early) keep some in flight.
     got = asyncio.run(load_then_kill(d, d.client_key, "tiny", plain=2, streams=4, seconds=4.0,
                                      max_tokens=200, extra={"ignore_eos": True}))
-    d.start()  # the next start sweeps the orphaned server and closes the open requests
+    d.start()  # the next start closes the open requests and sweeps the orphaned server
     wait_log_reopened(d, before)
+    wait_for(lambda: d.events("orphans"), 120, what="the killed run's server swept")
     d.stop(timeout=60)
     acc = account(d, got)
     assert acc.answered > 0
