@@ -112,6 +112,7 @@ class Accounting:
     incomplete: list[dict[str, Any]]
     partial_streams: int
     streamed: int                  # of the answered, how many were streams
+    partial_unaccounted: list[str]  # streams cut off with neither a record nor "incomplete"
 
 
 def account(d: Daemon, got: Received) -> Accounting:
@@ -120,6 +121,7 @@ def account(d: Daemon, got: Received) -> Accounting:
     closed = {r["start_seq"] for r in everything
               if r["kind"] in ("request", "incomplete") and isinstance(r.get("start_seq"), int)}
     starts = [r["seq"] for r in everything if r["kind"] == "start"]
+    entered = {r["id"] for r in everything if r["kind"] in ("request", "incomplete")}
     unrecorded = [rid for rid in got.complete if rid not in requests]
     bad = [rid for rid in got.complete if rid in requests and (
         requests[rid]["status"] != 200 or requests[rid]["prompt_tokens"] is None
@@ -129,7 +131,8 @@ def account(d: Daemon, got: Received) -> Accounting:
         answered=len(got.complete), unrecorded=unrecorded, without_tokens=bad,
         unaccounted=[s for s in starts if s not in closed],
         incomplete=[r for r in everything if r["kind"] == "incomplete"],
-        partial_streams=len(got.partial), streamed=sum(got.complete.values()))
+        partial_streams=len(got.partial), streamed=sum(got.complete.values()),
+        partial_unaccounted=[rid for rid in got.partial if rid not in entered])
 
 
 def verify_with_key(d: Daemon) -> str:

@@ -36,7 +36,7 @@ def test_sigkill_under_load_leaves_every_answer_recorded_and_every_start_closed(
     whole has its record (status, tokens); every started request is completed or incomplete."""
     d = make_daemon(behaviour={"default": {"stream_delay": 0.02, "tokens": 16}})
     _setup(d)
-    answered = unrecorded = incomplete = 0
+    answered = unrecorded = incomplete = partial = 0
     for run in range(RUNS):
         before = opens(d)
         d.start()
@@ -52,6 +52,8 @@ def test_sigkill_under_load_leaves_every_answer_recorded_and_every_start_closed(
         assert acc.unrecorded == [], f"run {run}: answered but unrecorded"
         assert acc.without_tokens == [], f"run {run}: records without status/tokens"
         assert acc.unaccounted == [], f"run {run}: starts neither completed nor incomplete"
+        assert acc.partial_unaccounted == [], f"run {run}: a cut stream has no entry"
+        partial += acc.partial_streams
         answered += acc.answered
         unrecorded += len(acc.unrecorded)
         incomplete = len(acc.incomplete)  # cumulative: the whole log
@@ -66,6 +68,7 @@ def test_sigkill_under_load_leaves_every_answer_recorded_and_every_start_closed(
     assert "request(s) started" in report
     print(f"\ncrash runs: {RUNS}, answered completely {answered}, "
           f"answered-but-unrecorded {unrecorded}, incomplete entries {incomplete}, "
+          f"streams cut off as clients saw them {partial}, "
           f"starts {result.starts}, completed {result.completed} (stand-in)")
 
 
