@@ -7,6 +7,7 @@ against the request log that the next start of the daemon left behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ class Received:
     complete: dict[str, bool] = field(default_factory=dict)   # id -> streamed?
     partial: set[str] = field(default_factory=set)            # a stream cut before its end
     failed: int = 0                                           # no response at all
+    mid_stream: asyncio.Event = field(default_factory=asyncio.Event)  # one has begun now
 
 
 async def _plain(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
@@ -52,6 +54,8 @@ async def _stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any]
                 got.partial.add(rid)  # the answer has begun: status line and headers
                 done = False
                 async for line in r.content:
+                    if line.startswith(b"data: {"):
+                        got.mid_stream.set()
                     if line.startswith(b"data: [DONE]"):
                         done = True
                 if r.status == 200 and done:
@@ -82,6 +86,10 @@ async def load_then_kill(d: Daemon, key: str, model: str, *, plain: int, streams
         clients += [asyncio.create_task(_stream(session, url, body, got, stop))
                     for _ in range(streams)]
         await asyncio.wait(clients, timeout=seconds)  # the load runs this long, then the kill
+        # ... at a moment when a stream has delivered part of its answer (bounded wait).
+        got.mid_stream.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(got.mid_stream.wait(), timeout=30)
         d.signal(signal.SIGKILL)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*clients, return_exceptions=True), timeout=60)

@@ -50,6 +50,7 @@ def test_sigkill_under_real_load_leaves_every_answer_recorded(crash_daemon: Daem
     assert acc.unrecorded == [], "answered but unrecorded"
     assert acc.without_tokens == [], "records without status or tokens"
     assert acc.unaccounted == [], "starts neither completed nor incomplete"
+    assert acc.partial_streams > 0, "no stream was cut off mid-answer"
     assert acc.partial_unaccounted == [], "a stream cut off has no entry"
     assert acc.incomplete, "the streams in flight at the kill are not listed"
     assert all(x["reason"] == "unclean_stop" for x in acc.incomplete)
