@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -86,3 +87,17 @@ def request(i: int, **extra: Any) -> dict[str, Any]:
 
 def write(log: RequestLog, start: int, count: int) -> list[int]:
     return [log.record(request(i)) for i in range(start, start + count)]
+
+
+def crash(log: RequestLog) -> None:
+    """Leave the writer as a SIGKILL would: no close marker, no in-flight entries closed.
+
+    Only the process's descriptors and threads are released (the kernel would do that).
+    """
+    # Private parts on purpose: this is what the kernel does to a killed process.
+    for pool in (log._pool, log._sync_pool):
+        if pool is not None:
+            pool.shutdown(wait=True)
+    if log._fd is not None:
+        os.close(log._fd)
+        log._fd = None

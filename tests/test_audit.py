@@ -174,7 +174,13 @@ def test_report_figures_match_the_logs(period: Period) -> None:
     chain = control(report, "request_chain")
     assert chain["verdict"] == "PASS", chain["finding"]
     assert chain["evidence"]["seals_checked"] is True
-    assert chain["evidence"]["records"] == 8 + 2  # the requests, the open and close markers
+    # The requests, the start entries of the six that reached the server, open and close.
+    assert chain["evidence"]["records"] == 8 + 6 + 2
+    accounted = control(report, "request_records")
+    assert accounted["verdict"] == "PASS", accounted["finding"]
+    ev = accounted["evidence"]
+    assert (ev["started"], ev["completed"], ev["incomplete"], ev["open"]) == (6, 6, 0, 0)
+    assert ev["sync"] == ["interval 50.0 ms"] and ev["exposures"] == 0
     assert control(report, "offline")["verdict"] == "PASS"
     assert control(report, "listen")["verdict"] == "PASS"
     assert control(report, "incidents")["tables"]["restarts"]["rows"][0][3] == "exit"
@@ -270,7 +276,8 @@ def test_tampered_record_fails_the_control_and_names_file_and_seq(period: Period
     config.write_text(config.read_text().replace(str(period.daemon.root), str(copy)))
     live = copy / "logs" / "requests.log"
     lines = live.read_bytes().splitlines(keepends=True)
-    n = next(i for i, ln in enumerate(lines) if b'"client":"bob"' in ln)
+    n = next(i for i, ln in enumerate(lines)
+             if b'"client":"bob"' in ln and b'"kind":"request"' in ln)
     seq = json.loads(lines[n])["seq"]
     lines[n] = lines[n].replace(b'"completion_tokens":4', b'"completion_tokens":1')
     live.write_bytes(b"".join(lines))

@@ -227,6 +227,7 @@ def test_cli_exits_0_when_every_control_passes(site: Site, host: FakeHost,
     assert [c["id"] for c in out["controls"]] == [
         "host", "service_account", "launch", "config", "listen", "offline", "secrets",
         "file_posture", "egress", "integrity", "environment", "daemon_software", "request_chain",
+        "request_records",
         "request_activity", "event_coverage", "incidents", "changes"]
 
 
@@ -510,3 +511,51 @@ def test_software_manifests_owned_by_the_service_account_fail_posture(
     for what in ("software manifest", "daemon software manifest"):
         assert rows[what][4] == "FAIL" and "is owned by nobody" in rows[what][5]
     assert rows["daemon software manifest checksum"][4] != "FAIL"
+
+
+def _crashed_run(site: Site, *, starts: int, ended: int) -> None:
+    """A writer run killed with `starts` requests accepted and `ended` of them recorded."""
+    from sovereignd.requestlog import RequestLog
+    from tests.reqlog_support import crash, request
+
+    log = RequestLog(site.logs, site.logs, clock=Clock(T0 + 40), emit=Events(),
+                     compress=False)
+    log.open()
+    seqs = [log.start(request(100 + i)) for i in range(starts)]
+    for i, s in enumerate(seqs[:ended]):
+        log.record(request(100 + i, start_seq=s))
+    crash(log)
+    again = RequestLog(site.logs, site.logs, clock=Clock(T0 + 50), emit=Events(),
+                       compress=False)
+    again.open()
+    again.close()
+
+
+def test_requests_in_flight_at_a_crash_are_listed_as_incomplete_and_pass(
+        site: Site, host: FakeHost) -> None:
+    """The request-records control counts starts, completions and incomplete ones, with the
+    cause, and states the requests.sync setting in force with what it means for power loss."""
+    _crashed_run(site, starts=3, ended=1)
+    c = site.report(host.probe()).control("request_records")
+    facts = {f.key: f.value for f in c.facts}
+    assert c.verdict == "PASS", c.finding
+    assert (facts["started"], facts["completed"], facts["incomplete"], facts["open"]) == \
+        (3, 1, 2, 0)
+    assert [row[4] for row in c.tables[0].rows] == ["unclean_stop", "unclean_stop"]
+    assert facts["sync"] == ["interval 50.0 ms"]
+    text = {f.key: f.text for f in c.facts}
+    assert "power loss can lose the records of answers given in the last 50.0 ms" in \
+        str(text["sync"])
+    assert "2 incomplete (2 unclean_stop)" in c.finding
+
+
+def test_an_unclean_stop_that_could_have_lost_an_answered_record_fails(
+        site: Site, host: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that wrote records after its answers (format 1) and was killed: FAIL."""
+    from sovereignd import requestlog
+
+    monkeypatch.setattr(requestlog, "FORMAT", 1)
+    _crashed_run(site, starts=0, ended=0)
+    c = site.report(host.probe()).control("request_records")
+    assert c.verdict == "FAIL"
+    assert "could be missing its record" in c.finding

@@ -270,6 +270,7 @@ def build_report(cfg: Config, since: float | None = None, until: float | None = 
                      hostfacts.launch_method(probe), account, source, uids)
     host = hostfacts.identity(probe)
     stats = request_stats(iter_records(cfg.logs.dir, period.since, period.until))
+    chain = logverify.verify_logs(cfg.logs.dir, inputs.keys or None, cfg.state_dir)
     incidents = _incident_data(inputs)
     controls = [
         _host_control(inputs, host),
@@ -284,7 +285,8 @@ def build_report(cfg: Config, since: float | None = None, until: float | None = 
         _integrity_control(inputs, incidents),
         _environment_control(inputs),
         _self_control(inputs),
-        _chain_control(inputs),
+        _chain_control(inputs, chain),
+        _records_control(inputs, chain),
         _activity_control(inputs, stats),
         _coverage_control(inputs),
         _incidents_control(inputs, incidents),
@@ -963,9 +965,7 @@ def _names(value: Any) -> str:
 # --- request records --------------------------------------------------------------------------
 
 
-def _chain_control(i: _Inputs) -> Control:
-    cfg = i.cfg
-    result = logverify.verify_logs(cfg.logs.dir, i.keys or None, cfg.state_dir)
+def _chain_control(i: _Inputs, result: logverify.VerifyResult) -> Control:
     c = Control("request_chain", SECTIONS[5], "Request records complete and unaltered", PASS,
                 "")
     c.fact("result", "Verification", "OK" if result.ok else "BROKEN")
@@ -1004,6 +1004,76 @@ def _chain_control(i: _Inputs) -> Control:
         c.finding = (f"{result.records:,} records in {result.files} file(s), seq "
                      f"{result.first_seq}..{result.last_seq}: chain and seals verified with "
                      "the auditor's key")
+    return c
+
+
+# What each requests.sync setting means for a power loss (or a kernel crash).
+SYNC_MEANING = {
+    "always": "every record is on disk before its answer ends: a power loss loses no record "
+              "of an answered request",
+    "interval": "records reach the disk every {ms} ms: a power loss can lose the records of "
+                "answers given in the last {ms} ms (a daemon crash loses none)",
+    "never": "the operating system decides when records reach the disk (Linux: within ~30 s): "
+             "a power loss can lose the records of answers given in that time (a daemon crash "
+             "loses none)",
+}
+
+
+def _records_control(i: _Inputs, result: logverify.VerifyResult) -> Control:
+    """Every accepted request accounted for; FAIL if an answered request could lack a record."""
+    c = Control("request_records", SECTIONS[5], "Every answered request has a record", PASS, "")
+    period = i.period
+    # The runs in force during the period: those that started in it and the one before it.
+    runs = [r for r in result.runs if isinstance(r.get("ts"), str) and r["ts"] < period.hi]
+    in_period = [r for r in runs if period.lo is None or r["ts"] >= period.lo]
+    before = [r for r in runs if r not in in_period][-1:]
+    settings: dict[str, str] = {}
+    for r in before + in_period:
+        sync = r.get("sync")
+        if isinstance(sync, str):
+            key = sync if sync != "interval" else f"interval {r.get('sync_interval_ms')} ms"
+            settings[key] = SYNC_MEANING[sync].format(ms=r.get("sync_interval_ms"))
+    configured = i.cfg.requests.sync
+    c.fact("sync", "requests.sync in force (per daemon start)", list(settings) or None,
+           "; ".join(f"{k}: {v}" for k, v in settings.items()) or "not recorded (older logs)")
+    c.fact("sync_configured", "requests.sync configured now", configured,
+           f"{configured}: " + SYNC_MEANING[configured].format(
+               ms=round(i.cfg.requests.sync_interval * 1000, 3)))
+    c.fact("started", "Requests started (accepted for the server)", result.starts)
+    c.fact("completed", "Completed (record of the answer)", result.completed)
+    causes = Counter(str(x.get("reason")) for x in result.incomplete)
+    c.fact("incomplete", "Incomplete (no end recorded)", len(result.incomplete),
+           f"{len(result.incomplete)}" + (f" ({', '.join(f'{n} {k}' for k, n in causes.items())})"
+                                         if causes else ""))
+    c.fact("open", "Still open", result.open_starts)
+    t = c.table("incomplete_requests", "Incomplete requests",
+                ["seq", "started at seq", "client", "model", "cause", "stopped after"])
+    for x in result.incomplete[:100]:
+        t.rows.append([x.get("seq"), x.get("start_seq"), x.get("client"), x.get("model"),
+                       x.get("reason"), short_ts(str(x.get("stopped_after") or ""))])
+    e = c.table("exposures", "Stops after which records may be missing",
+                ["before seq", "cause", "what it means"])
+    e.rows.extend([x["seq"], x["cause"], x["message"]] for x in result.exposures)
+    c.fact("exposures", "Stops after which answered requests may lack a record",
+           len(result.exposures))
+    if result.broken is not None:
+        c.verdict = FAIL
+        c.finding = ("the request log is broken (see the chain control): completeness cannot "
+                     "be established")
+    elif result.exposures:
+        c.verdict = FAIL
+        c.finding = (f"{len(result.exposures)} stop(s) after which an answered request could "
+                     f"be missing its record: {result.exposures[0]['message']}")
+    else:
+        c.finding = (f"{result.starts:,} request(s) started: {result.completed:,} completed, "
+                     f"{len(result.incomplete):,} incomplete"
+                     + (f" ({', '.join(f'{n} {k}' for k, n in causes.items())})"
+                        if causes else "")
+                     + f", {result.open_starts:,} open; no stop could have lost the record of "
+                       "an answered request")
+        if result.open_starts and not result.closed:
+            c.finding += (" (open ones are in flight, or the daemon stopped and has not "
+                          "started since: its next start closes them as incomplete)")
     return c
 
 

@@ -453,6 +453,14 @@ class RequestsSection:
     checkpoint_interval: float = setting(
         "Time between checkpoints (sequence, head hash) in the event log.",
         _duration(1.0), 300.0)
+    sync: str = setting(
+        "When records reach the disk. always: fsync before the answer ends (concurrent "
+        "requests share one fsync); interval: fsync every sync_interval, so a power loss can "
+        "lose the records of that last interval; never: when the OS writes back (Linux: up "
+        "to ~30 s). A killed daemon loses no record in any mode.",
+        _choice("always", "interval", "never"), "interval")
+    sync_interval: float = setting(
+        "How often records are fsynced with sync: interval.", _duration(0.001), 0.05)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,12 @@ and kind. Without the auditor's key it checks continuity and the chain only and 
 chain alone can be rewritten whole by whoever can write the files; the seals cannot, for any
 epoch before the one whose key an intruder found.
 
+It also accounts for every request the gateway accepted: each "start" entry must be closed by
+its request record or by an "incomplete" entry, and each unclean stop is judged for whether
+an answered request could be missing its record: a run that wrote records after the answers
+(logs from before record format 2), or a host that went down (its boot time changed) while
+`requests.sync` was not "always", so the last records may not have reached the disk.
+
 Checkpoints that the daemon wrote to its event log (`requests.checkpoint`) are compared with
 the records when the event log is there: a rewrite or a cut-off end then shows even without
 the key, as far as the event log was kept out of reach (shipped elsewhere).
@@ -14,6 +20,7 @@ the key, as far as the event log was kept out of reach (shipped elsewhere).
 from __future__ import annotations
 
 import zlib
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +89,14 @@ class VerifyResult:
     checkpoints_checked: int = 0
     closed: bool = False
     notes: list[str] = field(default_factory=list)
+    starts: int = 0
+    completed: int = 0
+    incomplete: list[dict[str, Any]] = field(default_factory=list)
+    open_starts: int = 0
+    # Unclean stops after which an answered request could lack its record (see `_judge_stop`).
+    exposures: list[dict[str, Any]] = field(default_factory=list)
+    # One entry per writer start: seq, ts, format, sync, sync_interval_ms.
+    runs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -99,7 +114,9 @@ class VerifyResult:
             "restarts": self.restarts, "unclean_restarts": self.unclean_restarts,
             "torn_recoveries": self.torn_recoveries, "rekeys": self.rekeys,
             "checkpoints_checked": self.checkpoints_checked, "closed": self.closed,
-            "notes": self.notes,
+            "notes": self.notes, "starts": self.starts, "completed": self.completed,
+            "incomplete": self.incomplete, "open_starts": self.open_starts,
+            "exposures": self.exposures, "runs": self.runs,
         }
 
     def render(self) -> str:
@@ -124,6 +141,21 @@ class VerifyResult:
         lines.append(f"  {self.checkpoints_checked} event-log checkpoint(s) matched; the log "
                      + ("ends with a clean close" if self.closed else
                         "is open (the daemon is running, or stopped without closing it)"))
+        if self.starts or self.incomplete:
+            causes = Counter(str(x.get("reason")) for x in self.incomplete)
+            lines.append(f"  {self.starts} request(s) started: {self.completed} completed, "
+                         f"{len(self.incomplete)} incomplete"
+                         + (f" ({', '.join(f'{n} {c}' for c, n in causes.items())})"
+                            if causes else "")
+                         + f", {self.open_starts} still open (in flight, or the daemon "
+                           "stopped and has not started since)")
+            lines.extend(f"  incomplete: seq {x['seq']} (started at seq {x['start_seq']}, "
+                         f"{x.get('client')}, {x.get('model')}): {x.get('reason')}"
+                         for x in self.incomplete[:10])
+            if len(self.incomplete) > 10:
+                lines.append(f"  ... and {len(self.incomplete) - 10} more incomplete")
+        for x in self.exposures:
+            lines.append(f"  RECORDS MAY BE MISSING before seq {x['seq']}: {x['message']}")
         if not self.seals_checked:
             lines.append("  seals NOT checked (no verification key given): continuity and the "
                          "hash chain only, which whoever can write the files could rebuild")
@@ -212,6 +244,9 @@ class _Verifier:
         self.lineage_key: bytes | None = None
         self.cached: tuple[int, bytes] | None = None
         self.verified_any = False
+        # The writer run the records belong to, from its open (or a file's epoch) marker.
+        self.writer_run: dict[str, Any] | None = None
+        self.started: set[int] = set()
 
     def fail(self, kind: str, file: str, seq: int | None, message: str) -> bool:
         self.r.broken = Break(kind, file, seq, message)
@@ -457,16 +492,66 @@ class _Verifier:
         kind = rec.get("kind")
         if kind == "request":
             r.requests += 1
+            start = rec.get("start_seq")
+            if isinstance(start, int):
+                r.completed += 1
+                self.started.discard(start)
+        elif kind == "start":
+            r.starts += 1
+            self.started.add(seq)
+        elif kind == "incomplete":
+            start = rec.get("start_seq")
+            self.started.discard(start if isinstance(start, int) else -1)
+            r.incomplete.append({k: rec.get(k) for k in (
+                "seq", "ts", "start_seq", "id", "client", "model", "reason", "stopped_after")})
         elif kind == "open":
             r.restarts += 1
             if rec.get("unclean"):
                 r.unclean_restarts.append(seq)
+                self._judge_stop(rec, seq)
             if rec.get("torn"):
                 r.torn_recoveries.append(seq)
+            self.writer_run = {"seq": seq, "ts": rec.get("ts"), "format": rec.get("format"),
+                        "sync": rec.get("sync"), "sync_interval_ms": rec.get("sync_interval_ms"),
+                        "boot": rec.get("boot")}
+            r.runs.append(self.writer_run)
+        elif kind == "epoch" and self.writer_run is None:
+            # The run's open marker was removed by retention: its files still name the format.
+            self.writer_run = {"seq": None, "ts": None, "format": rec.get("format"),
+                               "sync": None, "sync_interval_ms": None, "boot": None}
+        r.open_starts = len(self.started)
         r.closed = kind == "close"
         if r.first_seq is None:
             r.first_seq, r.first_ts, r.first_epoch = seq, rec.get("ts"), rec.get("epoch")
         r.last_seq, r.last_ts, r.last_epoch = seq, rec.get("ts"), self.epoch
+
+    def _judge_stop(self, rec: dict[str, Any], seq: int) -> None:
+        """After an unclean stop: could an answered request of the stopped run lack a record?"""
+        run = self.writer_run
+        if self.r.records <= 1:
+            return  # nothing was written before this start
+        fmt = run.get("format") if run is not None else None
+        if not isinstance(fmt, int) or fmt < 2:
+            self.r.exposures.append({
+                "seq": seq, "cause": "records_after_answers",
+                "message": "the run that stopped here wrote each record after its answer had "
+                           "gone out (record format 1): a request answered just before the "
+                           "stop may have no record"})
+            return
+        assert run is not None
+        before, now = run.get("boot"), rec.get("boot")
+        if not (isinstance(before, int) and isinstance(now, int)) or abs(now - before) <= 2:
+            return  # the process stopped, the host did not: the page cache kept every record
+        sync = run.get("sync")
+        if sync == "always":
+            return
+        window = (f"the last {run.get('sync_interval_ms')} ms" if sync == "interval"
+                  else "the last ~30 s (the OS's writeback)")
+        self.r.exposures.append({
+            "seq": seq, "cause": "host_down_unsynced", "sync": sync,
+            "message": f"the host went down (its boot time changed) while requests.sync was "
+                       f"{sync}: records of answers in {window} before the stop may not have "
+                       "reached the disk"})
 
     def check_end(self) -> bool:
         last = self.expected - 1

@@ -11,11 +11,12 @@ request -- refused ones included -- becomes one sealed record in the request log
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,11 @@ CONNECT_TIMEOUT = 5.0
 MAX_RECORDED_PATH = 512
 # A streamed chunk that carries generated text: `"content": "x...` or `"text": "x...`.
 _TOKEN = re.compile(rb'"(?:content|text)":\s*"[^"]')
+# Events after which a client holds the answer as complete: OpenAI-style `[DONE]`, Anthropic's
+# message_stop, the Responses API's terminal events. They are held back until the request's
+# record is written; a stream without one ends for the client only with the body's end.
+_FINAL_EVENTS = (b"data: [DONE]", b"event: message_stop", b"event: response.completed",
+                 b"event: response.failed", b"event: response.incomplete")
 
 
 def error_body(message: str, type_: str, code: str | None = None) -> bytes:
@@ -272,24 +278,36 @@ class Proxy:
             "completion_tokens": None, "bytes_in": 0, "bytes_out": 0,
             "remote": request.remote, "error": None}
         client: Client | None = None
+        recorded = False
+
+        async def commit() -> bool:
+            """Record the request now, before the end of its answer goes out; False if the
+            record could not be written or made durable (the answer must then not end)."""
+            nonlocal recorded
+            recorded = True
+            rec["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+            return await self._commit(rec)
+
         self.metrics.requests_in_flight += 1
         try:
             try:
                 client = self._authorise(request, rec)
-                resp = await self._forward(request, rec, t0, rid)
+                resp = await self._forward(request, rec, t0, rid, commit)
             except _Refused as refusal:
                 rec["status"], rec["error"] = refusal.status, refusal.error
                 resp = _error(refusal.status, refusal.message, refusal.type, refusal.code,
                               {**refusal.headers, "X-Request-ID": rid})
             if not resp.prepared:
-                # Sent here, not by aiohttp after the return, so that the latency recorded
-                # below runs from the request's start to the last byte handed to the
-                # transport; the record follows the response, as it does for streams.
-                try:
+                # Sent here, not by aiohttp after the return: the record is written (and made
+                # durable per requests.sync) before any of the answer is released, so no
+                # client holds an answer that a crash could leave unrecorded.
+                if not await commit():
+                    resp = _error(503, "the request's record cannot be written; the answer is "
+                                  "withheld", "server_error", "records_unavailable",
+                                  {"Retry-After": "30", "X-Request-ID": rid})
+                with contextlib.suppress(ConnectionError):  # recorded already: it went out
                     await resp.prepare(request)
                     await resp.write_eof()
-                except ConnectionError:
-                    rec["error"] = "client_disconnect"
         except asyncio.CancelledError:
             rec["error"] = "client_disconnect"
             rec["status"] = 499  # nginx's "client closed request": nothing more was sent
@@ -297,9 +315,10 @@ class Proxy:
         finally:
             if client is not None:  # only set once the limits admitted the request
                 self.limits.release(client.name)
-            rec["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
             self.metrics.requests_in_flight -= 1
-            self._finish(rec)
+            if not recorded:  # the answer did not end (cancelled, cut): record what happened
+                rec["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+                self._finish(rec)
         return resp
 
     def _authorise(self, request: web.Request, rec: dict[str, Any]) -> Client:
@@ -343,7 +362,7 @@ class Proxy:
         return client
 
     async def _forward(self, request: web.Request, rec: dict[str, Any], t0: float,
-                       rid: str) -> web.StreamResponse:
+                       rid: str, commit: Callable[[], Awaitable[bool]]) -> web.StreamResponse:
         if self._log_broken is not None:
             raise _Refused(503, f"request records cannot be written ({self._log_broken}); "
                            "refusing to serve unrecorded requests", "server_error",
@@ -360,6 +379,15 @@ class Proxy:
         strip_usage = False
         if body and request.method == "POST":
             body, strip_usage = self._inspect_body(body, rec)
+        try:
+            # In the chain before the server sees the request: a crash from here on leaves
+            # this start open, and the next start closes it as incomplete.
+            rec["start_seq"] = self.log.start(rec)
+        except RequestLogError as exc:
+            self._log_failed(exc)
+            raise _Refused(503, "request records cannot be written; refusing to serve "
+                           "unrecorded requests", "server_error", "records_unavailable",
+                           headers={"Retry-After": "30"}) from exc
         named = request.headers.get("Connection")
         drop = HOP_BY_HOP if named is None else HOP_BY_HOP | {
             t.strip().lower() for t in named.split(",")}
@@ -393,7 +421,7 @@ class Proxy:
             out_headers.append(("X-Request-ID", rid))
             if up.content_type == "text/event-stream":
                 return await self._stream(request, up, out_headers, rec, t0=t0,
-                                          strip_usage=strip_usage)
+                                          strip_usage=strip_usage, commit=commit)
             payload = await up.read()
         except (TimeoutError, UpstreamError) as exc:
             raise _upstream_refusal(exc) from exc
@@ -445,7 +473,8 @@ class Proxy:
 
     async def _stream(self, request: web.Request, up: UpstreamResponse,
                       headers: list[tuple[str, str]], rec: dict[str, Any], *, t0: float,
-                      strip_usage: bool) -> web.StreamResponse:
+                      strip_usage: bool, commit: Callable[[], Awaitable[bool]]
+                      ) -> web.StreamResponse:
         rec["stream"] = True
         resp = web.StreamResponse(status=up.status, headers=headers)
         resp.headers["Cache-Control"] = "no-cache"
@@ -453,17 +482,26 @@ class Proxy:
         await resp.prepare(request)
         sse = _Stream(strip_usage)
         sent = 0
+        final = b""  # the final event, held back until the record is written
         try:
             async for chunk in up:
                 self.metrics.upstream_progress = time.monotonic()  # the stall watch's evidence
-                data = sse.feed(chunk, time.perf_counter())
+                data = final + sse.feed(chunk, time.perf_counter())
+                data, final = _split_final(data)
                 if data:
                     await resp.write(data)
                     sent += len(data)
-            tail = sse.rest()
-            if tail:
-                await resp.write(tail)
-                sent += len(tail)
+            final += sse.rest()
+            _stream_fields(rec, sse, sent + len(final), t0)
+            if not await commit():
+                # No record, no end: cut the connection so the client cannot take the
+                # answer as complete.
+                if request.transport is not None:
+                    request.transport.close()
+                return resp
+            if final:
+                await resp.write(final)
+                sent += len(final)
             await resp.write_eof()
         except ConnectionError:
             rec["error"] = "client_disconnect"
@@ -475,12 +513,7 @@ class Proxy:
             if request.transport is not None:
                 request.transport.close()
         finally:
-            rec["bytes_out"] = sent
-            if sse.ttft is not None:
-                rec["ttft_ms"] = round((sse.ttft - t0) * 1000, 3)
-            if sse.usage is not None:
-                rec["prompt_tokens"] = sse.usage.get("prompt_tokens")
-                rec["completion_tokens"] = sse.usage.get("completion_tokens")
+            _stream_fields(rec, sse, sent, t0)
         return resp
 
     @staticmethod
@@ -507,25 +540,67 @@ class Proxy:
             rec["req_body"] = body.decode("utf-8", "replace")
             rec["resp_body"] = payload.decode("utf-8", "replace")
 
-    def _finish(self, rec: dict[str, Any]) -> None:
-        """Record the request (fail closed if that is impossible) and count it."""
+    async def _commit(self, rec: dict[str, Any]) -> bool:
+        """Record the request and wait until the record is durable per requests.sync."""
+        seq = self._finish(rec)
+        if seq is None:
+            return False
+        try:
+            await self.log.durable(seq)
+        except RequestLogError as exc:
+            self._log_failed(exc)
+            return False
+        self._log_recovered()
+        return True
+
+    def _log_failed(self, exc: RequestLogError) -> None:
+        if self._log_broken is None:
+            self.events.emit("requests_unrecordable", level="critical", error=str(exc),
+                             action="refusing requests until records can be written")
+        self._log_broken = str(exc)
+
+    def _finish(self, rec: dict[str, Any]) -> int | None:
+        """Record the request (fail closed if that is impossible) and count it; the record's
+        seq, or None if it could not be written."""
         status = rec["status"]
         self.metrics.count_request(
             rec["path"] if status != 404 else "other", status, rec["client"] or "-",
             latency_ms=rec["latency_ms"], ttft_ms=rec["ttft_ms"],
             prompt_tokens=rec["prompt_tokens"], completion_tokens=rec["completion_tokens"])
         try:
-            self.log.record(rec)
+            seq = self.log.record(rec)
         except RequestLogError as exc:
-            if self._log_broken is None:
-                self.events.emit("requests_unrecordable", level="critical", error=str(exc),
-                                 action="refusing requests until records can be written")
-            self._log_broken = str(exc)
-            return
+            self._log_failed(exc)
+            return None
+        if self.log.sync_mode != "always":  # else only once the record is durable too
+            self._log_recovered()
+        return seq
+
+    def _log_recovered(self) -> None:
         if self._log_broken is not None:
             self.events.emit("requests_recordable", level="warning",
                              reason="request records can be written again")
             self._log_broken = None
+
+
+def _split_final(data: bytes) -> tuple[bytes, bytes]:
+    """(events to pass on now, the final event to hold back) of complete events `data`."""
+    if not data:
+        return data, b""
+    at = data.rfind(b"\n\n", 0, len(data) - 2) + 2 if len(data) > 2 else 0
+    last = data[at:] if at >= 2 else data
+    if last.startswith(_FINAL_EVENTS):
+        return data[:len(data) - len(last)], last
+    return data, b""
+
+
+def _stream_fields(rec: dict[str, Any], sse: _Stream, sent: int, t0: float) -> None:
+    rec["bytes_out"] = sent
+    if sse.ttft is not None:
+        rec["ttft_ms"] = round((sse.ttft - t0) * 1000, 3)
+    if sse.usage is not None:
+        rec["prompt_tokens"] = sse.usage.get("prompt_tokens")
+        rec["completion_tokens"] = sse.usage.get("completion_tokens")
 
 
 def _bearer(request: web.Request) -> str | None:

@@ -1,14 +1,19 @@
 """The request records: one sealed, chained JSON line per request, written by one writer.
 
-The gateway calls `RequestLog.record(fields)` once per finished request, from the event loop;
-the call appends one line to `logs.dir/requests.log` and returns the record's sequence number.
+The gateway calls `RequestLog.start(fields)` when it accepts a request for the model server and
+`RequestLog.record(fields)` once the request is finished, before the end of the answer goes out,
+then awaits `RequestLog.durable(seq)` (which returns once the record is as durable as
+`requests.sync` promises). Each call appends one line to `logs.dir/requests.log` and returns
+the line's sequence number; the event loop is the only caller.
 How the daemon wires it up:
 
     log = RequestLog.from_config(cfg, emit=events.emit)
     log.open()                                   # recovery; raises RequestLogError
     task = asyncio.create_task(maintain(log, events.emit, stop,
                                         checkpoint_interval=cfg.requests.checkpoint_interval))
-    ...                                          # the proxy: seq = log.record({...})
+    ...                                          # the proxy: s = log.start({...})
+    ...                                          #   seq = log.record({..., "start_seq": s})
+    ...                                          #   await log.durable(seq); send the end
     stop.set(); await task                       # after the gateway stopped taking requests
     events.emit("requests.checkpoint", **log.close().fields(), final=True)
 
@@ -21,7 +26,9 @@ Record schema (keys in this order; `jq` reads the files, `.gz` ones through `zca
 
     ts                 UTC time the record was written (request end), "2026-11-22T02:11:00.123Z"
     seq                sequence number: +1 per record, across files and restarts, never skipped
-    kind               "request", or a marker: "open", "epoch", "retention", "close"
+    kind               "request"; "start" (a request was accepted for the server) and
+                       "incomplete" (a started request whose end the daemon never recorded);
+                       or a marker: "open", "epoch", "retention", "close"
     --- request records (the gateway fills these; a missing one is null) ---
     id                 request id (also returned to the client as X-Request-ID)
     client             client key name, or null before authentication
@@ -29,7 +36,8 @@ Record schema (keys in this order; `jq` reads the files, `.gz` ones through `zca
     model              model name the client asked for
     status             HTTP status returned to the client
     stream             true for a server-sent-events response
-    latency_ms         request start to last byte sent (float, ms)
+    latency_ms         request start to the record, which is written just before the end of
+                       the answer is released to the client (float, ms)
     ttfb_ms            request start to first response byte
     ttft_ms            request start to first token (streams)
     prompt_tokens      from the server's usage block
@@ -38,19 +46,39 @@ Record schema (keys in this order; `jq` reads the files, `.gz` ones through `zca
     bytes_out          response body bytes
     remote             client address
     error              error class ("upstream_timeout", "client_disconnect", ...) or null
+    start_seq          seq of the request's "start" entry (null for requests refused before
+                       they reached the server, which have none)
     req_sha256, resp_sha256   with requests.record_bodies: hash (hex SHA-256 of the bodies)
     req_body, resp_body       with requests.record_bodies: full (the bodies as text)
+    --- start entries (no content: who, which model, when, which request) ---
+    start:     id, client, method, path, model, remote
+    incomplete: id, client, method, path, model, start_seq, reason ("unclean_stop": the
+               daemon stopped without recording the request's end; the client received at
+               most part of an answer), stopped_after (ts of the last line the stopped run
+               wrote: the stop came after it)
     --- markers ---
     open:      key_id, unclean (the previous run did not close the log), torn (a partial last
                line found after a crash and removed: its byte count, SHA-256 and the seq it
-               followed), rekey (the sealing key lineage changed here), sealed (false: no key)
-    epoch:     key_id, next_epoch, reason ("rotation", "interval"); sealed with the old key
+               followed), rekey (the sealing key lineage changed here), sealed (false: no key),
+               format (2: request records are written before the answer ends, with start
+               entries; absent in older logs), sync and sync_interval_ms (`requests.sync` of
+               this run), boot (the host's boot time: a different one after an unclean stop
+               means the host itself went down, e.g. a power loss)
+    epoch:     key_id, next_epoch, reason ("rotation", "interval"); sealed with the old key;
+               format; on rotation in_flight (the start entries still open, so that recovery
+               needs only the live file)
     retention: file, first, last, reason (a rotated file was removed by retention)
     close:     (the writer closed cleanly)
     --- chain and seal, on every record ---
     prev               SHA-256 of the previous line (64 zeros before seq 1)
     epoch              sealing epoch, or null when no key was available
     seal               HMAC-SHA256 of the line up to here under the epoch's key, or null
+
+Durability (`requests.sync`): "always" fsyncs before `durable()` returns (concurrent requests
+share one fsync: group commit); "interval" fsyncs every `sync_interval` in a worker thread
+(`maintain`), so a power loss can take the records of the last interval; "never" leaves it to
+the operating system (rotation and close still fsync). A SIGKILL loses nothing in any mode:
+the records are in the kernel's page cache once `record()` returns.
 
 Files: `requests.log` is the live file; every file starts with a marker (open or epoch) that
 names the key lineage. Rotated files are `requests-<start UTC>-<first seq>-<last seq>.log`,
@@ -64,6 +92,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime as dt
 import gzip
 import hashlib
@@ -77,6 +106,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 import orjson
+import psutil
 
 from sovereignd import sealing
 from sovereignd.config import Config
@@ -88,10 +118,16 @@ from sovereignd.logfiles import utc_timestamp
 LIVE_NAME = "requests.log"
 LEDGER_NAME = "requests.retention"
 BODY_MODES = ("none", "hash", "full")
+SYNC_MODES = ("always", "interval", "never")
+# The record format written by this version: 2 = records before the answer ends, starts logged.
+FORMAT = 2
+START_FIELDS = ("id", "client", "method", "path", "model", "remote")
+# What an "incomplete" entry repeats from its start entry.
+_CARRIED = ("id", "client", "method", "path", "model")
 
 REQUEST_FIELDS = ("id", "client", "method", "path", "model", "status", "stream", "latency_ms",
                   "ttfb_ms", "ttft_ms", "prompt_tokens", "completion_tokens", "bytes_in",
-                  "bytes_out", "remote", "error")
+                  "bytes_out", "remote", "error", "start_seq")
 BODY_FIELDS = ("req_sha256", "resp_sha256", "req_body", "resp_body")
 _ACCEPTED = frozenset(REQUEST_FIELDS + BODY_FIELDS)
 
@@ -291,6 +327,45 @@ class _Timestamps:
         return f"{self._prefix}{millis:03d}Z"
 
 
+def _open_starts(lines: list[bytes]) -> dict[int, dict[str, Any]]:
+    """Start entries of one file with no end in it, plus those its first marker carried in."""
+    open_: dict[int, dict[str, Any]] = {}
+    for n, line in enumerate(lines):
+        if n == 0 and b'"in_flight":' in line:
+            with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
+                for item in orjson.loads(line).get("in_flight") or ():
+                    if isinstance(item, dict) and isinstance(item.get("start_seq"), int):
+                        open_[item["start_seq"]] = {k: item.get(k) for k in _CARRIED}
+            continue
+        # orjson writes no spaces: these byte tests skip the lines that need no parsing.
+        if b'"kind":"start"' in line:
+            rec = _loads(line)
+            if rec is not None and isinstance(rec.get("seq"), int):
+                open_[rec["seq"]] = {k: rec.get(k) for k in _CARRIED}
+        elif b'"start_seq":' in line and b'"start_seq":null' not in line:
+            rec = _loads(line)
+            if rec is not None and isinstance(rec.get("start_seq"), int):
+                open_.pop(rec["start_seq"], None)
+    return open_
+
+
+def _loads(line: bytes) -> dict[str, Any] | None:
+    try:
+        rec = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _boot_time() -> int | None:
+    """The host's boot time, POSIX seconds (psutil: /proc/stat btime on Linux, kern.boottime
+    on macOS); None where it cannot be read."""
+    try:
+        return int(psutil.boot_time())
+    except (OSError, RuntimeError):
+        return None
+
+
 def _parse_ts(text: str) -> float:
     stamp = dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
     return stamp.timestamp()
@@ -370,6 +445,9 @@ class _Head:
     live_start: float | None = None  # its first record's time
     live_size: int = 0
     torn: dict[str, Any] | None = None
+    last_ts: str | None = None
+    # start seq -> the start entry's carried fields, for starts with no end in the log
+    in_flight: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 class RequestLog:
@@ -384,10 +462,13 @@ class RequestLog:
                  rotate_bytes: int = 64 * 2**20, rotate_daily: bool = True,
                  compress: bool = True, keep_files: int = 0, max_age: float = 0.0,
                  max_total_bytes: int = 0, record_bodies: str = "none",
-                 seal_interval: float = 900.0, require_seal: bool = False, emit: Emit = discard,
+                 seal_interval: float = 900.0, require_seal: bool = False,
+                 sync: str = "interval", sync_interval: float = 0.05, emit: Emit = discard,
                  clock: Callable[[], float] = time.time, file_mode: int = 0o640) -> None:
         if record_bodies not in BODY_MODES:
             raise ValueError(f"record_bodies must be one of {', '.join(BODY_MODES)}")
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)}")
         self.logs_dir = logs_dir
         self.state_dir = state_dir
         self.rotate_bytes = rotate_bytes
@@ -399,6 +480,8 @@ class RequestLog:
         self.record_bodies = record_bodies
         self.seal_interval = seal_interval
         self.require_seal = require_seal
+        self.sync_mode = sync
+        self.sync_interval = sync_interval
         self._emit = emit
         self._clock = clock
         self._mode = file_mode
@@ -424,6 +507,12 @@ class RequestLog:
         # Rotated files with work pending in the worker (fsync, compression): retention and
         # error reports wait for it.
         self._compressing: dict[Path, concurrent.futures.Future[Any]] = {}
+        # Started requests not yet ended: start seq -> the fields an "incomplete" repeats.
+        self._in_flight: dict[int, dict[str, Any]] = {}
+        # Group commit: the highest seq known durable, and the fsync under way if any.
+        self._synced_seq = 0
+        self._flush: asyncio.Future[None] | None = None
+        self._sync_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, emit: Emit = discard,
@@ -435,7 +524,7 @@ class RequestLog:
                    max_age=r.max_age, max_total_bytes=r.max_total_bytes,
                    record_bodies=r.record_bodies,
                    seal_interval=r.seal_interval, require_seal=r.require_seal,
-                   emit=emit, clock=clock)
+                   sync=r.sync, sync_interval=r.sync_interval, emit=emit, clock=clock)
 
     # --- opening and recovery --------------------------------------------------------------
 
@@ -444,9 +533,14 @@ class RequestLog:
         self.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="requests-gzip")
+        # fsyncs get their own thread: they must not queue behind a compression.
+        self._sync_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="requests-fsync")
         self._finish_interrupted_compression()
         head = self._recover()
         self._seq, self._head = head.seq, head.prev
+        self._synced_seq = head.seq
+        self._in_flight = dict(head.in_flight)
         self._state = sealing.read_state(self.state_dir)
         rekey = self._reconcile_key(head)
         now = self._clock()
@@ -462,7 +556,13 @@ class RequestLog:
                             "line was moved aside and the open marker records it")
         self._write_marker("open", {
             "key_id": self._key_id, "unclean": head.last_kind not in (None, "close"),
-            "torn": head.torn, "rekey": rekey, "sealed": self._key is not None}, now)
+            "torn": head.torn, "rekey": rekey, "sealed": self._key is not None,
+            "format": FORMAT, "sync": self.sync_mode,
+            "sync_interval_ms": round(self.sync_interval * 1000, 3), "boot": _boot_time()},
+            now)
+        # The requests the stopped run had accepted and never ended become visible.
+        self._close_in_flight("unclean_stop", head.last_ts, now)
+        self.sync()
         self._schedule(now)
         self._apply_retention(now)
 
@@ -513,6 +613,8 @@ class RequestLog:
         last = self._parse(last_line, source, "last")
         head.seq = int(last["seq"])
         head.prev = sealing.line_hash(last_line)
+        head.last_ts = last.get("ts") if isinstance(last.get("ts"), str) else None
+        head.in_flight = _open_starts(lines)
         head.last_kind = str(last.get("kind"))
         epoch = last.get("epoch")
         head.epoch = last.get("next_epoch") if head.last_kind == "epoch" else epoch
@@ -593,6 +695,27 @@ class RequestLog:
 
     # --- writing -----------------------------------------------------------------------------
 
+    def start(self, fields: Mapping[str, Any]) -> int:
+        """Append the start entry of a request accepted for the server; return its seq.
+
+        `fields` may hold START_FIELDS (others are ignored: no content goes in a start).
+        Raises RequestLogError if it cannot be written: the request should then be refused.
+        """
+        if self._fd is None:
+            raise RequestLogError("the request log is not open")
+        now = self._clock()
+        if now >= self._next_check:
+            self._due(now)
+        get = fields.get
+        rec: dict[str, Any] = {"ts": self._ts.format(now), "seq": 0, "kind": "start"}
+        for name in START_FIELDS:
+            rec[name] = get(name)
+        seq = self._append(rec)
+        self._in_flight[seq] = {name: rec[name] for name in _CARRIED}
+        if self._size >= self.rotate_bytes:
+            self._rotate(now, "size")
+        return seq
+
     def record(self, fields: Mapping[str, Any]) -> int:
         """Append one request record and return its sequence number.
 
@@ -615,6 +738,9 @@ class RequestLog:
         if self.record_bodies != "none":
             self._add_bodies(rec, fields)
         seq = self._append(rec)
+        start_seq = rec["start_seq"]
+        if isinstance(start_seq, int):
+            self._in_flight.pop(start_seq, None)
         if self._size >= self.rotate_bytes:
             self._rotate(now, "size")
         return seq
@@ -678,6 +804,26 @@ class RequestLog:
         rec.update(extra)
         return self._append(rec)
 
+    def _close_in_flight(self, reason: str, stopped_after: str | None, now: float) -> None:
+        """Write an "incomplete" entry for every started request that has no end recorded."""
+        for start_seq, carried in sorted(self._in_flight.items()):
+            rec: dict[str, Any] = {"ts": self._ts.format(now), "seq": 0, "kind": "incomplete"}
+            rec.update({name: carried.get(name) for name in _CARRIED})
+            rec.update({"start_seq": start_seq, "reason": reason,
+                        "stopped_after": stopped_after})
+            self._append(rec)
+        if self._in_flight:
+            self._emit("requests.incomplete", level="warning", count=len(self._in_flight),
+                       reason=reason, first_start_seq=min(self._in_flight),
+                       hint="requests in flight when the daemon stopped were recorded as "
+                            "incomplete; their clients received at most part of an answer")
+        self._in_flight.clear()
+
+    @property
+    def in_flight(self) -> int:
+        """How many started requests have no end recorded yet."""
+        return len(self._in_flight)
+
     # --- time-driven work ----------------------------------------------------------------------
 
     def _schedule(self, now: float) -> None:
@@ -715,7 +861,8 @@ class RequestLog:
             return
         assert self._epoch is not None
         self._write_marker("epoch", {"key_id": self._key_id, "next_epoch": self._epoch + 1,
-                                     "reason": reason}, now)
+                                     "reason": reason, "format": FORMAT,
+                                     **self._carry(reason)}, now)
         # The marker must be durable before the state moves on: a state ahead of the log would
         # leave the marker's epoch unverifiable after a power loss.
         self.sync()
@@ -727,6 +874,10 @@ class RequestLog:
     def _rotate(self, now: float, reason: str) -> None:
         """Close the live file under its final name, start a new one with an epoch marker."""
         assert self._fd is not None and self._pool is not None
+        if self.sync_mode == "always":
+            # Waiters count on every record up to the synced seq being on disk, whichever file
+            # holds it; with group commit little is unsynced, so this is short.
+            self.sync()
         old_fd, dirty = self._fd, self._dirty
         self._fd = None
         rotated = self.logs_dir / rotated_name(self._file_start, self._file_first, self._seq)
@@ -745,7 +896,8 @@ class RequestLog:
         if self._key is None:
             # Every file starts with a marker, sealed or not, so each file names its lineage.
             self._write_marker("epoch", {"key_id": None, "next_epoch": None,
-                                         "reason": "rotation"}, now)
+                                         "reason": "rotation", "format": FORMAT,
+                                         **self._carry("rotation")}, now)
             self._schedule(now)
         else:
             self._advance_epoch(now, "rotation")
@@ -829,11 +981,61 @@ class RequestLog:
 
     # --- durability, checkpoints, shutdown -----------------------------------------------------
 
+    def _carry(self, reason: str) -> dict[str, Any]:
+        """A new file's first marker lists the starts still open, so recovery reads one file."""
+        if reason != "rotation":
+            return {}
+        return {"in_flight": [{"start_seq": k, **v} for k, v in sorted(self._in_flight.items())]}
+
     def sync(self) -> None:
-        """fsync the live file if records were written since the last sync."""
+        """fsync the live file if records were written since the last sync (blocking)."""
         if self._fd is not None and self._dirty:
             os.fsync(self._fd)
             self._dirty = False
+            self._synced_seq = self._seq
+
+    async def durable(self, seq: int) -> None:
+        """Return once record `seq` is as durable as `requests.sync` promises.
+
+        "always": after an fsync that began after the record was written; concurrent callers
+        share one fsync in a worker thread (group commit). "interval" and "never": at once.
+        Raises RequestLogError if the fsync fails.
+        """
+        if self.sync_mode != "always":
+            return
+        while self._synced_seq < seq:
+            if self._flush is None:
+                self._flush = asyncio.ensure_future(self._fsync_batch())
+            await asyncio.shield(self._flush)
+
+    async def flush(self) -> None:
+        """fsync in the worker thread what was written since the last sync (`maintain`)."""
+        if self._flush is None and self._dirty:
+            self._flush = asyncio.ensure_future(self._fsync_batch())
+        if self._flush is not None:
+            await asyncio.shield(self._flush)
+
+    async def _fsync_batch(self) -> None:
+        try:
+            if self._fd is None or self._sync_pool is None:
+                raise RequestLogError("the request log is not open")
+            upto = self._seq
+            # A duplicate descriptor: a rotation may close the live one while this runs.
+            fd = os.dup(self._fd)
+            self._dirty = False
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._sync_pool, os.fsync, fd)
+            except OSError as exc:
+                self._dirty = True
+                raise RequestLogError(
+                    f"{self._live}: cannot make request records durable (fsync: "
+                    f"{exc.strerror or exc}); requests are not answered until they can be"
+                ) from exc
+            finally:
+                os.close(fd)
+            self._synced_seq = max(self._synced_seq, upto)
+        finally:
+            self._flush = None
 
     def checkpoint(self) -> Checkpoint:
         """The chain's head now: last sequence number, its line hash, the current epoch."""
@@ -844,13 +1046,21 @@ class RequestLog:
         return self._seq
 
     def close(self) -> Checkpoint:
-        """Wait for compression, apply retention, write the close marker; return the checkpoint."""
+        """Wait for compression, apply retention, write the close marker; return the checkpoint.
+
+        Requests still started but not ended (the gateway stopped before they finished) are
+        recorded as incomplete with reason "daemon_stop".
+        """
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._sync_pool is not None:
+            self._sync_pool.shutdown(wait=True)
+            self._sync_pool = None
         self._reap_compression()
         if self._fd is not None:
             now = self._clock()
+            self._close_in_flight("daemon_stop", self._last_ts, now)
             self._apply_retention(now)
             self._write_marker("close", {}, now)
             self.sync()
@@ -866,18 +1076,25 @@ async def maintain(log: RequestLog, emit: Emit, stop: asyncio.Event, *,
                    checkpoint_interval: float, tick_interval: float = 1.0) -> None:
     """Keep the request log's time-driven promises until `stop` is set.
 
-    Every `tick_interval`: evolve the key / rotate by day if due, fsync new records. Every
+    Every `tick_interval`: evolve the key / rotate by day if due. With `requests.sync:
+    interval`, every `log.sync_interval`: fsync new records in the worker thread. Every
     `checkpoint_interval`: emit `requests.checkpoint` (seq, head, epoch) to the event log. The
     daemon starts this as a task after `log.open()` and calls `log.close()` after it returns.
     """
     loop = asyncio.get_running_loop()
     next_checkpoint = loop.time() + checkpoint_interval
+    next_tick = loop.time() + tick_interval
+    wake = min(tick_interval, log.sync_interval) if log.sync_mode == "interval" \
+        else tick_interval
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=tick_interval)
+            await asyncio.wait_for(stop.wait(), timeout=wake)
         try:
-            log.tick()
-            log.sync()
+            if log.sync_mode == "interval":
+                await log.flush()
+            if loop.time() >= next_tick or stop.is_set():
+                next_tick = loop.time() + tick_interval
+                log.tick()
         except (OSError, RequestLogError) as exc:
             emit("requests.maintenance_failed", level="error", error=str(exc))
         if loop.time() >= next_checkpoint or stop.is_set():

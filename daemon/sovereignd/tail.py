@@ -124,6 +124,14 @@ def format_request(rec: dict[str, Any], style: Style) -> str:
     kind = rec.get("kind")
     ts = style(_time(rec.get("ts")), "2")
     seq = f"{style('seq=', '2')}{rec.get('seq')}"
+    if kind in ("start", "incomplete"):
+        # A request accepted for the server, or one whose end was never recorded (crash).
+        label = style("START", "2") if kind == "start" else style("INCOMPLETE", "31")
+        rest = _pairs(rec, ("ts", "seq", "kind", "client", "method", "path", "model", "prev",
+                            "epoch", "seal"), style)
+        return "  ".join([ts, label, str(rec.get("client") or "-"),
+                          f"{rec.get('method', '')} {rec.get('path', '')}",
+                          f"{style('model=', '2')}{_value(rec.get('model'))}", seq, rest]).rstrip()
     if kind != "request":
         rest = _pairs(rec, ("ts", "seq", "kind", "prev", "epoch", "seal"), style)
         return "  ".join([ts, "---", style(f"[{kind}]", "35"), f"{seq} {rest}".rstrip()])
