@@ -240,6 +240,18 @@ def group_processes(pgid: int) -> list[psutil.Process]:
     return out
 
 
+def ignores_sigterm(pid: int) -> bool:
+    """Whether the process has SIGTERM set to ignored (Linux: the SigIgn mask in
+    /proc/PID/status), i.e. a stand-in grandchild is past installing its handler."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next((line.split()[1] for line in status.splitlines()
+                 if line.startswith("SigIgn:")), "0")
+    return bool(int(mask, 16) & (1 << (signal.SIGTERM - 1)))
+
+
 def wait_for_no_leftovers(d: Daemon, timeout: float) -> list[str]:
     deadline = time.monotonic() + timeout
     left = d.leftover_processes()

@@ -72,6 +72,12 @@ async def _main(cfg: Config, allow_root: bool) -> int:
                           cfg.server.output_buffer, backend.content_line,
                           cfg.server.content_lines)
     supervisor = Supervisor(cfg, backend, events, metrics, output=output)
+    loop = asyncio.get_running_loop()
+    # Handlers only record the request; the supervisor's loop acts on it (also a SIGTERM that
+    # arrives while the rest is still being set up: run() then stops at once, cleanly, and the
+    # request log, opened below, is closed as after any clean stop).
+    loop.add_signal_handler(signal.SIGTERM, supervisor.request, Request.SHUTDOWN, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, supervisor.request, Request.SHUTDOWN, "SIGINT")
     # Gates run in order before every start: drifted files quarantine before memory is judged.
     watchers = integrity.guards_for(cfg, supervisor, events)
     watchers += selfcheck.guards_for(cfg, supervisor, events)  # the daemon's own code
@@ -108,10 +114,6 @@ async def _main(cfg: Config, allow_root: bool) -> int:
             keys.reload()
         supervisor.request(Request.RESET, "SIGHUP")
 
-    loop = asyncio.get_running_loop()
-    # Handlers only record the request; the supervisor's loop acts on it.
-    loop.add_signal_handler(signal.SIGTERM, supervisor.request, Request.SHUTDOWN, "SIGTERM")
-    loop.add_signal_handler(signal.SIGINT, supervisor.request, Request.SHUTDOWN, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     stop_background = asyncio.Event()
     background = [
