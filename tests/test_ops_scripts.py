@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import grp
 import json
-import os
 import pwd
 import re
 import secrets
@@ -224,6 +223,10 @@ def test_macos_install_refuses_github_artifacts_without_a_sha256(
     bad.write_text("vllm  not-a-sha256  https://example.org/vllm.whl\n")
     res = sh(OPS / "macos" / "install.sh", *base, "--github-pins", bad)
     assert res.returncode == 1 and "no SHA-256 for vllm (not-a-sha256)" in res.stderr
+    plain = tmp_path / "plain.txt"  # and another server's lock must carry hashes too
+    plain.write_text("vllm-mlx==0.6.0\n")
+    res = sh(OPS / "macos" / "install.sh", *base, "--server-requirements", plain)
+    assert res.returncode == 1 and "pins no package by --hash" in res.stderr
 
 
 def test_vllm_metal_locks_pin_every_package_by_its_hash() -> None:
