@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import grp
 import json
-import os
 import pwd
 import re
 import secrets
@@ -141,16 +140,28 @@ def test_linux_uninstall_dry_run_keeps_logs_unless_asked(paths: dict[str, Path])
     nothing_changed(paths, "nobody-sov")
 
 
+METAL_PINS = REPO / "ops" / "locks" / "vllm-metal-macos-github.txt"
+
+
+def pinned_copy(tmp_path: Path) -> Path:
+    """ops/locks/vllm-metal-macos-github.txt with a SHA-256 written in for every "-" (what an
+    operator does after reviewing the downloads)."""
+    pins = tmp_path / "pins.txt"
+    pins.write_text(re.sub(r"^(\S+)\s+-\s+", lambda m: f"{m[1]}  {'cd' * 32}  ",
+                           METAL_PINS.read_text(), flags=re.M))
+    return pins
+
+
 def test_macos_install_dry_run_runs_on_linux_and_prints_every_step(
-        paths: dict[str, Path]) -> None:
-    sha = "ab" * 32
+        paths: dict[str, Path], tmp_path: Path) -> None:
     args = ["--dry-run", "--model", "/usr/local/share/m", "--prefix", str(paths["prefix"]),
             "--etc", str(paths["etc"]), "--logs", str(paths["logs"]), "--home",
             str(paths["home"])]
-    res = sh(OPS / "macos" / "install.sh", *args, "--installer-sha256", sha)
+    res = sh(OPS / "macos" / "install.sh", *args, "--github-pins", pinned_copy(tmp_path))
     assert res.returncode == 0, res.stderr
     cmds = commands(res.stdout)
     p, etc, label = paths["prefix"], paths["etc"], "org.sovereignd"
+    venv = rf"{p}/server-venvs/vllm-metal-[0-9a-f]{{12}}"
     for pattern in (
             r"^dscl \. -create /Users/_sovereignd UniqueID 4\d\d$",
             r"^dscl \. -create /Users/_sovereignd UserShell /usr/bin/false$",
@@ -158,10 +169,14 @@ def test_macos_install_dry_run_runs_on_linux_and_prints_every_step(
             rf"^dscl \. -create /Users/_sovereignd NFSHomeDirectory {paths['home']}$",
             rf"^install -d -o root -g _sovereignd -m 0750 {etc}/baseline$",
             rf"^install -d -o _sovereignd -g _sovereignd -m 0750 {paths['logs']}$",
-            r"^curl -fsSL --proto =https -o \S+ https://raw\.githubusercontent\.com/"
-            r"vllm-project/vllm-metal/[0-9a-f]{40}/install\.sh$",
-            rf"^echo {sha}.*\| shasum -a 256 -c -$",
-            r"^env HOME=\S+/server-venvs/vllm-metal-[0-9a-f]{12} /bin/bash \S+$",
+            rf"^python3\.12 -m venv {venv}$",
+            rf"^{venv}/bin/pip install .* --require-hashes --no-deps -r "
+            rf"{REPO}/ops/locks/vllm-metal-macos\.txt$",
+            r"^git clone --quiet --no-checkout https://github\.com/ml-explore/mlx-lm \S+$",
+            r"^git -C \S+ archive --format=tar --prefix=mlx-lm/ --output=\S+\.tar [0-9a-f]{40}$",
+            rf"^{venv}/bin/pip install .* --no-deps --no-build-isolation --require-hashes "
+            r"-r \S+$",
+            rf"^ln -sfn {venv} {p}/server-venv$",
             rf"^{p}/venv/bin/sovereignd baseline --config {etc}/sovereignd.yaml$",
             rf"launchd render .*--output /Library/LaunchDaemons/{label}\.plist$",
             rf"^chown root:wheel /Library/LaunchDaemons/{label}\.plist$",
@@ -172,25 +187,76 @@ def test_macos_install_dry_run_runs_on_linux_and_prints_every_step(
             rf"^launchctl enable system/{label}$",
             rf"^launchctl bootstrap system /Library/LaunchDaemons/{label}\.plist$"):
         assert has(cmds, pattern), (pattern, cmds)
-    # The installer is fetched to a file, checked, then run: never piped into a shell.
-    assert not has(cmds, r"curl[^|]*\|\s*(ba)?sh")
-    assert cmds.index(next(c for c in cmds if c.startswith("curl "))) < \
-        cmds.index(next(c for c in cmds if "shasum" in c)) < \
-        cmds.index(next(c for c in cmds if c.startswith("env HOME=")))
+    # Every GitHub artifact goes to pip with its SHA-256, so pip checks the bytes it fetched;
+    # nothing runs vllm-metal's install.sh, and nothing is piped into a shell.
+    reqs = [c[2:] for c in cmds if c.startswith("# ")]
+    assert sorted(r.split(" @ ")[0] for r in reqs) == ["mlx-lm", "vllm", "vllm-metal"]
+    assert all(re.search(r" --hash=sha256:[0-9a-f]{64}$", r) for r in reqs), reqs
+    assert has(reqs, r"^vllm @ https://github\.com/vllm-project/vllm/releases/download/v0\.27\.1/")
+    assert has(reqs, r"^mlx-lm @ file://\S+\.tar --hash=sha256:91c80180a2407ea2")
+    assert not has(cmds, r"^curl ") and not has(cmds, r"install\.sh")
+    assert not has(cmds, r"\|\s*(ba)?sh")
+    lock = cmds.index(next(c for c in cmds if "vllm-metal-macos.txt" in c))
+    assert lock < cmds.index(next(c for c in cmds if "--no-build-isolation --require-hashes" in c))
     assert "sudo -u _sovereignd curl -m 5 https://example.org" in res.stderr
     nothing_changed(paths, "_sovereignd")
     assert not Path("/Library").exists() and not Path("/etc/pf.anchors").exists()
 
 
-def test_macos_install_refuses_an_unchecked_installer(paths: dict[str, Path]) -> None:
-    res = sh(OPS / "macos" / "install.sh", "--dry-run", "--model", "/m", "--prefix",
-             paths["prefix"], env={**os.environ, "VLLM_METAL_INSTALLER_SHA256": ""})
+def test_macos_install_refuses_github_artifacts_without_a_sha256(
+        paths: dict[str, Path], tmp_path: Path) -> None:
+    """The shipped pins name the two wheels without a SHA-256 (not reachable where the lock
+    was made): the install refuses before it changes anything, naming them, unless the
+    operator insists with --allow-unhashed; a pin that is not 64 hex digits is refused too."""
+    base = ["--dry-run", "--model", "/m", "--prefix", str(paths["prefix"])]
+    res = sh(OPS / "macos" / "install.sh", *base)
     assert res.returncode == 1
-    assert "refusing to run vllm-metal's installer unchecked" in res.stderr
+    assert "refusing to install vllm-metal's GitHub artifacts unchecked" in res.stderr
+    assert "no SHA-256 for vllm vllm-metal " in res.stderr
     assert commands(res.stdout) == []
-    res = sh(OPS / "macos" / "install.sh", "--dry-run", "--model", "/m", "--installer-sha256",
-             "not-a-hash")
-    assert res.returncode == 1 and "--installer-sha256" in res.stderr
+    res = sh(OPS / "macos" / "install.sh", *base, "--allow-unhashed")
+    assert res.returncode == 0, res.stderr
+    cmds = commands(res.stdout)
+    assert has(cmds, r"--no-build-isolation --require-hashes -r \S+$")  # mlx-lm, still checked
+    assert has(cmds, r"--no-build-isolation -r \S+$")  # the two wheels, as the operator insisted
+    bad = tmp_path / "bad.txt"
+    bad.write_text("vllm  not-a-sha256  https://example.org/vllm.whl\n")
+    res = sh(OPS / "macos" / "install.sh", *base, "--github-pins", bad)
+    assert res.returncode == 1 and "no SHA-256 for vllm (not-a-sha256)" in res.stderr
+    plain = tmp_path / "plain.txt"  # and another server's lock must carry hashes too
+    plain.write_text("vllm-mlx==0.6.0\n")
+    res = sh(OPS / "macos" / "install.sh", *base, "--server-requirements", plain)
+    assert res.returncode == 1 and "pins no package by --hash" in res.stderr
+
+
+def test_vllm_metal_locks_pin_every_package_by_its_hash() -> None:
+    """vllm-metal-macos.txt (uv pip compile --generate-hashes, aarch64-apple-darwin) pins each
+    package to one version and at least one SHA-256, and holds every package its .in names;
+    vllm-metal-macos-github.txt names the three artifacts PyPI lacks, with https/git sources."""
+    locks = REPO / "ops" / "locks"
+    text = (locks / "vllm-metal-macos.txt").read_text()
+    entries = re.split(r"\n(?=\S)", text.strip())
+    pins = {}
+    for entry in entries:
+        if entry.startswith("#"):
+            continue
+        m = re.match(r"([A-Za-z0-9_.-]+)(\[[^]]*\])?==(\S+) \\\n", entry)
+        assert m, entry
+        assert re.search(r"--hash=sha256:[0-9a-f]{64}", entry), entry
+        pins[m[1].lower().replace("_", "-")] = m[3]
+    wanted = {re.split(r"[\s\[=<>!~;]", ln, maxsplit=1)[0].lower().replace("_", "-")
+              for ln in (locks / "vllm-metal-macos.in").read_text().splitlines()
+              if ln.strip() and not ln.startswith("#")}
+    assert wanted <= set(pins), wanted - set(pins)
+    assert pins["torch"] == "2.13.0" and pins["mlx"] == "0.32.0"
+    assert not {"vllm", "vllm-metal", "mlx-lm"} & set(pins)  # those come from GitHub
+    rows = [ln.split() for ln in METAL_PINS.read_text().splitlines()
+            if ln.strip() and not ln.startswith("#")]
+    assert [r[0] for r in rows] == ["vllm", "vllm-metal", "mlx-lm"]
+    for name, sha, src in rows:
+        assert sha == "-" or re.fullmatch(r"[0-9a-f]{64}", sha), (name, sha)
+        assert re.fullmatch(r"https://github\.com/\S+\.whl|git\+https://\S+@[0-9a-f]{40}",
+                            src), src
 
 
 def test_macos_uninstall_dry_run_boots_out_and_keeps_logs(paths: dict[str, Path]) -> None:

@@ -10,6 +10,11 @@
 #   vllm-mlx-linux.txt            vllm-mlx with MLX's CPU build, x86_64 Linux (the demo's second
 #                                 backend), torch capped by demo-constraints.txt
 #   vllm-mlx-macos.txt            vllm-mlx with MLX (Metal), macOS 14+ on Apple Silicon
+#   vllm-metal-macos.txt          the PyPI part of vLLM + vllm-metal, macOS 15+ on Apple Silicon,
+#                                 Python 3.12; the rest is vllm-metal-macos-github.txt (by hand),
+#                                 so mlx-lm (mlx-vlm pulls 0.31.3) is left to its git pin there;
+#                                 wheels only, so pip never builds one (an isolated build would
+#                                 fetch its build requirements unchecked)
 # Usage: ops/locks/compile.sh      (needs the package index; rewrites the locks in place)
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -17,7 +22,7 @@ cd "$repo"  # uv names the input files relative to here in the locks' comments
 locks=ops/locks
 uv="${UV:-$repo/.venv/bin/uv}"
 find_links="${FIND_LINKS:-/opt/wheels}"
-compile() { "$uv" pip compile --quiet --generate-hashes --no-header --python-version 3.11 "$@"; }
+compile() { "$uv" pip compile --quiet --generate-hashes --no-header --python-version "${PYV:-3.11}" "$@"; }
 
 compile --universal pyproject.toml "$locks/build.in" -o "$locks/daemon.txt"
 compile --universal pyproject.toml "$locks/build.in" --extra dev \
@@ -29,3 +34,6 @@ compile ops/demo/requirements-vllm-mlx.txt --python-platform x86_64-manylinux_2_
   --find-links "$find_links" -c "$locks/demo-constraints.txt" -o "$locks/vllm-mlx-linux.txt"
 MACOSX_DEPLOYMENT_TARGET=14.0 compile "$locks/vllm-mlx-macos.in" \
   --python-platform aarch64-apple-darwin -o "$locks/vllm-mlx-macos.txt"
+PYV=3.12 MACOSX_DEPLOYMENT_TARGET=15.0 compile "$locks/vllm-metal-macos.in" \
+  --python-platform aarch64-apple-darwin --no-emit-package mlx-lm --only-binary :all: \
+  -o "$locks/vllm-metal-macos.txt"

@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # Install sovereignd as a macOS LaunchDaemon, idempotently: a hidden role account, folders
-# with owners and modes, the daemon's venv, the model server's venv (vllm-metal's installer,
-# downloaded to a file and checked against a SHA-256 before it runs, never piped to a shell),
-# the configuration, the frozen baselines, the plist (loaded with launchctl bootstrap), the
-# newsyslog entry, and a pf anchor that lets the account reach loopback only.
+# with owners and modes, the daemon's venv, the model server's venv (vLLM + vllm-metal, every
+# file pinned by its SHA-256: ops/locks/vllm-metal-macos.txt from PyPI and
+# ops/locks/vllm-metal-macos-github.txt for what only GitHub serves, checked by pip before it
+# installs anything), the configuration, the frozen baselines, the plist (loaded with launchctl
+# bootstrap), the newsyslog entry, and a pf anchor that lets the account reach loopback only.
 #
-# Usage: sudo ops/macos/install.sh --model DIR --installer-sha256 HEX [options]
+# Usage: sudo ops/macos/install.sh --model DIR [options]
 #   --dry-run                print every command instead of running it (works on Linux too)
 #   --model DIR              the model directory (read-only for the service account)
-#   --installer-sha256 HEX   SHA-256 of vllm-metal's install.sh at the pinned URL: required to
-#                            build the server venv (or VLLM_METAL_INSTALLER_SHA256); get it
-#                            from a copy you have reviewed: shasum -a 256 install.sh
-#   --installer-url URL      vllm-metal's installer, pinned to a commit (default below)
+#   --server-python PY       Python 3.12 for the vllm-metal venv (default python3.12; its wheels
+#                            are cp312)
 #   --server-venv DIR        use this server venv (built and reviewed elsewhere) instead
-#   --server-requirements FILE  build the server venv from this hash lock instead of the
-#                            installer (e.g. ops/locks/vllm-mlx-macos.txt for vllm-mlx)
-#   --allow-unhashed         accept requirements without --hash (pip installs what the index
-#                            serves)
+#   --server-requirements FILE  build the server venv from this hash lock instead of vllm-metal's
+#                            (e.g. ops/locks/vllm-mlx-macos.txt for vllm-mlx)
+#   --github-pins FILE       the SHA-256 pins of vllm-metal's GitHub artifacts (default
+#                            ops/locks/vllm-metal-macos-github.txt; same columns)
+#   --allow-unhashed         accept requirements without --hash, and GitHub pins without a
+#                            SHA-256 (pip installs whatever the server sends)
 #   --skip-venvs             build no venv (--server-venv still applies)
 #   --user NAME              role account (default _sovereignd)
 #   --uid N                  its uid/gid (default: the highest free id from 499 down to 400)
@@ -32,12 +33,20 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-# vllm-metal's installer at a fixed commit, so the bytes checked are the bytes run. It pins
-# vLLM core itself but fetches its scripts/lib.sh from main and the latest vllm-metal wheel:
-# what it installed is then frozen by `sovereignd baseline`, and later changes go through
-# `sovereignd upgrade`.
-installer_url="https://raw.githubusercontent.com/vllm-project/vllm-metal/211a1e4bc976cd6c0c961cad8da59d649ea9bd65/install.sh"
-installer_sha256="${VLLM_METAL_INSTALLER_SHA256:-}"
+# The vllm-metal server venv replaces running vllm-metal's install.sh (commit
+# 211a1e4bc976cd6c0c961cad8da59d649ea9bd65), which pins nothing by hash: it sources
+# scripts/lib.sh from main, may pipe uv's installer into sh (lib.sh ensure_uv), makes the venv
+# with `uv venv --python 3.12 --seed` (lib.sh ensure_venv), installs VLLM_WHEEL_URL (vLLM
+# 0.27.1's macOS arm64 wheel from GitHub) letting it pull torch and the rest from PyPI
+# (install_vllm), then the wheel of the "latest" vllm-metal release from the GitHub API
+# (fetch_latest_release, download_and_install_wheel), whose own dependencies (pyproject.toml,
+# including mlx-lm at a git commit) uv resolves as it likes. Here the same set is installed
+# from locks: the PyPI part by pip's hash-checking mode, then the GitHub part by the SHA-256s
+# of vllm-metal-macos-github.txt (see its comments for where each comes from).
+metal_lock="$repo/ops/locks/vllm-metal-macos.txt"
+metal_github="$repo/ops/locks/vllm-metal-macos-github.txt"
+metal_commit=211a1e4bc976  # vllm-metal's commit the locks follow: names the venv's folder
+server_python=python3.12
 dry_run=0
 user=_sovereignd
 uid=""
@@ -67,8 +76,8 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry_run=1; shift ;;
     --model) model="$2"; shift 2 ;;
-    --installer-sha256) installer_sha256="$2"; shift 2 ;;
-    --installer-url) installer_url="$2"; shift 2 ;;
+    --server-python) server_python="$2"; shift 2 ;;
+    --github-pins) metal_github="$2"; shift 2 ;;
     --server-venv) server_venv="$2"; shift 2 ;;
     --server-requirements) server_requirements="$2"; shift 2 ;;
     --allow-unhashed) allow_unhashed=1; shift ;;
@@ -84,7 +93,7 @@ while [ $# -gt 0 ]; do
     --no-baseline) baseline=0; shift ;;
     --no-load) load=0; shift ;;
     --no-pf) pf=0; shift ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -94,11 +103,12 @@ need_root "run as root (sudo): it creates an account and root-owned folders; or 
 if [ "$dry_run" = 0 ] && [ "$(uname -s)" != Darwin ]; then
   die "this installs a macOS LaunchDaemon; on Linux use ops/linux/install.sh"
 fi
-if [ "$skip_venvs" = 0 ] && [ -z "$server_venv" ] && [ -z "$server_requirements" ]; then
-  if ! [[ "$installer_sha256" =~ ^[0-9a-fA-F]{64}$ ]]; then
-    die "refusing to run vllm-metal's installer unchecked: pass --installer-sha256 HEX (the" \
-        "SHA-256 of $installer_url, from a copy you have reviewed), or --server-venv DIR"
-  fi
+if [ "$skip_venvs" = 0 ] && [ -z "$server_venv" ] && [ -z "$server_requirements" ] &&
+   [ "$allow_unhashed" = 0 ] && grep -qE '^[a-z][a-z0-9-]*[[:space:]]+-[[:space:]]' "$metal_github"; then
+  die "refusing to install vllm-metal's GitHub artifacts unchecked: $metal_github pins no" \
+      "SHA-256 for $(awk '/^[a-z]/ && $2 == "-" {printf "%s ", $1}' "$metal_github")(download," \
+      "review, write \`shasum -a 256\` of each there), or pass --server-venv DIR," \
+      "--server-requirements FILE, or --allow-unhashed"
 fi
 
 # pick_uid: role accounts live below 500 (hidden from the login window, no /Users folder);
@@ -117,6 +127,50 @@ pick_uid() {
     fi
   done
   die "no id between 400 and 499 is free; pass --uid"
+}
+
+# install_github_pins VENV FILE: each line of FILE (name, SHA-256, https URL or git+URL@commit)
+# becomes `name @ URL --hash=sha256:HEX` in a requirements file pip installs with
+# --require-hashes --no-deps, so pip checks every fetched byte before installing it. A git pin
+# is cloned and turned into `git archive --format=tar` of the commit (the bytes its SHA-256 is
+# of) and built without build isolation, with the setuptools the lock already installed. Lines
+# without a SHA-256 ("-") install unchecked in a second pip run, only under --allow-unhashed.
+install_github_pins() {
+  local pip=("$1/bin/pip" install --quiet --disable-pip-version-check --no-deps
+             --no-build-isolation)
+  local work name sha src url commit
+  work="$(mktemp -d -t sovereignd-pins.XXXXXX)"
+  : > "$work/hashed.txt"
+  : > "$work/unhashed.txt"
+  while read -r name sha src; do
+    case "$name" in ''|'#'*) continue ;; esac
+    url="$src"
+    if [[ "$src" == git+*@* ]]; then
+      commit="${src##*@}"
+      url="${src#git+}"
+      run git clone --quiet --no-checkout "${url%@*}" "$work/$name"
+      run git -C "$work/$name" archive --format=tar --prefix="$name/" \
+        --output="$work/$name.tar" "$commit"
+      url="file://$work/$name.tar"
+    fi
+    if [[ "$sha" =~ ^[0-9a-f]{64}$ ]]; then
+      printf '%s @ %s --hash=sha256:%s\n' "$name" "$url" "$sha" >> "$work/hashed.txt"
+    elif [ "$allow_unhashed" = 1 ]; then
+      printf '%s @ %s\n' "$name" "$url" >> "$work/unhashed.txt"
+    else
+      die "$2: no SHA-256 for $name ($sha); pin it, or pass --allow-unhashed"
+    fi
+  done < "$2"
+  if [ "$dry_run" = 1 ]; then
+    sed 's/^/+ # /' "$work/hashed.txt" "$work/unhashed.txt"
+  fi
+  if [ -s "$work/hashed.txt" ]; then
+    run "${pip[@]}" --require-hashes -r "$work/hashed.txt"
+  fi
+  if [ -s "$work/unhashed.txt" ]; then
+    run "${pip[@]}" -r "$work/unhashed.txt"
+  fi
+  rm -rf "$work"
 }
 
 sovereignd="$prefix/venv/bin/sovereignd"
@@ -162,27 +216,15 @@ elif [ -n "$server_requirements" ]; then
     run touch "$target/.sovereignd-complete"
   fi
 else
-  commit="$(sed -n 's|.*/vllm-metal/\([0-9a-f]\{12\}\).*|\1|p' <<<"$installer_url")"
-  staging="$prefix/server-venvs/vllm-metal-${commit:-pinned}"
-  # The installer puts its venv in $HOME/.venv-vllm-metal; HOME points it at a versioned place.
-  target="$staging/.venv-vllm-metal"
-  if [ "$skip_venvs" = 0 ] && [ ! -x "$target/bin/vllm" ]; then
-    command -v uv >/dev/null 2>&1 || [ "$dry_run" = 1 ] ||
-      die "vllm-metal's installer needs uv; install it first (brew install uv), or it would" \
-          "fetch and run uv's own installer unchecked"
-    installer="$(mktemp -t vllm-metal-install.XXXXXX)"
-    run curl -fsSL --proto '=https' -o "$installer" "$installer_url"
-    if [ "$dry_run" = 1 ]; then
-      printf '+ echo %q | shasum -a 256 -c -\n' "$installer_sha256  $installer"
-    elif ! echo "$installer_sha256  $installer" | shasum -a 256 -c - >/dev/null; then
-      die "vllm-metal's installer does not match --installer-sha256; not running it" \
-          "(downloaded: $(shasum -a 256 "$installer" | cut -d' ' -f1))"
-    fi
-    run install -d -o root -g wheel -m 0755 "$staging"
-    run env HOME="$staging" /bin/bash "$installer"
-    run chown -R root:wheel "$staging"
-    run chmod -R go-w "$staging"
-    run rm -f "$installer"
+  target="$prefix/server-venvs/vllm-metal-$metal_commit"
+  if [ "$skip_venvs" = 0 ] && [ ! -f "$target/.sovereignd-complete" ]; then
+    run install -d -o root -g wheel -m 0755 "$prefix/server-venvs"
+    run "$server_python" -m venv "$target"
+    pip_install_lock "$target" "$metal_lock"
+    install_github_pins "$target" "$metal_github"
+    run chown -R root:wheel "$target"
+    run chmod -R go-w "$target"
+    run touch "$target/.sovereignd-complete"
   fi
 fi
 # The configuration names the symlink; `sovereignd upgrade` switches it atomically.
