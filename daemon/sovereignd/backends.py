@@ -136,8 +136,9 @@ class Backend:
         pattern("tokenizer-missing",
                 r"(Couldn't instantiate the backend tokenizer|Can't load tokenizer for|"
                 r"[Tt]okenizer class \S+ does not exist|"
-                r"data did not match any variant of untagged enum (ModelWrapper|PyPreTokenizer|"
-                r"PyDecoderWrapper|PyNormalizerWrapper))",
+                # tokenizers older than the file (e.g. huggingface/tokenizers issue 1529,
+                # allenai/open-instruct issue 738): ModelWrapper, PyPreTokenizerTypeWrapper...
+                r"data did not match any variant of untagged enum \w+)",
                 "the model's tokenizer files are missing, unreadable or too new for the "
                 "installed tokenizers library",
                 "put tokenizer.json and tokenizer_config.json (from the model's release) in "
