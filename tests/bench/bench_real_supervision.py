@@ -47,8 +47,10 @@ def ts(event: dict[str, Any]) -> float:
     return dt.datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
 
 
-def daemon(root: Path, watched: bool) -> Daemon:
+def daemon(root: Path, watched: bool, streams: int = 16) -> Daemon:
     overrides = vllm_overrides(VLLM_VENV, TINY_MODEL)
+    # One bench client sends all the streams: let it (the default is 16 per client).
+    overrides["gateway"] = {"client_concurrency": max(16, streams)}
     overrides["health"] = {f.name: f.default for f in dataclasses.fields(HealthSection)}
     overrides["restart"] = {"min_uptime": "5s", "max_failures": 20, "window": "10m"}
     if watched:
@@ -221,7 +223,7 @@ def stream(d: Daemon, deadline: float, out: dict[str, int]) -> None:
 
 
 def steady(root: Path, idle: float, load: float, streams: int) -> None:
-    d = daemon(root / "steady", watched=True)
+    d = daemon(root / "steady", watched=True, streams=streams)
     try:
         pid = ready(d)
         time.sleep(5)
