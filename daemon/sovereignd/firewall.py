@@ -1,4 +1,4 @@
-"""Per-account firewall rules rendered from the configuration: nftables (Linux), a pf anchor (macOS).
+"""Per-account firewall rules from the configuration: nftables (Linux), a pf anchor (macOS).
 
 What they do (the ports come from the configuration, the account from the install):
 
@@ -7,12 +7,13 @@ What they do (the ports come from the configuration, the account from the instal
   1. where the model server listens on TCP (vllm-mlx, or `server.transport: tcp`), a connection
      to `server.port` from any account but the service account is reset at its first packet;
   2. every new loopback connection another account opens gets one bit of its conntrack mark
-     (OTHER_ACCOUNT_MARK; the other bits are left as they are), and the SYN-ACK a socket of the service account sends back is
-     refused when the connection was opened by another account — except from the gateway's
-     port (`gateway.listen`), which is for everyone. This covers the ports nobody chose: vLLM's
-     EngineCore and Worker open loopback listeners of their own (gloo's TCP pairs) at random
-     ports. The SYN-ACK is a packet of the listening socket (the kernel attaches it to the
-     request socket, whose full socket is the listener), so its skuid is the listener's owner.
+     (OTHER_ACCOUNT_MARK; the other bits are left as they are), and the SYN-ACK a socket of
+     the service account sends back is refused when the connection was opened by another
+     account — except from the gateway's port (`gateway.listen`), which is for everyone.
+     This covers the ports nobody chose: vLLM's EngineCore and Worker open loopback listeners
+     of their own at random ports. The SYN-ACK is a packet of the listening socket (the kernel
+     attaches it to the request socket, whose full socket is the listener), so its skuid is
+     the listener's owner.
      The refused SYN-ACK is answered with a reset to the listener; the connecting client hears
      nothing and its connect times out.
 - pf (macOS), anchor `org.sovereignd`: the account may talk to loopback only; where the server
@@ -30,8 +31,7 @@ import pwd
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
 
-
-# The conntrack mark bit for "opened by another account" (nft(8) `ct mark`); other bits untouched.
+# The conntrack mark bit for "opened by another account" (nft(8) `ct mark`).
 OTHER_ACCOUNT_MARK = 0x20000000
 
 
