@@ -128,7 +128,7 @@ def test_vllm_internal_sockets_are_private_and_its_ports_kept_from_other_account
     for p in group_processes(st["server"]["pid"]):
         with contextlib.suppress(psutil.Error):
             unix += [c.laddr for c in p.net_connections(kind="unix")
-                     if isinstance(c.laddr, str) and c.laddr]
+                     if isinstance(c.laddr, str) and c.laddr.startswith("/")]
             tcp += [(c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
                     if c.status == psutil.CONN_LISTEN]
     ipc = [u for u in unix if u != str(srv / "server.sock")]
