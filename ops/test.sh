@@ -9,7 +9,7 @@ cd "$repo"
 
 # Debian packages the tests need, installed once when we may: a test lints every script in
 # ops/ with shellcheck; another renders the audit report's HTML in headless chromium; another
-# lints (and, in the root tier, loads) ops/linux/sovereignd.nft with nft.
+# lints (and, in the root tier, loads) the nftables rules `sovereignd firewall render` writes.
 missing=()
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sovereignd import config, launchd, systemd
+from sovereignd import config, firewall, launchd, systemd
 from tests.helpers import REPO
 
 
@@ -63,6 +63,9 @@ def render_examples() -> dict[Path, bytes]:
             launchd.newsyslog_conf(mac, mac_spec).encode(),
         REPO / "ops" / "linux" / "sovereignd.service":
             systemd.render(linux, linux_spec).encode(),
+        REPO / "ops" / "linux" / "sovereignd.nft": firewall.nft_rules(linux, LINUX.user).encode(),
+        REPO / "ops" / "macos" / "pf.anchors" / "org.sovereignd":
+            firewall.pf_anchor(mac, MACOS.user).encode(),
     }
 
 

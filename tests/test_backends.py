@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,17 @@ def test_vllm_gets_the_key_in_its_environment_only(tmp_path: Path) -> None:
     assert env["HF_HUB_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == "1"
     assert env["HF_DATASETS_OFFLINE"] == "1"
     assert not b.key_in_argv and not b.logs_content
+    # gloo on loopback; pytest's tmp_path is too long for vLLM's IPC socket names there.
+    assert env["GLOO_SOCKET_IFNAME"] == ("lo0" if sys.platform == "darwin" else "lo")
+    assert b.private_tmp(cfg) is None and "TMPDIR" not in env
+    # vLLM's IPC sockets and rendezvous file in the daemon's private folder.
+    state = Path("/var/lib/sovereignd/state")
+    cfg = load(tmp_path, f"daemon:\n  state_dir: {state}\n")
+    env = for_config(cfg).env(cfg, "K")
+    assert env["TMPDIR"] == env["VLLM_RPC_BASE_PATH"] == str(state / "srv" / "tmp")
+    # server.env may choose otherwise.
+    cfg = load(tmp_path, "  env: {GLOO_SOCKET_IFNAME: eth1}\n")
+    assert for_config(cfg).env(cfg, "K")["GLOO_SOCKET_IFNAME"] == "eth1"
 
 
 def test_vllm_serves_on_a_private_unix_socket_by_default(tmp_path: Path) -> None:
@@ -67,6 +79,7 @@ def test_vllm_mlx_takes_the_model_positionally_and_the_key_as_an_argument(
     assert "--offline" in argv and "--shutdown-timeout" not in argv
     env = b.env(cfg, "KEY123")
     assert "VLLM_API_KEY" not in env and env["MLX_X"] == "1" and env["HF_HUB_OFFLINE"] == "1"
+    assert "TMPDIR" not in env and b.private_tmp(cfg) is None
     assert b.redact_argv(argv)[argv.index("--api-key") + 1] == "[REDACTED]"
     assert b.key_in_argv and b.logs_content
 

@@ -138,6 +138,23 @@ def test_100_continue_only_after_route_and_key_are_checked(gw: tuple[Daemon, str
     assert len(d.events("auth_failed")) == 1  # the key was checked once, not twice
 
 
+def test_unknown_expectation_gets_417_and_a_record_by_error_class(gw: tuple[Daemon, str]) -> None:
+    """RFC 9110 10.1.1: an expectation the server does not understand may be answered 417;
+    aiohttp answers it before any handler, and the refusal is recorded like every other."""
+    d, key = gw
+    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}"
+                  "\r\nExpect: 200-ok-please\r\nContent-Length: 2\r\nConnection: close"
+                  "\r\n\r\n".encode())
+        first = s.recv(65536)
+    assert first.startswith(b"HTTP/1.1 417"), first[:100]
+    wait_for(lambda: any(r["status"] == 417 for r in records(d)), 5, what="the 417 recorded")
+    rec = next(r for r in records(d) if r["status"] == 417)
+    assert rec["error"] == "expect_unsupported" and rec["client"] is None
+    assert rec["method"] == "POST" and rec["path"] == "/v1/completions"
+    assert "200-ok-please" not in json.dumps(rec) and key not in json.dumps(rec)
+
+
 def pipelined(d: Daemon, n: int, key: str | None = None) -> list[bytes]:
     """`n` pipelined GET /v1/models on one connection; the status codes of the answers."""
     auth = f"Authorization: Bearer {key}\r\n" if key else ""

@@ -99,8 +99,17 @@ def test_linux_install_dry_run_prints_every_step_and_changes_nothing(
             rf"^{p}/venv/bin/sovereignd baseline --config {etc}/sovereignd.yaml$",
             rf"systemd render --config {etc}/sovereignd.yaml .*--output "
             rf"{paths['units']}/sovereignd.service$",
-            r"^systemctl daemon-reload$", r"^systemctl enable --now sovereignd$"):
+            r"^systemctl daemon-reload$", r"^systemctl enable --now sovereignd$",
+            rf"^{p}/venv/bin/sovereignd firewall render --config {etc}/sovereignd.yaml "
+            rf"--user {user} --output {etc}/sovereignd.nft$",
+            rf"^nft -f {etc}/sovereignd.nft$",
+            rf"^install -D -o root -g root -m 0644 \S+ {paths['units']}/"
+            r"sovereignd-firewall.service$",
+            r"^systemctl enable sovereignd-firewall$"):
         assert has(cmds, pattern), (pattern, cmds)
+    # The rules are loaded before the service starts.
+    assert cmds.index(f"nft -f {etc}/sovereignd.nft") < \
+        cmds.index("systemctl enable --now sovereignd")
     assert f"#     user: {user}" in res.stdout  # the configuration it would write
     assert not has(cmds, r"pip uninstall")  # the lock holds no CUDA extras to remove
     nothing_changed(paths, user)
@@ -132,6 +141,8 @@ def test_linux_uninstall_dry_run_keeps_logs_unless_asked(paths: dict[str, Path])
     assert res.returncode == 0, res.stderr
     assert "systemctl disable --now sovereignd" in cmds
     assert f"rm -f {paths['units']}/sovereignd.service" in cmds
+    assert f"rm -f {paths['units']}/sovereignd-firewall.service" in cmds
+    assert "nft delete table inet sovereignd" in cmds
     assert "userdel nobody-sov" in cmds and f"rm -rf {paths['home']}" in cmds
     assert not has(cmds, re.escape(str(paths["logs"])))
     assert "logs kept" in res.stderr
@@ -182,7 +193,9 @@ def test_macos_install_dry_run_runs_on_linux_and_prints_every_step(
             rf"^chown root:wheel /Library/LaunchDaemons/{label}\.plist$",
             rf"^chmod 0644 /Library/LaunchDaemons/{label}\.plist$",
             r"launchd newsyslog .*--output /etc/newsyslog\.d/sovereignd\.conf$",
-            rf"^install -o root -g wheel -m 0644 \S+ /etc/pf\.anchors/{label}$",
+            rf"^{p}/venv/bin/sovereignd firewall render --config {etc}/sovereignd.yaml "
+            rf"--format pf --user _sovereignd --output /etc/pf\.anchors/{label}$",
+            rf"^chown root:wheel /etc/pf\.anchors/{label}$",
             r"^pfctl -f /etc/pf\.conf$",
             rf"^launchctl enable system/{label}$",
             rf"^launchctl bootstrap system /Library/LaunchDaemons/{label}\.plist$"):
@@ -273,11 +286,10 @@ def test_macos_uninstall_dry_run_boots_out_and_keeps_logs(paths: dict[str, Path]
 
 
 def test_macos_pf_anchor_lets_the_account_reach_loopback_only() -> None:
+    """The example anchor (installer defaults: the server on its Unix socket, no TCP port)."""
     rules = [ln for ln in (OPS / "macos" / "pf.anchors" / "org.sovereignd").read_text()
              .splitlines() if ln.strip() and not ln.startswith("#")]
     assert rules == ["pass out quick on lo0 proto { tcp udp } user _sovereignd keep state",
-                     "block return out quick on lo0 proto tcp from any to any port 8001 "
-                     "user != _sovereignd",
                      "block drop out log quick proto { tcp udp } user _sovereignd"]
 
 
@@ -298,6 +310,9 @@ def installed_user() -> Iterator[str]:
         yield name
     finally:
         remove_user(name)
+        # install.sh loads the firewall table; a failed test must not leave it loaded.
+        subprocess.run(["nft", "delete", "table", "inet", "sovereignd"], check=False,
+                       capture_output=True)
 
 
 @pytest.mark.root
@@ -343,6 +358,13 @@ def test_linux_install_for_real_then_the_daemon_runs_as_its_account(installed_us
         assert mode(unit) == ("root", "root", 0o644)
         assert f"User={user}\n" in unit.read_text()
         assert f"ExecStart={daemon_venv}/bin/sovereignd run --config {cfg}" in unit.read_text()
+        # The firewall rules: rendered for the account, loaded now and by a boot unit.
+        rules = where["etc"] / "sovereignd.nft"
+        assert f'meta skuid "{user}"' in rules.read_text()
+        loaded = subprocess.run(["nft", "list", "table", "inet", "sovereignd"],
+                                capture_output=True, text=True, check=True).stdout
+        assert f"meta skuid {entry.pw_uid} tcp sport != 8000" in loaded  # nft shows the uid
+        assert f"-f {rules}" in (where["units"] / "sovereignd-firewall.service").read_text()
 
         # Again: idempotent, and an edited configuration is kept.
         cfg.write_text(cfg.read_text() + "# edited by the operator\n")
@@ -369,6 +391,12 @@ def test_linux_install_for_real_then_the_daemon_runs_as_its_account(installed_us
         text = re.sub(r"\n *software_manifest: .*", "", text)
         text = text.replace("environment:\n", "environment:\n  files_check: false\n")
         cfg.write_text(text.replace("port: 8001", f"port: {free_port()}"))
+        # Ports changed: render and load the rules again, as an operator would.
+        subprocess.run([str(daemon_venv / "bin" / "sovereignd"), "firewall", "render",
+                        "--config", str(cfg), "--user", user, "--output", str(rules)],
+                       check=True, capture_output=True, env=cli_env(), timeout=60)
+        subprocess.run(["nft", "-f", str(rules)], check=True, capture_output=True)
+        assert f"tcp sport != {port}" in rules.read_text()
         check = subprocess.run([str(daemon_venv / "bin" / "sovereignd"), "check", "--config",
                                 str(cfg)], capture_output=True, text=True, env=cli_env(),
                                check=False, timeout=60)
@@ -407,6 +435,9 @@ def test_linux_install_for_real_then_the_daemon_runs_as_its_account(installed_us
         with pytest.raises(KeyError):
             grp.getgrnam(user)
         assert not unit.exists() and not where["etc"].exists() and not where["home"].exists()
+        assert not (where["units"] / "sovereignd-firewall.service").exists()
+        assert subprocess.run(["nft", "list", "table", "inet", "sovereignd"],
+                              capture_output=True, check=False).returncode != 0
         assert (where["logs"] / "events.log").exists()  # audit records stay
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -87,6 +89,37 @@ def test_socket_folder_that_is_a_symlink_or_too_long_is_refused(tmp_path: Path) 
         serversock.prepare_uds(tmp_path / "srv" / "server.sock")
     with pytest.raises(serversock.SocketDirError, match=r"shorter daemon\.state_dir"):
         serversock.prepare_uds(tmp_path / ("x" * 120) / "server.sock")
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A folder with a short path (pytest's tmp_path is too long for vLLM's IPC names)."""
+    path = Path(tempfile.mkdtemp(prefix="sovt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_private_tmp_is_made_private_and_emptied_before_each_start(
+        tmp_path: Path, short_dir: Path) -> None:
+    """vLLM's ZMQ IPC sockets and rendezvous files a previous server left go; a link inside
+    is removed, never followed; a folder too long for the IPC socket names is refused."""
+    tmp = short_dir / "srv" / "tmp"
+    serversock.prepare_private_tmp(tmp)
+    assert (tmp.stat().st_mode & 0o777) == (tmp.parent.stat().st_mode & 0o777) == 0o700
+    outside = tmp_path / "keep"
+    outside.mkdir()
+    (outside / "precious").write_text("x")
+    (tmp / "vllm_dist_0123").write_text("")
+    (tmp / "sub").mkdir()
+    (tmp / "link").symlink_to(outside)
+    with socket.socket(socket.AF_UNIX) as ipc:
+        ipc.bind(str(tmp / "8ff13e6c-eee8-4c44-bf15-1678d452c099"))
+    tmp.chmod(0o755)
+    serversock.prepare_private_tmp(tmp)
+    assert list(tmp.iterdir()) == [] and (tmp.stat().st_mode & 0o777) == 0o700
+    assert (outside / "precious").read_text() == "x"
+    with pytest.raises(serversock.SocketDirError, match=r"shorter daemon\.state_dir"):
+        serversock.prepare_private_tmp(tmp_path / ("x" * 70) / "tmp")
 
 
 def test_listener_is_owned_only_by_the_process_holding_it(

@@ -310,7 +310,8 @@ def test_special_characters_in_paths_are_escaped_for_systemd(tmp_path: Path) -> 
 
 def test_checked_in_examples_are_what_the_renderers_produce() -> None:
     """launchd/org.sovereignd.plist, launchd/newsyslog.d/sovereignd.conf and
-    ops/linux/sovereignd.service (regenerate: python -m tests.service_examples)."""
+    ops/linux/sovereignd.service, the firewall rules ops/linux/sovereignd.nft and
+    ops/macos/pf.anchors/org.sovereignd (regenerate: python -m tests.service_examples)."""
     for path, data in render_examples().items():
         assert path.read_bytes() == data, f"{path} is out of date"
     plist = plistlib.loads((REPO / "launchd" / "org.sovereignd.plist").read_bytes())

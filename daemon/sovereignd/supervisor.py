@@ -317,6 +317,12 @@ class Supervisor:
                 await asyncio.to_thread(serversock.prepare_uds, uds)
             except serversock.SocketDirError as exc:
                 return Blocked(State.FATAL, str(exc), {"kind": "socket-folder"})
+        tmp = self.backend.private_tmp(self.cfg)
+        if tmp is not None:
+            try:
+                await asyncio.to_thread(serversock.prepare_private_tmp, tmp)
+            except serversock.SocketDirError as exc:
+                return Blocked(State.FATAL, str(exc), {"kind": "socket-folder"})
         return None
 
     async def verify_listener(self) -> serversock.ListenerCheck:

@@ -20,7 +20,9 @@
 #   --allow-unhashed       accept requirements without --hash (pip installs what the index serves)
 #   --skip-venvs           build no venv (tests; --daemon-venv/--server-venv still apply)
 #   --no-baseline          do not write the frozen baselines (`sovereignd baseline`)
-#   --no-systemctl         install the unit but do not reload, enable or start it
+#   --no-systemctl         install the units but do not reload, enable or start them
+#   --no-firewall          do not render, install or load the nftables rules (other accounts
+#                          off the account's loopback ports; `sovereignd firewall render`)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -40,6 +42,7 @@ allow_unhashed=0
 skip_venvs=0
 baseline=1
 systemctl=1
+firewall=1
 
 me=install
 # shellcheck source-path=SCRIPTDIR/.. source=lib.sh
@@ -62,7 +65,8 @@ while [ $# -gt 0 ]; do
     --skip-venvs) skip_venvs=1; shift ;;
     --no-baseline) baseline=0; shift ;;
     --no-systemctl) systemctl=0; shift ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    --no-firewall) firewall=0; shift ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -115,6 +119,40 @@ write_config "$repo/ops/linux/sovereignd.yaml.in"
 
 # --- baselines: the approved weights and software, root-owned ------------------------------
 write_baselines
+
+# --- firewall: other accounts kept off the account's loopback ports (nftables) --------------
+# Rendered from the configuration (the server's TCP port where it has one, the gateway's port
+# left open to all), loaded now, and loaded again at each boot by a oneshot unit ordered
+# before the service. Re-render and reload after changing server.port or gateway.listen.
+nft_rules="$etc/sovereignd.nft"
+if [ "$firewall" = 1 ]; then
+  command -v nft >/dev/null 2>&1 || [ "$dry_run" = 1 ] ||
+    die "nft is not installed (apt-get install nftables), or pass --no-firewall"
+  run "$sovereignd" firewall render --config "$cfg" --user "$user" --output "$nft_rules"
+  run nft -f "$nft_rules"
+  fw_unit="$(mktemp -t sovereignd-firewall.XXXXXX)"
+  cat > "$fw_unit" <<UNIT
+[Unit]
+Description=sovereignd: other accounts kept off the service account's loopback ports
+Before=sovereignd.service
+Wants=network-pre.target
+After=network-pre.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=$(command -v nft || echo /usr/sbin/nft) -f $nft_rules
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+  run install -D -o root -g root -m 0644 "$fw_unit" "$unit_dir/sovereignd-firewall.service"
+  rm -f "$fw_unit"
+  if [ "$systemctl" = 1 ]; then
+    run systemctl daemon-reload
+    run systemctl enable sovereignd-firewall
+  fi
+fi
 
 # --- the unit ----------------------------------------------------------------------------
 run "$sovereignd" systemd render --config "$cfg" --program "$sovereignd" --user "$user" \

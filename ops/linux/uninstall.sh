@@ -62,6 +62,17 @@ fi
 if [ -e "$unit" ] || [ "$dry_run" = 1 ]; then
   run rm -f "$unit"
 fi
+# The firewall rules install.sh loaded (table inet sovereignd) and their boot unit.
+fw_unit="$unit_dir/sovereignd-firewall.service"
+if [ -e "$fw_unit" ] || [ "$dry_run" = 1 ]; then
+  if [ "$systemctl" = 1 ]; then
+    run systemctl disable sovereignd-firewall || note "sovereignd-firewall was not enabled"
+  fi
+  run rm -f "$fw_unit"
+fi
+if [ "$dry_run" = 1 ] || nft list table inet sovereignd >/dev/null 2>&1; then
+  run nft delete table inet sovereignd
+fi
 if [ "$systemctl" = 1 ]; then
   run systemctl daemon-reload
 fi

