@@ -3,12 +3,9 @@ offline before every start and by `check`; each tamper kind refused or quarantin
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,28 +15,10 @@ import pytest
 from sovereignd import signing
 from tests.harness import Daemon
 from tests.helpers import run_cli, wait_for
+from tests.signing_support import MODEL_SIGNING, edit_payload, make_key, sign
 
 MakeDaemon = Callable[..., Daemon]
 WEIGHTS = "model.bin"
-MODEL_SIGNING = Path(sys.executable).parent / "model_signing"
-
-
-def make_key(folder: Path, name: str) -> tuple[Path, Path]:
-    """An EC P-256 key pair made by openssl: (private PEM, public PEM)."""
-    private, public = folder / f"{name}.pem", folder / f"{name}.pub"
-    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout",
-                    "-out", str(private)], check=True, capture_output=True)
-    subprocess.run(["openssl", "ec", "-in", str(private), "-pubout", "-out", str(public)],
-                   check=True, capture_output=True)
-    return private, public
-
-
-def sign(model: Path, private: Path, signature: Path) -> None:
-    """Sign the model folder with the model-signing CLI, as a publisher does."""
-    res = subprocess.run([str(MODEL_SIGNING), "sign", "key", str(model), "--private_key",
-                          str(private), "--signature", str(signature)],
-                         capture_output=True, text=True, check=False)
-    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def model_files(model: Path) -> None:
@@ -49,16 +28,6 @@ def model_files(model: Path) -> None:
     (model / "tokenizer.json").write_text('{"version": "1.0"}')
     (model / "sub").mkdir(exist_ok=True)
     (model / "sub" / "extra.json").write_text("{}")
-
-
-def edit_payload(signature: Path) -> None:
-    """Change one signed digest inside the signature file, leaving its signature bytes."""
-    bundle = json.loads(signature.read_text())
-    payload = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
-    payload["predicate"]["resources"][0]["digest"] = "0" * 64
-    bundle["dsseEnvelope"]["payload"] = base64.b64encode(
-        json.dumps(payload).encode()).decode()
-    signature.write_text(json.dumps(bundle))
 
 
 @pytest.fixture
