@@ -4,6 +4,7 @@ offline before every start and by `check`; each tamper kind refused or quarantin
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 from collections.abc import Callable
@@ -354,3 +355,29 @@ def test_check_exits_non_zero_for_a_model_the_signature_does_not_cover(
     assert res.returncode == 1
     assert "[FAIL] signed weights" in res.stdout
     assert f"FAILED {WEIGHTS}" in res.stdout and "EXTRA modeling_evil.py" in res.stdout
+
+
+# --- audit ---------------------------------------------------------------------------------------
+
+
+def test_the_audit_names_the_signature_and_signer_that_approved_the_weights(
+        make_daemon: MakeDaemon) -> None:
+    d = signed_daemon(make_daemon)
+    d.start()
+    st = d.wait_state("READY")
+    signer = st["integrity"]["signer"]
+    assert d.stop() == 0
+    res = run_cli("audit", "--config", str(d.config_path), "--format", "json")
+    assert res.returncode in (0, 1), res.stderr
+    integrity = next(c for c in json.loads(res.stdout)["controls"] if c["id"] == "integrity")
+    assert integrity["title"] == "Model weights against their signature"
+    facts = integrity["evidence"]
+    assert facts["signature"] == str(d.model / "model.sig")
+    assert facts["signature_sha256"] == hashlib.sha256(
+        (d.model / "model.sig").read_bytes()).hexdigest()
+    tables = integrity["tables"]
+    assert [r[:2] for r in tables["approvals"]["rows"]] == [
+        [signer, facts["signature_sha256"]]]
+    assert [r[1] for r in tables["signature_checks"]["rows"]] == ["ok"]
+    assert integrity["verdict"] == "PASS", integrity["finding"]
+    assert signer in integrity["finding"]
