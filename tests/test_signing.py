@@ -381,3 +381,32 @@ def test_the_audit_names_the_signature_and_signer_that_approved_the_weights(
     assert [r[1] for r in tables["signature_checks"]["rows"]] == ["ok"]
     assert integrity["verdict"] == "PASS", integrity["finding"]
     assert signer in integrity["finding"]
+
+
+# --- signing on the connected machine -----------------------------------------------------------
+
+
+def test_model_sign_writes_a_signature_model_signing_itself_verifies(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model_files(model)
+    private, public = make_key(tmp_path, "org")
+    res = run_cli("model", "sign", str(model), "--private-key", str(private))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "4 files signed by EC P-256 key SHA256:" in res.stderr
+    verified = subprocess.run([str(MODEL_SIGNING), "verify", "key", str(model), "--public_key",
+                               str(public), "--signature", str(model / "model.sig")],
+                              capture_output=True, text=True, check=False)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert signing.verify(model / "model.sig", public_key=public).manifest.digests.keys() == {
+        WEIGHTS, "config.json", "tokenizer.json", "sub/extra.json"}
+
+
+def test_model_sign_refuses_a_bad_private_key_clearly(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model_files(model)
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key\n")
+    res = run_cli("model", "sign", str(model), "--private-key", str(bad))
+    assert res.returncode != 0
+    assert "is not a PEM elliptic-curve private key" in res.stderr
+    assert not (model / "model.sig").exists()

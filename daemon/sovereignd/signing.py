@@ -16,12 +16,14 @@ they check a `shasum` manifest (changed, missing, extra files).
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sovereignd import manifest
 from sovereignd.errors import ManifestError, SovereigndError
+from sovereignd.fsutil import atomic_write
 
 #: LAZY: model-signing, pyOpenSSL and cryptography are imported where a signature is read,
 #: not when the daemon or the CLI starts (about 0.4 s of CPU that most commands never need).
@@ -234,3 +236,42 @@ def _as_manifest(signed: Any, signature: Path, data: bytes, *, method: str, sign
 def symlinked(model_dir: Path, rels: list[str]) -> list[str]:
     """Those of `rels` that are symlinks in `model_dir` (refused unless the signer allowed)."""
     return [rel for rel in rels if (model_dir / rel).is_symlink()]
+
+
+def sign(model_dir: Path, private_key: Path, signature: Path) -> SignedModel:
+    """Sign `model_dir` with a PEM EC private key, as `model_signing sign key` does (files
+    method, SHA-256, the signature file and git files ignored), write the signature whole
+    (temporary file + rename), and return what it approves (verified with the key's own
+    public half). Raises SignatureError when the key cannot be used or the folder read."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - see LAZY
+    from model_signing import hashing as ms_hashing  # noqa: PLC0415 - see LAZY
+    from model_signing._signing import sign_ec_key  # noqa: PLC0415 - see LAZY
+    from model_signing._signing import signing as ms_signing  # noqa: PLC0415 - see LAZY
+
+    if not model_dir.is_dir():
+        raise SignatureError(f"model folder {model_dir} does not exist or is not a folder")
+    try:
+        signer = sign_ec_key.Signer(private_key)
+    except OSError as exc:
+        raise SignatureError(f"cannot read the private key {private_key}: "
+                             f"{exc.strerror or exc}") from exc
+    except TypeError as exc:
+        raise SignatureError(f"the private key {private_key} is encrypted; sign with "
+                             "`model_signing sign key --password` or decrypt a copy on the "
+                             "signing machine") from exc
+    except (ValueError, AttributeError) as exc:
+        raise SignatureError(f"{private_key} is not a PEM elliptic-curve private key (P-256, "
+                             "P-384 or P-521)") from exc
+    lib: Any = ms_hashing  # the library's Config is untyped
+    config = lib.Config().set_ignored_paths(paths=[signature], ignore_git_paths=True)
+    try:
+        statement = config.hash(model_dir)
+    except (OSError, ValueError) as exc:
+        raise SignatureError(f"cannot hash {model_dir}: {exc}") from exc
+    signed: Any = signer.sign(ms_signing.Payload(statement))
+    atomic_write(signature, signed.bundle.to_json().encode())
+    with tempfile.TemporaryDirectory() as folder:
+        public = Path(folder) / "signer.pub"
+        public.write_bytes(signer._private_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        return verify(signature, public_key=public)
