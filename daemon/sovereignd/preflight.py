@@ -56,7 +56,8 @@ class Report:
                  f"  restart      backoff {format_duration(c.restart.backoff_initial)}.."
                  f"{format_duration(c.restart.backoff_max)}, FATAL after "
                  f"{c.restart.max_failures} failures in {format_duration(c.restart.window)}",
-                 f"  integrity    {c.integrity.manifest or 'not configured'}",
+                 "  integrity    "
+                 f"{c.integrity.manifest or c.integrity.signature or 'not configured'}",
                  f"  environment  {c.environment.frozen or 'not configured'}",
                  f"  logs         {c.logs.dir}", ""]
         width = max((len(w) for _, w, _ in self.items), default=0)
