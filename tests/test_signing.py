@@ -410,3 +410,16 @@ def test_model_sign_refuses_a_bad_private_key_clearly(tmp_path: Path) -> None:
     assert res.returncode != 0
     assert "is not a PEM elliptic-curve private key" in res.stderr
     assert not (model / "model.sig").exists()
+
+
+def test_baseline_names_the_signature_that_approves_the_weights(make_daemon: MakeDaemon) -> None:
+    d = signed_daemon(make_daemon)
+    res = run_cli("baseline", "--config", str(d.config_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"weights: approved by the signature {d.model / 'model.sig'}" in res.stdout
+    assert "EC P-256 key SHA256:" in res.stdout
+    d.cfg["integrity"]["public_key"] = str(d.root / "other.pub")
+    d.write_config()
+    res = run_cli("baseline", "--config", str(d.config_path))
+    assert res.returncode == 1
+    assert "was not made with the private key" in res.stderr
