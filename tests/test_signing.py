@@ -306,6 +306,8 @@ def test_a_signature_edited_while_serving_is_refused_at_the_next_start(
     assert res.returncode == 0, res.stdout + res.stderr
     quarantined(d, "does not verify")
     assert len(d.starts()) == 1
+    assert "does not verify" in d.events("integrity_baseline_unreadable")[-1]["error"]
+    assert d.events("signature_verified")[-1]["result"] == "refused"
 
 
 # --- check ---------------------------------------------------------------------------------------

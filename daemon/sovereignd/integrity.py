@@ -407,6 +407,8 @@ class WeightsGuard(Guard):
                 except SovereigndError as exc:
                     self.fault = str(exc)
                     self._publish()
+                    self.events.emit(f"{self.name}_baseline_unreadable", level="error",
+                                     error=str(exc))
                     return self._blocked()
                 if self.manifest_sha256 != before:
                     await self._run_verify(None, low_priority=False, acting=False)
