@@ -25,7 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sovereignd import __version__, environment, guards, hostfacts, logverify, sealing, software
+from sovereignd import (
+    __version__,
+    environment,
+    guards,
+    hashing,
+    hostfacts,
+    logverify,
+    sealing,
+    software,
+)
 from sovereignd import keys as keys_mod
 from sovereignd.auditevidence import (
     UNAUTHENTICATED,
@@ -579,7 +588,7 @@ def _posture_items(cfg: Config) -> list[_Item]:
     named = {what: path for what, path in guards.protected_paths(cfg)}
     items = [_Item(what, path, "protected", required=what != "keys file")
              for what, path in named.items()]
-    if cfg.integrity.manifest is None:
+    if cfg.integrity.manifest is None and cfg.integrity.signature is None:
         items.append(_Item("integrity manifest", None, "protected"))
     if cfg.environment.frozen is None:
         items.append(_Item("frozen environment", None, "protected"))
@@ -709,6 +718,8 @@ def _integrity_control(i: _Inputs, incidents: dict[str, Any]) -> Control:
     manifest = cfg.integrity.manifest
     c.fact("on_drift", "Policy on drift (integrity.on_drift)", cfg.integrity.on_drift)
     problems: list[tuple[str, str]] = []
+    if manifest is None and cfg.integrity.signature is not None:
+        return _signed_control(c, i, incidents)
     if manifest is None:
         c.verdict = FAIL
         c.finding = ("integrity.manifest is not set: the weights are not verified against an "
@@ -742,6 +753,22 @@ def _integrity_control(i: _Inputs, incidents: dict[str, Any]) -> Control:
     known = last.get("manifest_sha256") if last is not None else None
     if facts is not None and isinstance(known, str) and known != facts.sha256:
         problems.append((WARN, "the manifest file changed after the daemon last used it"))
+    drifts, q = _drift_tables(c, i, incidents, problems)
+    accepted = i.history.in_period(i.period, "baseline_accepted")
+    if accepted:
+        b = c.table("baselines", "Baselines accepted by an operator",
+                    ["time", "manifest sha256", "reason"])
+        b.rows.extend([e["ts"], e.get("manifest_sha256"), e.get("reason")] for e in accepted)
+    return _conclude(c, problems, lambda: (
+        f"weights verified against the manifest ({facts.entries if facts else '?'} files, "
+        f"{human_size(facts.bytes_present) if facts else '?'}); {len(drifts)} drift(s) and "
+        f"{len(q.rows)} quarantine(s) in the period"))
+
+
+def _drift_tables(c: Control, i: _Inputs, incidents: dict[str, Any],
+                  problems: list[tuple[str, str]]) -> tuple[list[dict[str, Any]], Table]:
+    """The weights' drifts and quarantines of the period as tables; a drift served under
+    policy alert is a failure. Returns the drift events and the quarantine table."""
     drifts = i.history.in_period(i.period, "integrity_drift")
     t = c.table("drifts", "Drift detected in the period", ["time", "policy", "files"])
     for d in drifts:
@@ -755,15 +782,61 @@ def _integrity_control(i: _Inputs, incidents: dict[str, Any]) -> Control:
     q = c.table("quarantines", "Quarantines in the period",
                 ["start", "end", "duration", "reason"])
     q.rows.extend(incidents["_quarantine_rows"])
-    accepted = i.history.in_period(i.period, "baseline_accepted")
-    if accepted:
-        b = c.table("baselines", "Baselines accepted by an operator",
-                    ["time", "manifest sha256", "reason"])
-        b.rows.extend([e["ts"], e.get("manifest_sha256"), e.get("reason")] for e in accepted)
+    return drifts, q
+
+
+def _signed_control(c: Control, i: _Inputs, incidents: dict[str, Any]) -> Control:
+    """The weights approved by an OpenSSF Model Signing signature: which signature and which
+    signer approved the weights that served in the period, and every verification result."""
+    cfg = i.cfg
+    sig = cfg.integrity.signature
+    assert sig is not None
+    c.title = "Model weights against their signature"
+    problems: list[tuple[str, str]] = []
+    c.fact("signature", "Signature (integrity.signature)", str(sig))
+    if cfg.integrity.public_key is not None:
+        c.fact("public_key", "Signer's public key (integrity.public_key)",
+               str(cfg.integrity.public_key))
+    else:
+        c.fact("certificate_chain", "Certificate chain (integrity.certificate_chain)",
+               [str(p) for p in cfg.integrity.certificate_chain])
+    try:
+        now = hashing.hash_file(sig)
+        c.fact("signature_sha256", "Signature SHA-256 (now)", now)
+    except OSError as exc:
+        now = None
+        problems.append((FAIL, f"the signature cannot be read now: {exc.strerror or exc}"))
+    results = i.history.in_period(i.period, "signature_verified")
+    t = c.table("signature_checks", "Signature verifications in the period",
+                ["time", "result", "signer", "signature sha256", "error"])
+    t.rows.extend([e["ts"], e.get("result"), e.get("signer"), e.get("signature_sha256"),
+                   e.get("error")] for e in results)
+    approved = [e for e in results if e.get("result") == "ok"]
+    a = c.table("approvals", "Signatures and signers that approved the weights served",
+                ["signer", "signature sha256", "first", "last", "verifications"])
+    seen: dict[tuple[str, str], list[str]] = {}
+    for e in approved:
+        seen.setdefault((str(e.get("signer")), str(e.get("signature_sha256"))), []).append(
+            e["ts"])
+    a.rows.extend([signer, digest, ts[0], ts[-1], len(ts)]
+                  for (signer, digest), ts in seen.items())
+    last_ok = i.history.last("signature_verified", where=lambda e: e.get("result") == "ok")
+    if last_ok is None:
+        problems.append((FAIL, "no verified signature is recorded: the weights were never "
+                         "approved by their signature"))
+    elif now is not None and last_ok.get("signature_sha256") != now:
+        problems.append((WARN, "the signature file changed after the daemon last verified it"))
+    full = i.history.last("integrity_verified", where=lambda e: e.get("scope") == "full")
+    if full is None:
+        problems.append((FAIL, "no full verification of the weights is recorded"))
+    _last_check(c, i, "integrity", problems, "the weights differ from their signature")
+    drifts, q = _drift_tables(c, i, incidents, problems)
+    refused = len(results) - len(approved)
     return _conclude(c, problems, lambda: (
-        f"weights verified against the manifest ({facts.entries if facts else '?'} files, "
-        f"{human_size(facts.bytes_present) if facts else '?'}); {len(drifts)} drift(s) and "
-        f"{len(q.rows)} quarantine(s) in the period"))
+        f"weights approved by {len(seen)} signature/signer pair(s) "
+        f"({', '.join(sorted({k[0] for k in seen})) or 'none in the period'}); "
+        f"{len(approved)} verification(s) passed, {refused} refused; {len(drifts)} drift(s) "
+        f"and {len(q.rows)} quarantine(s) in the period"))
 
 
 def _last_check(c: Control, i: _Inputs, guard: str, problems: list[tuple[str, str]],

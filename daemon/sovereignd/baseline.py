@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sovereignd import environment, manifest, software
+from sovereignd import environment, manifest, signing, software
 from sovereignd.config import Config
 from sovereignd.errors import CheckFailed, ConfigError, ConfigProblem
 from sovereignd.fsutil import atomic_write
@@ -43,7 +43,8 @@ def _targets(cfg: Config) -> tuple[Path | None, Path | None]:
     """(manifest, frozen) to write; raise ConfigError when the configuration cannot say."""
     problems = []
     frozen = cfg.environment.frozen
-    if cfg.integrity.manifest is None and frozen is None and cfg.daemon.software_manifest is None:
+    if (cfg.integrity.manifest is None and frozen is None and cfg.daemon.software_manifest is None
+            and cfg.integrity.signature is None):
         problems.append(ConfigProblem("integrity.manifest", "neither integrity.manifest nor "
                                       "environment.frozen is set: there is no baseline to write"))
     if frozen is not None and cfg.server.venv is None:
@@ -87,6 +88,13 @@ def write_baselines(cfg: Config, *, workers: int | None = None) -> BaselineResul
     own = None
     if cfg.daemon.software_manifest is not None:
         own = software.create(software.own_venv(), workers=threads)
+    i = cfg.integrity
+    if i.signature is not None:
+        # The weights are approved by their signature, not by this command: say which.
+        signed = signing.verify(i.signature, public_key=i.public_key,
+                                certificate_chain=i.certificate_chain)
+        notes.append(f"weights: approved by the signature {i.signature} ({signed.signer}, "
+                     f"{len(signed.manifest)} files), not rewritten")
 
     written: list[Written] = []
     if created is not None and manifest_path is not None:

@@ -117,6 +117,31 @@ def _cmd_manifest_verify(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _cmd_model_sign(args: argparse.Namespace) -> int:
+    from sovereignd import signing
+
+    out: Path = args.signature or args.model_dir / "model.sig"
+    signed = signing.sign(args.model_dir, args.private_key, out)
+    print(f"wrote {out}: {len(signed.manifest)} files signed by {signed.signer}\n"
+          f"configure integrity.signature: {out} and integrity.public_key: the public half "
+          "of the key (openssl ec -in KEY -pubout)", file=sys.stderr)
+    return EX_OK
+
+
+def _add_model(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("model", help="sign a model folder (OpenSSF Model Signing)")
+    msub = p.add_subparsers(dest="model_cmd", required=True)
+    s = msub.add_parser("sign", help="sign MODEL_DIR with an EC private key, as `model_signing "
+                                     "sign key` does (on the connected machine; the sovereign "
+                                     "one verifies with integrity.signature)")
+    s.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    s.add_argument("--private-key", type=Path, required=True, metavar="KEY",
+                   help="PEM EC private key (P-256, P-384 or P-521), not encrypted")
+    s.add_argument("--signature", type=Path, metavar="FILE",
+                   help="signature to write (default: MODEL_DIR/model.sig)")
+    s.set_defaults(handler=_cmd_model_sign)
+
+
 def _add_manifest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("manifest", help="write or check a model folder's checksums "
                                         "(shasum -a 256 format)")
@@ -684,8 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a local LLM server as a supervised, audited production service.")
     parser.add_argument("--version", action="version", version=f"sovereignd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_check, _add_manifest, _add_env, _add_baseline, _add_keys,
-                _add_logs, _add_audit, _add_service, _add_firewall, _add_upgrade):
+    for add in (_add_run, _add_check, _add_manifest, _add_model, _add_env, _add_baseline,
+                _add_keys, _add_logs, _add_audit, _add_service, _add_firewall, _add_upgrade):
         add(sub)
     return parser
 

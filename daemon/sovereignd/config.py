@@ -374,6 +374,17 @@ class IntegritySection:
         _opt_path, None, "/path/to/model-dir/CHECKSUMS.sha256")
     manifest_sha256: str | None = setting(
         "Pin the manifest file's own SHA-256.", _sha256_hex, None)
+    signature: Path | None = setting(
+        "OpenSSF Model Signing signature of the model (`model_signing sign`), verified offline "
+        "before every start; its signed file digests are the approved weights (instead of "
+        "integrity.manifest). Unset: no signature required.", _opt_path, None,
+        "/path/to/model-dir/model.sig")
+    public_key: Path | None = setting(
+        "PEM public key (EC P-256/384/521) that must have made integrity.signature.",
+        _opt_path, None, "/usr/local/etc/sovereignd/model-signer.pub")
+    certificate_chain: tuple[Path, ...] = setting(
+        "PEM certificates that must lead to the certificate that made integrity.signature "
+        "(instead of integrity.public_key).", _path_list, [])
     on_drift: str = setting(
         "stop: stop the server and quarantine; alert: log and keep serving.",
         _choice("stop", "alert"), "stop")
@@ -683,9 +694,32 @@ def _cross_checks(sec: dict[str, Any]) -> list[ConfigProblem]:
         if s is not None and s.uds is None and port == s.port:
             problems.append(ConfigProblem(
                 "server.port", f"{port} is also the gateway's port (gateway.listen)"))
+    problems.extend(_signature_checks(sec["integrity"]))
     if r is not None and r.backoff_initial > r.backoff_max:
         problems.append(ConfigProblem("restart.backoff_initial", "must not exceed backoff_max"))
     return problems
+
+
+def _signature_checks(i: IntegritySection | None) -> list[ConfigProblem]:
+    """integrity.signature needs exactly one way to verify it and replaces the manifest."""
+    if i is None:
+        return []
+    if i.signature is None:
+        if i.public_key is not None or i.certificate_chain:
+            key = "integrity.public_key" if i.public_key is not None else \
+                "integrity.certificate_chain"
+            return [ConfigProblem(key, "set integrity.signature too (the model's signature "
+                                  "file), or remove this key")]
+        return []
+    if i.manifest is not None:
+        return [ConfigProblem("integrity.signature", "set integrity.signature or "
+                              "integrity.manifest, not both (the signature's digests are the "
+                              "approved weights)")]
+    if (i.public_key is None) == (not i.certificate_chain):
+        return [ConfigProblem("integrity.signature", "set exactly one of integrity.public_key "
+                              "(a key signature) or integrity.certificate_chain (a certificate "
+                              "signature)")]
+    return []
 
 
 def load(path: Path | str) -> Config:

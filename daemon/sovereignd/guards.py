@@ -90,6 +90,12 @@ def protected_paths(cfg: Config) -> list[tuple[str, Path]]:
     out = [("configuration", cfg.source), ("keys file", cfg.gateway.keys_file)]
     if cfg.integrity.manifest is not None:
         out.append(("integrity manifest", cfg.integrity.manifest))
+    # Whoever can replace the signer's key can approve any weights: the key (or chain) is
+    # protected like a manifest; the signature itself is tamper-evident.
+    if cfg.integrity.public_key is not None:
+        out.append(("model signer's public key", cfg.integrity.public_key))
+    for n, cert in enumerate(cfg.integrity.certificate_chain):
+        out.append((f"model signer's certificate chain {n + 1}", cert))
     if cfg.environment.frozen is not None:
         frozen = cfg.environment.frozen
         out.append(("frozen environment", frozen))

@@ -37,7 +37,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from sovereignd import environment, manifest, software, weights
+from sovereignd import environment, manifest, signing, software, weights
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
 from sovereignd.eventlog import EventLog
@@ -373,13 +373,15 @@ class Guard:
 
 
 class WeightsGuard(Guard):
-    """The model directory against `integrity.manifest`."""
+    """The model directory against `integrity.manifest`, or against the file digests a
+    verified `integrity.signature` signs."""
 
     name = "integrity"
     what = "weights"
 
     def __init__(self, cfg: Config, supervisor: Supervisor, events: EventLog) -> None:
         super().__init__(cfg, supervisor, events)
+        self.signed: signing.SignedModel | None = None
         self.manifest: manifest.Manifest | None = None
         self.manifest_sha256: str | None = None
         self.snapshot: manifest.StatSnapshot = {}
@@ -389,8 +391,31 @@ class WeightsGuard(Guard):
 
     @property
     def path(self) -> Path:
-        assert self.cfg.integrity.manifest is not None
-        return self.cfg.integrity.manifest
+        path = self.cfg.integrity.manifest or self.cfg.integrity.signature
+        assert path is not None
+        return path
+
+    async def gate(self) -> Blocked | None:
+        """Before every start, the signature is verified again (it may have been replaced or
+        edited since); new signed digests are checked against every file at once."""
+        if self.cfg.integrity.signature is not None and self._verified_once:
+            async with self._lock:
+                before = self.manifest_sha256
+                try:
+                    await asyncio.to_thread(self.load)
+                    self.fault = None
+                except SovereigndError as exc:
+                    self.fault = str(exc)
+                    self._publish()
+                    self.events.emit(f"{self.name}_baseline_unreadable", level="error",
+                                     error=str(exc))
+                    return self._blocked()
+                if self.manifest_sha256 != before:
+                    await self._run_verify(None, low_priority=False, acting=False)
+        return await super().gate()
+
+    def _ignored(self) -> list[Path]:
+        return [] if self.signed is None else self.signed.ignored(self.cfg.server.model)
 
     @property
     def policy(self) -> str:
@@ -412,6 +437,20 @@ class WeightsGuard(Guard):
         return roots + [r for r in self.cfg.integrity.allowed_roots if r.is_dir()]
 
     def load(self) -> None:
+        i = self.cfg.integrity
+        if i.signature is not None:
+            try:
+                self.signed = signing.verify(i.signature, public_key=i.public_key,
+                                             certificate_chain=i.certificate_chain)
+            except signing.SignatureError as exc:
+                self.events.emit("signature_verified", level="error", result="refused",
+                                 signature=str(i.signature), error=str(exc))
+                raise
+            self.manifest = self.signed.manifest
+            self.manifest_sha256 = self.signed.manifest.sha256
+            self.events.emit("signature_verified", result="ok", files=len(self.manifest),
+                             **self.signed.fields())
+            return
         pin = self.cfg.integrity.manifest_sha256
         if pin is not None:
             self.manifest_sha256 = manifest.check_manifest_pin(self.path, pin)
@@ -423,15 +462,17 @@ class WeightsGuard(Guard):
         assert self.manifest is not None
         if paths is None:
             self.snapshot = manifest.stat_snapshot(self.cfg.server.model,
-                                                   manifest_path=self.path)
+                                                   manifest_path=self.path,
+                                                   ignore=self._ignored())
         report = manifest.verify_manifest(
             self.cfg.server.model, self.manifest, paths=paths, manifest_path=self.path,
             allowed_roots=self.cfg.integrity.allowed_roots,
             workers=self.cfg.integrity.hash_workers, low_priority=low_priority,
-            stop=self._stop)
+            stop=self._stop, ignore=self._ignored())
         if paths is not None:
             # Keep the stat baseline current for the files just verified.
-            fresh = manifest.stat_snapshot(self.cfg.server.model, manifest_path=self.path)
+            fresh = manifest.stat_snapshot(self.cfg.server.model, manifest_path=self.path,
+                                           ignore=self._ignored())
             self.snapshot = fresh
         else:
             self.files = len(self.manifest.digests)
@@ -451,8 +492,16 @@ class WeightsGuard(Guard):
                 if any(key == r or key.startswith(r.rstrip("/") + "/") or r == "."
                        for r in rels):
                     out[key] = {}
+        links = set()
+        if self.signed is not None and not self.signed.allow_symlinks:
+            links = set(signing.symlinked(self.cfg.server.model,
+                                          [r.path for r in report.results]))
         for r in report.results:
-            if r.status == manifest.Status.OK:
+            if r.path in links:
+                out[r.path] = {"status": str(manifest.Status.UNSAFE), "expected": r.expected,
+                               "actual": r.actual, "detail": "a symlink, and the signature "
+                               "was made without allow_symlinks"}
+            elif r.status == manifest.Status.OK:
                 out[r.path] = {}
             else:
                 out[r.path] = {"status": str(r.status), "expected": r.expected,
@@ -462,7 +511,8 @@ class WeightsGuard(Guard):
     def stat_changes(self) -> list[str]:
         if not self.snapshot:
             return []
-        now = manifest.stat_snapshot(self.cfg.server.model, manifest_path=self.path)
+        now = manifest.stat_snapshot(self.cfg.server.model, manifest_path=self.path,
+                                     ignore=self._ignored())
         return [str(self.cfg.server.model / p) for p in manifest.changed_paths(self.snapshot,
                                                                                now)]
 
@@ -470,6 +520,8 @@ class WeightsGuard(Guard):
         return {"files": self.files, "bytes": self.bytes}
 
     def baseline_fields(self) -> dict[str, Any]:
+        if self.signed is not None:
+            return self.signed.fields()
         return {"manifest": str(self.path), "manifest_sha256": self.manifest_sha256}
 
 
@@ -583,7 +635,7 @@ class EnvironmentGuard(Guard):
 def guards_for(cfg: Config, supervisor: Supervisor, events: EventLog) -> list[Guard]:
     """The guards this configuration asks for (none when no baseline is configured)."""
     guards: list[Guard] = []
-    if cfg.integrity.manifest is not None:
+    if cfg.integrity.manifest is not None or cfg.integrity.signature is not None:
         guards.append(WeightsGuard(cfg, supervisor, events))
     else:
         supervisor.checks["integrity"] = {"result": "disabled",

