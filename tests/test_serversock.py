@@ -139,6 +139,28 @@ def test_listener_is_owned_only_by_the_process_holding_it(
     assert f"pid {proc.pid}" in check.detail
 
 
+def test_server_binding_its_port_during_the_check_is_not_an_impostor(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server binds its port between the look at its processes and the look at the port
+    (a starting server does): it is the server, not a foreign holder."""
+    port = free_port()
+    with socket.socket() as mine:
+        real_listens = serversock._listens
+        looks: list[int] = []
+
+        def listens_after_first_look(pid: int, host: str, p: int) -> bool:
+            looks.append(pid)
+            if len(looks) == 1:  # the first look: not bound yet; bind now, as the server does
+                mine.bind(("127.0.0.1", port))
+                mine.listen()
+                return False
+            return real_listens(pid, host, p)
+
+        monkeypatch.setattr(serversock, "_listens", listens_after_first_look)
+        check = serversock.check_listener("127.0.0.1", port, [os.getpid()])
+        assert check.owned and check.impostor is None, check.detail
+
+
 def test_impostor_on_the_port_during_start_is_never_talked_to(
         make_daemon: MakeDaemon, tmp_path: Path,
         stopper: list[subprocess.Popen[bytes]]) -> None:

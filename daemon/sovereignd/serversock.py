@@ -125,11 +125,17 @@ class ListenerCheck:
 def check_listener(host: str, port: int, pids: Iterable[int]) -> ListenerCheck:
     """Whether the socket listening on host:port belongs to one of `pids` (the server's
     processes). Blocking (reads /proc); run it in a thread."""
+    pids = list(pids)
     for pid in pids:
         if _listens(pid, host, port):
             return ListenerCheck(True, f"pid {pid} listens on {host}:{port}")
     if port_free(host, port):
         return ListenerCheck(False, f"nothing listens on {host}:{port} yet")
+    # The server may have bound the port between the look above and port_free (a starting
+    # server does exactly that): look at its processes once more before calling it foreign.
+    for pid in pids:
+        if _listens(pid, host, port):
+            return ListenerCheck(True, f"pid {pid} listens on {host}:{port}")
     holder = holder_of(port)
     who = ", ".join(f"{k} {v}" for k, v in holder.items()) or "an account this daemon cannot see"
     return ListenerCheck(False, f"{host}:{port} is held by a process that is not the server "
