@@ -425,3 +425,57 @@ def test_baseline_names_the_signature_that_approves_the_weights(make_daemon: Mak
     res = run_cli("baseline", "--config", str(d.config_path))
     assert res.returncode == 1
     assert "was not made with the private key" in res.stderr
+
+
+def transferred(make_daemon: MakeDaemon) -> tuple[Daemon, Path, Path]:
+    """A model signed by its publisher and carried over with its signature beside it, on a
+    daemon that serves under a checksum manifest: (daemon, signature, manifest path)."""
+    d = make_daemon()
+    model_files(d.model)
+    private, _ = make_key(d.root, "publisher")
+    make_key(d.root, "other")
+    sig = d.root / "model.sig"
+    sign(d.model, private, sig)
+    target = d.root / "baseline" / "model.sha256"
+    d.cfg["integrity"] = {"manifest": str(target)}
+    d.write_config()
+    return d, sig, target
+
+
+def test_baseline_writes_the_manifest_from_a_verified_signature(
+        make_daemon: MakeDaemon) -> None:
+    """`baseline --from-signature`: the manifest holds exactly the signed digests, shasum -c
+    accepts it, and the daemon serves under it."""
+    d, sig, target = transferred(make_daemon)
+    res = run_cli("baseline", "--config", str(d.config_path), "--from-signature", str(sig),
+                  "--public-key", str(d.root / "publisher.pub"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"approved by the signature {sig}" in res.stdout
+    assert "EC P-256 key SHA256:" in res.stdout
+    signed_digests = signing.verify(sig, public_key=d.root / "publisher.pub").manifest.digests
+    lines = target.read_text().splitlines()
+    assert {ln.split("  ./", 1)[1]: ln.split("  ", 1)[0] for ln in lines} == dict(signed_digests)
+    check = subprocess.run(["sha256sum", "-c", str(target)], cwd=d.model, capture_output=True,
+                           text=True, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    d.start()
+    d.wait_state("READY")
+
+
+def test_baseline_from_signature_refuses_another_key_or_a_changed_folder_writing_nothing(
+        make_daemon: MakeDaemon) -> None:
+    d, sig, target = transferred(make_daemon)
+    base = ["baseline", "--config", str(d.config_path), "--from-signature", str(sig)]
+    res = run_cli(*base, "--public-key", str(d.root / "other.pub"))
+    assert res.returncode == 1
+    assert "was not made with the private key" in res.stderr
+    assert not target.exists()
+    changed = _flip(d.model)
+    res = run_cli(*base, "--public-key", str(d.root / "publisher.pub"))
+    assert res.returncode == 1
+    assert "the folder is not what it signs" in res.stderr
+    assert f"./{changed}" in res.stderr
+    assert not target.exists()
+    res = run_cli(*base)
+    assert res.returncode == 78
+    assert "needs exactly one of --public-key or --certificate-chain" in res.stderr

@@ -27,6 +27,16 @@ class Written:
 
 
 @dataclass(frozen=True)
+class SignatureSource:
+    """A model signature to take the weights manifest from (`baseline --from-signature`), with
+    the public key or certificate chain that must have made it."""
+
+    signature: Path
+    public_key: Path | None = None
+    certificate_chain: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
 class BaselineResult:
     """The files written, and notes for the operator (e.g. a pin to update)."""
 
@@ -55,19 +65,34 @@ def _targets(cfg: Config) -> tuple[Path | None, Path | None]:
     return cfg.integrity.manifest, frozen
 
 
-def write_baselines(cfg: Config, *, workers: int | None = None) -> BaselineResult:
+def write_baselines(cfg: Config, *, workers: int | None = None,
+                    from_signature: SignatureSource | None = None) -> BaselineResult:
     """Approve the current weights and software: write integrity.manifest, environment.frozen
     (with its .sha256 and the software manifest it approves) from server.model and
     server.venv, and daemon.software_manifest (+ .sha256) from the daemon's own venv.
 
+    With `from_signature`, integrity.manifest is written from the digests a verified model
+    signature approves, once the model folder has been hashed and found to be exactly what it
+    signs (the air-gapped transfer: signed on the connected machine, verified here, then
+    served under the manifest).
+
     Raises CheckFailed, writing nothing, if the model folder holds unsafe paths or corrupt
-    safetensors, or if installed files differ from their RECORD (environment.record_check).
+    safetensors, if installed files differ from their RECORD (environment.record_check), or
+    if the signature does not verify or does not cover the folder exactly; SignatureError for
+    an unreadable signature or key; ConfigError when integrity.manifest is not set for it.
     """
     manifest_path, frozen_path = _targets(cfg)
     threads = cfg.integrity.hash_workers if workers is None else workers
     notes: list[str] = []
     created = None
-    if manifest_path is not None:
+    if from_signature is not None:
+        if manifest_path is None:
+            raise ConfigError(str(cfg.source), [ConfigProblem(
+                "integrity.manifest", "must be set to write the weights manifest from a "
+                "signature (--from-signature)")])
+        created, note = _from_signature(cfg, from_signature, manifest_path, threads)
+        notes.append(note)
+    elif manifest_path is not None:
         created = manifest.create_manifest(cfg.server.model, manifest_path=manifest_path,
                                            allowed_roots=cfg.integrity.allowed_roots,
                                            workers=threads)
@@ -132,6 +157,34 @@ def write_baselines(cfg: Config, *, workers: int | None = None) -> BaselineResul
         written.append(Written(companion, manifest.file_sha256(companion),
                                f"shasum -a 256 of {path.name}"))
     return BaselineResult(written=tuple(written), notes=tuple(notes))
+
+
+def _from_signature(cfg: Config, source: SignatureSource, manifest_path: Path,
+                    workers: int) -> tuple[manifest.CreateResult, str]:
+    """The weights manifest a verified signature approves, after checking the folder is exactly
+    what it signs; and a note naming the signer."""
+    signed = signing.verify(source.signature, public_key=source.public_key,
+                            certificate_chain=source.certificate_chain)
+    model = cfg.server.model
+    result, bad = signing.check_folder(signed, model, signature=source.signature,
+                                       allowed_roots=cfg.integrity.allowed_roots,
+                                       workers=workers, exclude=manifest_path)
+    if bad:
+        shown = "\n".join(f"  {r.status} ./{r.path}" for r in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise CheckFailed(f"refusing to approve {model} from the signature {source.signature} "
+                          f"({signed.signer}): the folder is not what it signs:\n{shown}{more}")
+    approved = manifest.Manifest(digests=dict(signed.manifest.digests),
+                                 source=str(manifest_path))
+    left_out = [p for p in signed.ignored(model) if p.exists() and p != source.signature]
+    note = (f"weights: {len(approved)} files approved by the signature {source.signature} "
+            f"({signed.signer}); the folder was hashed and matches it")
+    if left_out:
+        note += ("; the signer left out " + ", ".join(str(p) for p in left_out[:5]) +
+                 ": the manifest does not list them, so move them out of the model folder "
+                 "or the daemon will report them as extra files")
+    return manifest.CreateResult(manifest=approved, bytes_hashed=result.bytes_hashed,
+                                 seconds=result.seconds), note
 
 
 def _software_what(m: software.SoftwareManifest) -> str:

@@ -18,7 +18,13 @@ import orjson
 from sovereignd import __version__, logverify, sealing
 from sovereignd import config as config_mod
 from sovereignd import keys as keys_mod
-from sovereignd.errors import CheckFailed, ConfigError, SovereigndError, UnsafeHost
+from sovereignd.errors import (
+    CheckFailed,
+    ConfigError,
+    ConfigProblem,
+    SovereigndError,
+    UnsafeHost,
+)
 
 EX_OK = 0
 EX_FAIL = 1
@@ -267,7 +273,15 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from sovereignd import baseline
 
-    result = baseline.write_baselines(cfg, workers=args.workers)
+    source = None
+    if args.from_signature is not None:
+        if (args.public_key is None) == (not args.certificate_chain):
+            raise ConfigError("command line", [ConfigProblem(
+                "--from-signature", "needs exactly one of --public-key or --certificate-chain "
+                "(the key or chain that must have made the signature)")])
+        source = baseline.SignatureSource(args.from_signature, args.public_key,
+                                          tuple(args.certificate_chain or ()))
+    result = baseline.write_baselines(cfg, workers=args.workers, from_signature=source)
     print(result.render())
     if args.accept:
         from sovereignd import control
@@ -291,6 +305,14 @@ def _add_baseline(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                         "and leaves QUARANTINED if everything matches (recorded as an event)")
     p.add_argument("--reason", default="operator accepted a new baseline",
                    help="recorded with --accept in the event log")
+    p.add_argument("--from-signature", type=Path, metavar="SIG",
+                   help="write integrity.manifest from the digests this model signature "
+                        "(OpenSSF model signing) approves, once it verifies and the model "
+                        "folder is exactly what it signs")
+    p.add_argument("--public-key", type=Path, metavar="PEM",
+                   help="with --from-signature: the signer's public key")
+    p.add_argument("--certificate-chain", type=Path, action="append", metavar="PEM",
+                   help="with --from-signature: the certificate chain (repeatable)")
     p.set_defaults(handler=_cmd_baseline)
 
 

@@ -297,18 +297,12 @@ def _check_signature(cfg: Config, report: Report) -> None:
     report.add(OK, "model signature", f"{i.signature}: signed by {signed.signer}, "
                f"{len(signed.manifest)} files")
     try:
-        result = manifest.verify_manifest(cfg.server.model, signed.manifest,
-                                          manifest_path=i.signature,
-                                          allowed_roots=i.allowed_roots,
-                                          workers=i.hash_workers,
-                                          ignore=signed.ignored(cfg.server.model))
+        result, bad = signing.check_folder(signed, cfg.server.model, signature=i.signature,
+                                           allowed_roots=i.allowed_roots,
+                                           workers=i.hash_workers)
     except SovereigndError as exc:
         report.add(FAIL, "signed weights", str(exc))
         return
-    bad = [r for r in result.results if r.status != manifest.Status.OK]
-    if not signed.allow_symlinks:
-        bad += [r for r in result.results if r.status == manifest.Status.OK
-                and r.path in signing.symlinked(cfg.server.model, [r.path])]
     if bad:
         shown = ", ".join(f"{r.status} {r.path}" for r in bad[:5])
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""

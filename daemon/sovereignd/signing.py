@@ -238,6 +238,27 @@ def symlinked(model_dir: Path, rels: list[str]) -> list[str]:
     return [rel for rel in rels if (model_dir / rel).is_symlink()]
 
 
+def check_folder(signed: SignedModel, model_dir: Path, *, signature: Path,
+                 allowed_roots: tuple[Path, ...] = (), workers: int = 0,
+                 exclude: Path | None = None,
+                 ) -> tuple[manifest.VerifyReport, list[manifest.FileResult]]:
+    """Hash `model_dir` against the signed digests: the report, and the files that are not
+    what the signature covers (changed, missing, extra, unsafe; symlinks unless the signer
+    allowed them). `exclude`: a file of ours in the folder (a manifest being written) that
+    is not counted as extra. Blocking: one hash of every file. Raises SovereigndError when
+    the folder cannot be read."""
+    result = manifest.verify_manifest(model_dir, signed.manifest,
+                                      manifest_path=exclude or signature,
+                                      allowed_roots=allowed_roots, workers=workers,
+                                      ignore=[*signed.ignored(model_dir), signature])
+    bad = [r for r in result.results if r.status != manifest.Status.OK]
+    if not signed.allow_symlinks:
+        links = set(symlinked(model_dir, [r.path for r in result.results
+                                          if r.status == manifest.Status.OK]))
+        bad += [r for r in result.results if r.path in links]
+    return result, bad
+
+
 def sign(model_dir: Path, private_key: Path, signature: Path) -> SignedModel:
     """Sign `model_dir` with a PEM EC private key, as `model_signing sign key` does (files
     method, SHA-256, the signature file and git files ignored), write the signature whole
