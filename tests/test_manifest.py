@@ -464,3 +464,27 @@ def test_file_vanishing_between_listing_and_hashing_is_missing(
     (problem,) = verify(approved).problems
     assert (problem.path, problem.status) == ("config.json", Status.MISSING)
     assert problem.detail == "disappeared during the check"
+
+
+def test_a_failed_check_whose_output_is_cut_never_exits_zero(tmp_path: Path) -> None:
+    """`sovereignd manifest verify ... | head`: the reader left before the verdict, so the
+    exit status is SIGPIPE's 141, never 0 (a tampered folder must not pass under pipefail)."""
+    from tests.helpers import cli_argv, cli_env
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for i in range(300):
+        (model / f"f{i:03}.bin").write_bytes(b"x" * 10)
+    created = run_cli("manifest", "create", str(model))
+    assert created.returncode == 0, created.stderr
+    (model / "f000.bin").write_bytes(b"changed")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run(cli_argv("manifest", "verify", str(model)), stdout=write,
+                               stderr=subprocess.PIPE, env=cli_env(), timeout=60,
+                               check=False)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141, proc.stderr
+    assert b"Traceback" not in proc.stderr

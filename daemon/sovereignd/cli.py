@@ -9,6 +9,8 @@ function below.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +31,7 @@ from sovereignd.errors import (
 EX_OK = 0
 EX_FAIL = 1
 EX_CONFIG = 78
+EX_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -759,8 +762,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # `sovereignd ... | head`: the reader left; nothing more to say.
-        return EX_OK
+        # `sovereignd ... | head`: the reader left before the verdict could be written, so
+        # the verdict is unknown to it: fail as a tool killed by SIGPIPE does (128 + 13), never
+        # 0 — a check whose output was cut must not read as passed under `set -o pipefail`.
+        # Python would flush stdout again at exit and complain: point it at /dev/null.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EX_BROKEN_PIPE
+    except OSError as exc:
+        # e.g. stdout on a full disk (ENOSPC): a sentence, not a traceback.
+        print(f"sovereignd: {exc.strerror or exc}"
+              + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return EX_FAIL
 
 
 if __name__ == "__main__":
