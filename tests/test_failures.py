@@ -198,3 +198,19 @@ def test_same_cause_ignores_pids_ports_and_addresses() -> None:
     b = "(APIServer pid=9001) ValueError: port 18014 at 0x7f99 busy"
     assert same_cause(a, b)
     assert not same_cause(a, "(APIServer pid=1) KeyError: port 1 at 0x1 busy")
+
+
+def test_a_killed_server_is_not_quoted_saying_what_it_was_doing() -> None:
+    """kill -9 while serving: the last access-log or INFO line is not the server's word on
+    its end, so no evidence is quoted; an exit with a status still quotes its last line, but
+    never an access-log line."""
+    lines = ["INFO 11-29 21:40:01 [loggers.py:123] Engine 000: Avg prompt throughput: 1.0",
+             'INFO:     127.0.0.1:50312 - "POST /v1/chat/completions HTTP/1.1" 200 OK']
+    patterns = BACKENDS["vllm"].patterns
+    killed = classify_exit(-9, lines, patterns, "serving")
+    assert killed.kind == "killed" and killed.evidence is None
+    assert "server said" not in killed.sentence()
+    exited = classify_exit(3, [*lines, "shutting down: bye"], patterns, "serving")
+    assert exited.evidence == "shutting down: bye"
+    only_access = classify_exit(3, lines[1:], patterns, "serving")
+    assert only_access.evidence is None

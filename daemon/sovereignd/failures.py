@@ -192,13 +192,21 @@ def explanatory_lines(lines: Sequence[str], n: int = EXPLANATION_LINES) -> list[
     return [quote(ln) for ln in found[-n:]]
 
 
-def decisive_line(lines: Sequence[str]) -> str | None:
+# An HTTP access-log line (uvicorn's `INFO: 127.0.0.1:5 - "POST /v1/... HTTP/1.1" 200 OK`):
+# what the server was doing, never why it ended.
+_ACCESS_LOG = re.compile(r'"(?:GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) \S+ HTTP/\d(?:\.\d)?"')
+
+
+def decisive_line(lines: Sequence[str], *, last_resort: bool = True) -> str | None:
     """The line that best says why the server exited: the last explanatory line that is not
-    a wrapper of an earlier cause, else the last explanatory line, else the last non-empty
-    line; quoted. None if the server printed nothing."""
+    a wrapper of an earlier cause, else the last explanatory line, else (with `last_resort`)
+    the last non-empty line that is not an HTTP access-log line; quoted. None if nothing
+    qualifies. A server killed by a signal said nothing about it: no last resort then."""
     found = [ln for ln in lines if _EXPLAINS.match(ln.rstrip())]
     causes = [ln for ln in found if not _WRAPPERS.search(ln)]
-    for group in (causes, found, [ln for ln in lines if ln.strip()]):
+    rest = [ln for ln in lines if ln.strip() and not _ACCESS_LOG.search(ln)] \
+        if last_resort else []
+    for group in (causes, found, rest):
         if group:
             return quote(group[-1])
     return None
@@ -255,7 +263,7 @@ def classify_exit(returncode: int, lines: Sequence[str],
         return Failure(kind=pat.kind, message=f"{pat.message} (server {how} while {phase})",
                        mitigation=pat.mitigation, deterministic=pat.deterministic_in(phase),
                        returncode=returncode, evidence=line, explanation=explanation)
-    evidence = decisive_line(lines)
+    evidence = decisive_line(lines, last_resort=returncode >= 0)
     if returncode == -signal.SIGKILL:
         return Failure(kind="killed", message=f"server {how} while {phase}",
                        mitigation="check the system log for the out-of-memory killer; lower "
