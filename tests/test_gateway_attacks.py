@@ -105,14 +105,16 @@ def test_forwarding_headers_and_cookies_do_not_cross(gw: tuple[Daemon, str]) -> 
     assert b"\r\nx-kept: yes" in back
 
 
-def expect_exchange(d: Daemon, path: str, key: str) -> tuple[bytes, bytes]:
-    """Send headers with `Expect: 100-continue`; the first answer, then (if invited) the final
-    one after the body."""
+def expect_exchange(d: Daemon, path: str, key: str,
+                    announced: int | None = None) -> tuple[bytes, bytes]:
+    """Send headers with `Expect: 100-continue` (and `announced` as Content-Length if given);
+    the first answer, then (if invited) the final one after the body."""
     body = json.dumps({"model": "m", "prompt": "hi", "max_tokens": 2}).encode()
+    length = len(body) if announced is None else announced
     with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:
         s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
                   "Content-Type: application/json\r\nExpect: 100-continue\r\nConnection: close"
-                  f"\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+                  f"\r\nContent-Length: {length}\r\n\r\n".encode())
         first = s.recv(65536)
         if not first.startswith(b"HTTP/1.1 100"):
             return first, b""
@@ -130,6 +132,8 @@ def test_100_continue_only_after_route_and_key_are_checked(gw: tuple[Daemon, str
     assert first.startswith(b"HTTP/1.1 401"), first[:100]
     first, _ = expect_exchange(d, "/invocations", key)
     assert first.startswith(b"HTTP/1.1 404"), first[:100]
+    first, _ = expect_exchange(d, "/v1/completions", key, announced=999_999_999)
+    assert first.startswith(b"HTTP/1.1 413"), first[:100]  # no invitation to a refused body
     first, rest = expect_exchange(d, "/v1/completions", key)
     assert first.startswith(b"HTTP/1.1 100 Continue"), first[:100]
     assert (first + rest).split(b"\r\n\r\n", 1)[1].startswith(b"HTTP/1.1 200"), rest[:200]

@@ -215,9 +215,10 @@ class Proxy:
         await self._upstream.close()
 
     async def _expect(self, request: web.Request) -> None:
-        """`Expect: 100-continue` (RFC 9110 10.1.1): invite the body only once route, method
-        and key are known good; otherwise say nothing, and the handler's refusal (404, 405,
-        401) is the final answer, recorded as usual, before the client sends its body."""
+        """`Expect: 100-continue` (RFC 9110 10.1.1): invite the body only once route, method,
+        key and announced size are known good; otherwise say nothing, and the handler's
+        refusal (404, 405, 401, 413) is the final answer, recorded as usual, before the
+        client sends its body."""
         if request.version != HttpVersion11:
             return
         raw = request.rel_url.raw_path
@@ -233,6 +234,9 @@ class Proxy:
         request["auth_outcome"] = outcome  # checked once: the handler reuses it
         if outcome.client is None:
             return
+        if request.content_length is not None and \
+                request.content_length > self.cfg.gateway.max_body:
+            return  # the handler's 413 is the answer: never invite a body it will refuse
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # as aiohttp's own handler: the response has not begun
 
