@@ -197,8 +197,8 @@ def render_status(st: dict[str, Any]) -> str:
     for name in ("integrity", "environment", "self", "requests"):
         if isinstance(st.get(name), dict):
             summary = st[name].get("summary") or st[name].get("result")
-            lines.append(f"{name + ':':<11}{summary}")
+            lines.append(f"{name + ':':<13}{summary}")
             if st[name].get("python"):
-                lines.append(f"{'':<11}interpreter {st[name]['python']}")
+                lines.append(f"{'':<13}interpreter {st[name]['python']}")
     lines.append(f"version:   sovereignd {st.get('version')} ({st.get('backend')})")
     return "\n".join(escape(line) for line in lines)  # reasons may quote server output

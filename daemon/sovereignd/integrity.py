@@ -365,7 +365,7 @@ class Guard:
             s["summary"] = self.reason()
         else:
             s["result"] = "ok"
-            s["summary"] = f"{self.what} match the approved baseline"
+            s["summary"] = f"{self.what}: as approved (every file matches the baseline)"
         s["drift"] = self.listed()
         s["policy"] = self.policy
         s.update(self.verified_fields())
