@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -17,6 +18,10 @@ pytestmark = pytest.mark.timeout(900)
 
 def test_demo_command_sets_up_serves_and_stops_cleanly(tmp_path: Path,
                                                        vllm_ready: object) -> None:
+    # The demo listens on the README's fixed address: another demo there would answer for it.
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", 8000)) != 0, \
+            "127.0.0.1:8000 is already in use (another demo running?): stop it first"
     demo = tmp_path / "demo"
     out = (tmp_path / "demo.out").open("wb")
     proc = subprocess.Popen([str(REPO / "ops" / "demo" / "run.sh"), "--dir", str(demo)],
