@@ -285,17 +285,22 @@ class Guard:
             async with self._lock:
                 await self._run_verify(None, low_priority=True, acting=True)
 
+    async def _reload(self) -> str | None:
+        """Re-read the baseline (in a thread); the fault, published, if it cannot be read."""
+        try:
+            await asyncio.to_thread(self.load)
+        except SovereigndError as exc:
+            self.fault = str(exc)
+            self._publish()
+            return self.fault
+        self.fault = None
+        return None
+
     async def recheck(self, reload: bool = False) -> None:
         """Verify everything now (an operator accepted a new baseline, or asked)."""
         async with self._lock:
-            if reload:
-                try:
-                    await asyncio.to_thread(self.load)
-                    self.fault = None
-                except SovereigndError as exc:
-                    self.fault = str(exc)
-                    self._publish()
-                    return
+            if reload and await self._reload() is not None:
+                return
             await self._run_verify(None, low_priority=False, acting=True)
             self._verified_once = True
 
@@ -401,14 +406,10 @@ class WeightsGuard(Guard):
         if self.cfg.integrity.signature is not None and self._verified_once:
             async with self._lock:
                 before = self.manifest_sha256
-                try:
-                    await asyncio.to_thread(self.load)
-                    self.fault = None
-                except SovereigndError as exc:
-                    self.fault = str(exc)
-                    self._publish()
+                fault = await self._reload()
+                if fault is not None:
                     self.events.emit(f"{self.name}_baseline_unreadable", level="error",
-                                     error=str(exc))
+                                     error=fault)
                     return self._blocked()
                 if self.manifest_sha256 != before:
                     await self._run_verify(None, low_priority=False, acting=False)
