@@ -100,7 +100,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
@@ -701,20 +701,27 @@ class RequestLog:
         `fields` may hold START_FIELDS (others are ignored: no content goes in a start).
         Raises RequestLogError if it cannot be written: the request should then be refused.
         """
+        now, rec = self._entry("start", fields, START_FIELDS)
+        seq = self._append(rec)
+        self._in_flight[seq] = {name: rec[name] for name in _CARRIED}
+        if self._size >= self.rotate_bytes:
+            self._rotate(now, "size")
+        return seq
+
+    def _entry(self, kind: str, fields: Mapping[str, Any],
+               names: Sequence[str]) -> tuple[float, dict[str, Any]]:
+        """The time and the new entry of `kind` with `names` taken from `fields` (missing ones
+        null), after any rotation or maintenance due; RequestLogError if the log is closed."""
         if self._fd is None:
             raise RequestLogError("the request log is not open")
         now = self._clock()
         if now >= self._next_check:
             self._due(now)
         get = fields.get
-        rec: dict[str, Any] = {"ts": self._ts.format(now), "seq": 0, "kind": "start"}
-        for name in START_FIELDS:
+        rec: dict[str, Any] = {"ts": self._ts.format(now), "seq": 0, "kind": kind}
+        for name in names:
             rec[name] = get(name)
-        seq = self._append(rec)
-        self._in_flight[seq] = {name: rec[name] for name in _CARRIED}
-        if self._size >= self.rotate_bytes:
-            self._rotate(now, "size")
-        return seq
+        return now, rec
 
     def record(self, fields: Mapping[str, Any]) -> int:
         """Append one request record and return its sequence number.
@@ -723,18 +730,10 @@ class RequestLog:
         `record_bodies`, BODY_FIELDS; any other key is a programming error (ValueError). Raises
         RequestLogError if the record cannot be written: the gateway should then stop serving.
         """
-        if self._fd is None:
-            raise RequestLogError("the request log is not open")
         unknown = fields.keys() - _ACCEPTED
         if unknown:
             raise ValueError(f"unknown request record field(s): {', '.join(sorted(unknown))}")
-        now = self._clock()
-        if now >= self._next_check:
-            self._due(now)
-        get = fields.get
-        rec: dict[str, Any] = {"ts": self._ts.format(now), "seq": 0, "kind": "request"}
-        for name in REQUEST_FIELDS:
-            rec[name] = get(name)
+        now, rec = self._entry("request", fields, REQUEST_FIELDS)
         if self.record_bodies != "none":
             self._add_bodies(rec, fields)
         seq = self._append(rec)
