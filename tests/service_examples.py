@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sovereignd import config, firewall, launchd, systemd
+from sovereignd import config
+from sovereignd.service import firewall, launchd, systemd
 from tests.helpers import REPO
 
 

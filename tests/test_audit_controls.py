@@ -19,10 +19,14 @@ from typing import Any
 import pytest
 import yaml
 
-from sovereignd import audit, auditevidence, cli, hostfacts, manifest, sealing, software
+from sovereignd import cli
 from sovereignd import config as config_mod
-from sovereignd import keys as keys_mod
-from sovereignd.logfiles import utc_timestamp
+from sovereignd.audit import evidence, report
+from sovereignd.gateway import keys as keys_mod
+from sovereignd.integrity import manifest, software
+from sovereignd.logs import sealing
+from sovereignd.logs.files import utc_timestamp
+from sovereignd.service import hostfacts
 from tests.reqlog_support import T0, Clock, Events, write
 
 try:
@@ -78,7 +82,7 @@ class Site:
         self.overrides: dict[str, Any] = {}
 
     def write_requests(self, count: int = 6) -> None:
-        from sovereignd.requestlog import RequestLog
+        from sovereignd.logs.requestlog import RequestLog
 
         log = RequestLog(self.logs, self.logs, clock=Clock(T0 + 5), emit=Events(),
                          compress=False)
@@ -140,9 +144,9 @@ class Site:
             for e in self.events:
                 f.write(json.dumps(e) + "\n")
 
-    def report(self, probe: hostfacts.HostProbe, **kw: Any) -> audit.AuditReport:
+    def report(self, probe: hostfacts.HostProbe, **kw: Any) -> report.AuditReport:
         self.finish()
-        return audit.build_report(self.config(), T0 - 3600, T0 + 3600,
+        return report.build_report(self.config(), T0 - 3600, T0 + 3600,
                                   verification_keys=[self.key], probe=probe, **kw)
 
 
@@ -194,7 +198,7 @@ def host(tmp_path: Path) -> FakeHost:
     return FakeHost(tmp_path / "host", UNIT, commands={"systemctl": (0, "active\n")})
 
 
-def verdicts(report: audit.AuditReport) -> dict[str, str]:
+def verdicts(report: report.AuditReport) -> dict[str, str]:
     return {c.id: c.verdict for c in report.controls}
 
 
@@ -421,13 +425,13 @@ def test_installed_systemd_unit_is_recognised(tmp_path: Path) -> None:
 
 
 def test_dates_accept_iso_forms_in_utc() -> None:
-    parse = auditevidence.parse_date
+    parse = evidence.parse_date
     assert parse("2026-11-22", "--since") == 1795305600.0
     assert parse("2026-11-22", "--until", end_of_day=True) == 1795305600.0 + 86400
     assert parse("2026-11-22T02:11Z", "--since") == 1795313460.0
     assert parse("2026-11-22 03:11:00+01:00", "--since") == 1795313460.0
     assert parse("2026-11-22T02:11:00", "--since") == 1795313460.0
-    with pytest.raises(auditevidence.AuditError, match="--since 'yesterday' is not a date"):
+    with pytest.raises(evidence.AuditError, match="--since 'yesterday' is not a date"):
         parse("yesterday", "--since")
 
 
@@ -440,10 +444,10 @@ def test_secret_looking_server_env_is_shown_as_a_fingerprint(site: Site,
     assert rows["OMP_THREADS"] == "4"
     assert rows["HF_TOKEN"].startswith("sha256:") and "verysecret" not in rows["HF_TOKEN"]
     assert secrets.verdict == "WARN"
-    from sovereignd import auditrender
+    from sovereignd.audit import render
 
-    for fmt in auditrender.FORMATS:
-        assert "hf_verysecretvalue" not in auditrender.render(report, fmt)
+    for fmt in render.FORMATS:
+        assert "hf_verysecretvalue" not in render.render(report, fmt)
 
 
 def test_events_rotated_away_before_the_period_are_a_warning(site: Site,
@@ -515,7 +519,7 @@ def test_software_manifests_owned_by_the_service_account_fail_posture(
 
 def _crashed_run(site: Site, *, starts: int, ended: int) -> None:
     """A writer run killed with `starts` requests accepted and `ended` of them recorded."""
-    from sovereignd.requestlog import RequestLog
+    from sovereignd.logs.requestlog import RequestLog
     from tests.reqlog_support import crash, request
 
     log = RequestLog(site.logs, site.logs, clock=Clock(T0 + 40), emit=Events(),
@@ -552,7 +556,7 @@ def test_requests_in_flight_at_a_crash_are_listed_as_incomplete_and_pass(
 def test_an_unclean_stop_that_could_have_lost_an_answered_record_fails(
         site: Site, host: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run that wrote records after its answers (format 1) and was killed: FAIL."""
-    from sovereignd import requestlog
+    from sovereignd.logs import requestlog
 
     monkeypatch.setattr(requestlog, "FORMAT", 1)
     _crashed_run(site, starts=0, ended=0)

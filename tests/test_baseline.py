@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sovereignd import environment, manifest
+from sovereignd.integrity import environment, manifest
 from tests.helpers import run_cli
 from tests.modeldirs import make_model
 from tests.venvtools import PyEnv, site_packages
@@ -108,8 +108,8 @@ def test_nothing_to_baseline_is_a_configuration_error(tmp_path: Path) -> None:
 
 
 def test_baseline_library_call_returns_what_it_wrote(setup: tuple[Path, Path, Path]) -> None:
-    from sovereignd import baseline
     from sovereignd import config as config_mod
+    from sovereignd.integrity import baseline
 
     cfg = config_mod.load(setup[0])
     result = baseline.write_baselines(cfg, workers=1)

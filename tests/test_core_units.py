@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from sovereignd import config
-from sovereignd.backends import BACKENDS, Backend
-from sovereignd.eventlog import EventLog
-from sovereignd.failures import classify_exit, describe_exit
-from sovereignd.logfiles import RotatingFile, rotated_files
-from sovereignd.metrics import Metrics
-from sovereignd.serverlog import ServerOutput
-from sovereignd.states import TRANSITIONS, State, TransitionError, check_transition
-from sovereignd.supervisor import Supervisor
+from sovereignd.backends.profiles import BACKENDS, Backend
+from sovereignd.gateway.metrics import Metrics
+from sovereignd.logs.eventlog import EventLog
+from sovereignd.logs.files import RotatingFile, rotated_files
+from sovereignd.logs.serveroutput import ServerOutput
+from sovereignd.process.failures import classify_exit, describe_exit
+from sovereignd.supervision.states import TRANSITIONS, State, TransitionError, check_transition
+from sovereignd.supervision.supervisor import Supervisor
 
 
 def test_rotating_file_rotates_by_size_and_keeps_a_bounded_number(tmp_path: Path) -> None:

@@ -93,8 +93,8 @@ def test_idle_connection_flood_under_256_descriptors_leaves_supervision_intact(
 ACCEPTOR = textwrap.dedent("""
     import asyncio, json, resource, socket, sys
     import uvloop
-    from sovereignd.listener import Listener
-    from sovereignd.summary import Summarised
+    from sovereignd.gateway.listener import Listener
+    from sovereignd.logs.summary import Summarised
 
     def emit(name, **fields):
         print(json.dumps({"event": name, **fields}), flush=True)

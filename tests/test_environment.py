@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from sovereignd import environment
-from sovereignd.environment import Pin
 from sovereignd.errors import CheckFailed, FrozenFileError
+from sovereignd.integrity import environment
+from sovereignd.integrity.environment import Pin
 from tests.helpers import run_cli
 from tests.venvtools import PyEnv, pip, site_packages
 

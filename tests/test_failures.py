@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from sovereignd.backends import BACKENDS
-from sovereignd.failures import EVIDENCE_CHARS, classify_exit, redact_text, same_cause
-from sovereignd.supervisor import CLASSIFY_LINES
+from sovereignd.backends.profiles import BACKENDS
+from sovereignd.process.failures import EVIDENCE_CHARS, classify_exit, redact_text, same_cause
+from sovereignd.supervision.supervisor import CLASSIFY_LINES
 
 DATA = Path(__file__).parent / "data" / "server_messages"
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sovereignd import config, firewall
+from sovereignd import config
+from sovereignd.service import firewall
 from tests.accounts import SystemUser, as_user, require_root, system_user
 from tests.harness import free_port
 from tests.helpers import run_cli

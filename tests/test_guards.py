@@ -23,7 +23,8 @@ import psutil
 import pytest
 import yaml
 
-from sovereignd import config, guards
+from sovereignd import config
+from sovereignd.service import guardrails
 from tests.accounts import (
     SystemUser,
     as_user,
@@ -62,16 +63,16 @@ def protected(tmp_path: Path) -> tuple[Path, config.Config]:
     return base, config.load(path)
 
 
-SVC = guards.Account("svc", 4242, frozenset({4242, 0}))  # in group 0, like a careless setup
+SVC = guardrails.Account("svc", 4242, frozenset({4242, 0}))  # in group 0, like a careless setup
 
 
 def test_protected_files_writable_through_a_group_or_by_all_are_refused(
         protected: tuple[Path, config.Config]) -> None:
     base, cfg = protected
-    assert guards.check_protected(cfg, SVC) == []
+    assert guardrails.check_protected(cfg, SVC) == []
     (base / "baseline" / "model.sha256").chmod(0o664)   # group 0, which svc is in
     (base / "baseline").chmod(0o757)                     # anyone may replace files in it
-    problems = {p.path: p for p in guards.check_protected(cfg, SVC)}
+    problems = {p.path: p for p in guardrails.check_protected(cfg, SVC)}
     manifest = problems[str(base / "baseline" / "model.sha256")]
     assert "integrity manifest is writable by group root, which svc is in" in manifest.message
     assert "mode 0664" in manifest.message and manifest.fix.startswith("chmod g-w ")
@@ -88,7 +89,7 @@ def test_a_sticky_folder_is_safe_only_for_entries_the_account_does_not_own(
     cfg_path = write_config(sticky / "etc" / "sovereignd.yaml", {
         "server": {"model": str(tmp_path)}, "logs": {"dir": str(tmp_path / "logs")},
         "integrity": {"manifest": str(sticky / "missing.sha256")}})
-    problems = guards.check_protected(config.load(cfg_path), SVC)
+    problems = guardrails.check_protected(config.load(cfg_path), SVC)
     # etc/ exists and is root's: safe; the manifest does not exist: svc could create it.
     assert [p.path for p in problems] == [str(sticky)]
     assert "integrity manifest" in problems[0].message
@@ -99,16 +100,16 @@ def test_log_folder_open_to_others_and_root_without_the_switch_are_refused(
     base, cfg = protected
     (base / "logs").mkdir(mode=0o755)
     (base / "logs").chmod(0o755)
-    [logs] = guards.check_logs(cfg)
+    [logs] = guardrails.check_logs(cfg)
     assert "open to every account (mode 0755)" in logs.message
     assert logs.fix == f"chmod o-rwx {base / 'logs'}"
-    root = guards.Account("root", 0, frozenset({0}))
-    [who] = guards.check_identity(cfg, root, allow_root=False)
+    root = guardrails.Account("root", 0, frozenset({0}))
+    [who] = guardrails.check_identity(cfg, root, allow_root=False)
     assert "running as root" in who.message and "--allow-root" in who.fix
-    assert guards.check_identity(cfg, root, allow_root=True) == []
+    assert guardrails.check_identity(cfg, root, allow_root=True) == []
     named = config.loads(cfg.source.read_bytes() + b"daemon: {user: _sovereignd}\n",
                          cfg.source)
-    [other] = guards.check_identity(named, guards.Account("bob", 1000, frozenset()), False)
+    [other] = guardrails.check_identity(named, guardrails.Account("bob", 1000, frozenset()), False)
     assert "daemon.user is _sovereignd, but the daemon runs as bob" in other.message
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sovereignd import hashing
+from sovereignd.integrity import hashing
 
 
 def _files(tmp_path: Path) -> dict[Path, bytes]:

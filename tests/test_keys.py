@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from sovereignd import keys
-from sovereignd.keys import KeysFileError, KeyStore
+from sovereignd.gateway import keys
+from sovereignd.gateway.keys import KeysFileError, KeyStore
 from tests.helpers import run_cli
 
 KEY_RE = re.compile(r"^sk-sov-[A-Za-z0-9_-]{43}$")

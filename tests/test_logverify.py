@@ -9,9 +9,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sovereignd import logverify, sealing
-from sovereignd.eventlog import EventLog
-from sovereignd.logverify import (
+from sovereignd.logs import sealing, verify
+from sovereignd.logs.eventlog import EventLog
+from sovereignd.logs.requestlog import LEDGER_NAME, LIVE_NAME, compress_file, list_segments
+from sovereignd.logs.verify import (
     DELETED,
     EDITED,
     INSERTED,
@@ -23,7 +24,6 @@ from sovereignd.logverify import (
     VerifyResult,
     verify_logs,
 )
-from sovereignd.requestlog import LEDGER_NAME, LIVE_NAME, compress_file, list_segments
 from tests.helpers import run_cli
 from tests.reqlog_support import Site, write
 
@@ -290,8 +290,8 @@ def test_a_rotation_or_compression_during_verification_is_not_a_break(
     listed = list_segments(site.logs)
     compress_file(listed[1].path)
     stale = iter([listed[:-1]])  # the first listing predates the newest rotation
-    real = logverify.list_segments
-    monkeypatch.setattr(logverify, "list_segments", lambda d: next(stale, None) or real(d))
+    real = verify.list_segments
+    monkeypatch.setattr(verify, "list_segments", lambda d: next(stale, None) or real(d))
     result = check(site)
     assert result.ok, result.broken
     assert result.files == len(listed) + 1

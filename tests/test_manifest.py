@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from sovereignd import manifest
 from sovereignd.errors import CheckFailed, ManifestError
-from sovereignd.manifest import Status
+from sovereignd.integrity import manifest
+from sovereignd.integrity.manifest import Status
 from tests.helpers import run_cli
 from tests.modeldirs import WEIGHTS, make_hf_cache, make_model
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sovereignd import memory as m
+from sovereignd.backends import memory as m
 from tests.harness import Daemon
 from tests.helpers import REPO, run_cli
 

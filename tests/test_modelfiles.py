@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sovereignd import config, memory, modelfiles
-from sovereignd.backends import for_config
+from sovereignd import config
+from sovereignd.backends import memory, modelfiles
+from sovereignd.backends.profiles import for_config
 from sovereignd.errors import ConfigError
 from tests.helpers import run_cli
 from tests.modeldirs import make_hf_cache, make_model

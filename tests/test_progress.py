@@ -9,9 +9,9 @@ import signal
 import subprocess
 import sys
 
-from sovereignd import procs
-from sovereignd.exitwatch import ExitWatch
-from sovereignd.progress import ProgressWatch, ServerCounters, Verdict, parse_counters
+from sovereignd.process import system
+from sovereignd.process.exitwatch import ExitWatch
+from sovereignd.process.progress import ProgressWatch, ServerCounters, Verdict, parse_counters
 
 VLLM_TEXT = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -100,12 +100,12 @@ def test_exit_watch_reports_the_death_of_a_process_that_is_not_our_child() -> No
     pid = int(out.stdout)
 
     async def scenario() -> list[int]:
-        ident = procs.identify(pid)
+        ident = system.identify(pid)
         assert ident is not None
         died: list[int] = []
         done = asyncio.Event()
 
-        def on_exit(i: procs.ProcessId) -> None:
+        def on_exit(i: system.ProcessId) -> None:
             died.append(i.pid)
             done.set()
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from sovereignd import config, recordspace
-from sovereignd.logverify import verify_logs
-from sovereignd.requestlog import list_segments, read_ledger
+from sovereignd import config
+from sovereignd.logs import recordspace
+from sovereignd.logs.requestlog import list_segments, read_ledger
+from sovereignd.logs.verify import verify_logs
 from tests.reqlog_support import Site, write
 
 

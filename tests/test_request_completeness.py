@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from sovereignd import requestlog
-from sovereignd.logverify import verify_logs
-from sovereignd.requestlog import RequestLog, RequestLogError, iter_records, maintain
+from sovereignd.logs import requestlog
+from sovereignd.logs.requestlog import RequestLog, RequestLogError, iter_records, maintain
+from sovereignd.logs.verify import verify_logs
 from tests.reqlog_support import Clock, Events, Site, crash, request
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from sovereignd.logverify import verify_logs
+from sovereignd.logs.verify import verify_logs
 from tests.crashload import account, load_then_kill, opens, verify_with_key, wait_log_reopened
 from tests.harness import Daemon
 from tests.helpers import run_cli
@@ -73,7 +73,7 @@ def test_sigkill_under_load_leaves_every_answer_recorded_and_every_start_closed(
 
 
 def _find(d: Daemon, kind: str, rid: str) -> dict[str, Any] | None:
-    from sovereignd.requestlog import iter_records
+    from sovereignd.logs.requestlog import iter_records
 
     return next((r for r in iter_records(d.logs, kinds=(kind,)) if r["id"] == rid), None)
 

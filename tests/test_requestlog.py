@@ -12,9 +12,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sovereignd import sealing
-from sovereignd.logverify import TRUNCATED, UNSEALED, verify_logs
-from sovereignd.requestlog import (
+from sovereignd.logs import sealing
+from sovereignd.logs.requestlog import (
     LEDGER_NAME,
     REQUEST_FIELDS,
     RequestLog,
@@ -24,6 +23,7 @@ from sovereignd.requestlog import (
     maintain,
     read_ledger,
 )
+from sovereignd.logs.verify import TRUNCATED, UNSEALED, verify_logs
 from tests.reqlog_support import Clock, Events, Site, request, write
 
 

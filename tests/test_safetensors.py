@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from sovereignd import weights
 from sovereignd.errors import WeightsError
+from sovereignd.integrity import safetensors
 
 
 def real_file(path: Path) -> Path:
@@ -30,7 +30,7 @@ def crafted(path: Path, header: Any, data: bytes, pad: bytes = b"") -> Path:
 
 
 def test_a_file_written_by_safetensors_passes(tmp_path: Path) -> None:
-    info = weights.check_safetensors(real_file(tmp_path / "m.safetensors"))
+    info = safetensors.check_safetensors(real_file(tmp_path / "m.safetensors"))
     assert info.tensors == 4
     assert info.data_bytes == 24 + 5 + 0 + 3
     assert info.unknown_dtypes == ()
@@ -38,7 +38,7 @@ def test_a_file_written_by_safetensors_passes(tmp_path: Path) -> None:
 
 def _reason(path: Path) -> str:
     with pytest.raises(WeightsError) as caught:
-        weights.check_safetensors(path)
+        safetensors.check_safetensors(path)
     assert str(path) in str(caught.value)
     return caught.value.reason
 
@@ -129,14 +129,14 @@ def test_malformed_tensor_entries(tmp_path: Path, entry: Any, message: str) -> N
 def test_unknown_dtype_is_tolerated_but_offsets_still_checked(tmp_path: Path) -> None:
     header = {"t": {"dtype": "F3_FUTURE", "shape": [3], "data_offsets": [0, 2]},
               "__metadata__": {"k": "v"}}
-    info = weights.check_safetensors(crafted(tmp_path / "m.safetensors", header, b"\0\0",
+    info = safetensors.check_safetensors(crafted(tmp_path / "m.safetensors", header, b"\0\0",
                                              pad=b"   "))
     assert info.unknown_dtypes == ("F3_FUTURE",)
 
 
 def test_sub_byte_dtypes_are_sized_in_bits(tmp_path: Path) -> None:
     header = {"t": {"dtype": "F4", "shape": [2, 3], "data_offsets": [0, 3]}}
-    assert weights.check_safetensors(crafted(tmp_path / "m.safetensors", header, b"\0" * 3))
+    assert safetensors.check_safetensors(crafted(tmp_path / "m.safetensors", header, b"\0" * 3))
 
 
 def test_check_safetensors_files_checks_only_safetensors(tmp_path: Path) -> None:
@@ -144,7 +144,8 @@ def test_check_safetensors_files_checks_only_safetensors(tmp_path: Path) -> None
     bad = real_file(tmp_path / "bad.safetensors")
     bad.write_bytes(bad.read_bytes()[:-1])
     (tmp_path / "config.json").write_text("{")
-    problems = weights.check_safetensors_files({"good.safetensors": good, "bad.safetensors": bad,
-                                                "config.json": tmp_path / "config.json"})
+    problems = safetensors.check_safetensors_files({"good.safetensors": good,
+                                                    "bad.safetensors": bad,
+                                                    "config.json": tmp_path / "config.json"})
     assert list(problems) == ["bad.safetensors"]
     assert problems["bad.safetensors"].reason.startswith("truncated")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sovereignd import serversock
+from sovereignd.process import serversocket
 from tests.accounts import as_user, require_root, shared_dir, system_user
 from tests.harness import Daemon, free_port
 from tests.helpers import wait_for
@@ -73,22 +73,22 @@ def stopper() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 def test_socket_folder_is_made_private_and_a_stale_socket_removed(tmp_path: Path) -> None:
     path = tmp_path / "srv" / "server.sock"
-    serversock.prepare_uds(path)
+    serversocket.prepare_uds(path)
     assert (path.parent.stat().st_mode & 0o777) == 0o700
     path.parent.chmod(0o755)
     with socket.socket(socket.AF_UNIX) as stale:
         stale.bind(str(path))
-    serversock.prepare_uds(path)
+    serversocket.prepare_uds(path)
     assert (path.parent.stat().st_mode & 0o777) == 0o700 and not path.exists()
 
 
 def test_socket_folder_that_is_a_symlink_or_too_long_is_refused(tmp_path: Path) -> None:
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "srv").symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(serversock.SocketDirError, match="not a folder"):
-        serversock.prepare_uds(tmp_path / "srv" / "server.sock")
-    with pytest.raises(serversock.SocketDirError, match=r"shorter daemon\.state_dir"):
-        serversock.prepare_uds(tmp_path / ("x" * 120) / "server.sock")
+    with pytest.raises(serversocket.SocketDirError, match="not a folder"):
+        serversocket.prepare_uds(tmp_path / "srv" / "server.sock")
+    with pytest.raises(serversocket.SocketDirError, match=r"shorter daemon\.state_dir"):
+        serversocket.prepare_uds(tmp_path / ("x" * 120) / "server.sock")
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_private_tmp_is_made_private_and_emptied_before_each_start(
     """vLLM's ZMQ IPC sockets and rendezvous files a previous server left go; a link inside
     is removed, never followed; a folder too long for the IPC socket names is refused."""
     tmp = short_dir / "srv" / "tmp"
-    serversock.prepare_private_tmp(tmp)
+    serversocket.prepare_private_tmp(tmp)
     assert (tmp.stat().st_mode & 0o777) == (tmp.parent.stat().st_mode & 0o777) == 0o700
     outside = tmp_path / "keep"
     outside.mkdir()
@@ -115,25 +115,25 @@ def test_private_tmp_is_made_private_and_emptied_before_each_start(
     with socket.socket(socket.AF_UNIX) as ipc:
         ipc.bind(str(tmp / "8ff13e6c-eee8-4c44-bf15-1678d452c099"))
     tmp.chmod(0o755)
-    serversock.prepare_private_tmp(tmp)
+    serversocket.prepare_private_tmp(tmp)
     assert list(tmp.iterdir()) == [] and (tmp.stat().st_mode & 0o777) == 0o700
     assert (outside / "precious").read_text() == "x"
-    with pytest.raises(serversock.SocketDirError, match=r"shorter daemon\.state_dir"):
-        serversock.prepare_private_tmp(tmp_path / ("x" * 70) / "tmp")
+    with pytest.raises(serversocket.SocketDirError, match=r"shorter daemon\.state_dir"):
+        serversocket.prepare_private_tmp(tmp_path / ("x" * 70) / "tmp")
 
 
 def test_listener_is_owned_only_by_the_process_holding_it(
         tmp_path: Path, stopper: list[subprocess.Popen[bytes]]) -> None:
     port = free_port()
-    assert serversock.check_listener("127.0.0.1", port, [os.getpid()]).impostor is None
+    assert serversocket.check_listener("127.0.0.1", port, [os.getpid()]).impostor is None
     with socket.socket() as mine:
         mine.bind(("127.0.0.1", port))
         mine.listen()
-        assert serversock.check_listener("127.0.0.1", port, [os.getpid()]).owned
+        assert serversocket.check_listener("127.0.0.1", port, [os.getpid()]).owned
     other = free_port()
     proc = start_impostor(other, tmp_path / "got")
     stopper.append(proc)
-    check = serversock.check_listener("127.0.0.1", other, [os.getpid()])
+    check = serversocket.check_listener("127.0.0.1", other, [os.getpid()])
     assert not check.owned and check.impostor == {"uid": os.getuid(), "pid": proc.pid,
                                                   "name": Path(sys.executable).name}
     assert f"pid {proc.pid}" in check.detail
@@ -145,7 +145,7 @@ def test_server_binding_its_port_during_the_check_is_not_an_impostor(
     (a starting server does): it is the server, not a foreign holder."""
     port = free_port()
     with socket.socket() as mine:
-        real_listens = serversock._listens
+        real_listens = serversocket._listens
         looks: list[int] = []
 
         def listens_after_first_look(pid: int, host: str, p: int) -> bool:
@@ -156,8 +156,8 @@ def test_server_binding_its_port_during_the_check_is_not_an_impostor(
                 return False
             return real_listens(pid, host, p)
 
-        monkeypatch.setattr(serversock, "_listens", listens_after_first_look)
-        check = serversock.check_listener("127.0.0.1", port, [os.getpid()])
+        monkeypatch.setattr(serversocket, "_listens", listens_after_first_look)
+        check = serversocket.check_listener("127.0.0.1", port, [os.getpid()])
         assert check.owned and check.impostor is None, check.detail
 
 

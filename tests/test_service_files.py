@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from sovereignd import config, launchd, service, systemd
+from sovereignd import config
+from sovereignd.service import launchd, spec, systemd
 from tests.helpers import REPO, run_cli
 from tests.service_examples import LINUX, MACOS, render_examples
 
@@ -115,7 +116,7 @@ def test_plist_parses_and_every_key_has_the_type_launchd_requires(cfg: config.Co
 def test_exit_timeout_outlasts_the_daemons_own_stop(cfg: config.Config, tmp_path: Path) -> None:
     _, plist = render_plist(cfg, tmp_path / "home")
     assert plist["ExitTimeOut"] > cfg.server.stop_grace + cfg.server.drain
-    assert plist["ExitTimeOut"] == service.stop_timeout(cfg) == 40 + 25 + 15
+    assert plist["ExitTimeOut"] == spec.stop_timeout(cfg) == 40 + 25 + 15
 
 
 def test_no_secret_and_no_kernel_wide_limits_in_the_plist(cfg: config.Config,
@@ -274,8 +275,8 @@ def test_unit_runs_as_the_account_in_a_sandbox_with_matching_stop_timeout(
     assert d["ExecStart"] == [f"{program} run --config /etc/sovereignd/sovereignd.yaml"]
     assert d["Restart"] == ["on-failure"] and d["RestartPreventExitStatus"] == ["78"]
     assert d["KillMode"] == ["control-group"]
-    assert d["TimeoutStopSec"] == [f"{service.stop_timeout(cfg)}s"]
-    assert service.stop_timeout(cfg) > cfg.server.stop_grace + cfg.server.drain
+    assert d["TimeoutStopSec"] == [f"{spec.stop_timeout(cfg)}s"]
+    assert spec.stop_timeout(cfg) > cfg.server.stop_grace + cfg.server.drain
     assert d["ReadWritePaths"] == ["/var/log/sovereignd /var/lib/sovereignd"]
     for key, value in (("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"),
                        ("ProtectHome", "yes"), ("PrivateTmp", "yes"), ("IPAddressDeny", "any"),

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from sovereignd import signing
+from sovereignd.integrity import signing
 from tests.harness import Daemon
 from tests.helpers import run_cli, wait_for
 from tests.signing_support import MODEL_SIGNING, edit_payload, make_key, sign

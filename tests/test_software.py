@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from sovereignd import environment, software
 from sovereignd.errors import ManifestError
+from sovereignd.integrity import environment, software
 from tests.harness import Daemon
 from tests.helpers import DAEMON_SRC, cli_env, run_cli, wait_for
 from tests.venvtools import PyEnv, make_wheel, pip, site_packages

@@ -11,8 +11,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from sovereignd.backends import BACKENDS
-from sovereignd.serverlog import ServerOutput
+from sovereignd.backends.profiles import BACKENDS
+from sovereignd.logs.serveroutput import ServerOutput
 from tests.harness import Daemon
 from tests.helpers import wait_for
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from sovereignd import upgrade
+from sovereignd.service import upgrade
 from tests.harness import FAKE, Daemon
 from tests.helpers import run_cli
 

@@ -16,7 +16,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from sovereignd.upstream import (
+from sovereignd.http.upstream import (
     Target,
     UpstreamClient,
     UpstreamConnectError,

@@ -13,11 +13,11 @@ from typing import Any, cast
 
 from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, InotifyFD
 
-from sovereignd import integrity
 from sovereignd.config import Config
-from sovereignd.eventlog import EventLog
-from sovereignd.liblog import route_library_logs
-from sovereignd.supervisor import Supervisor
+from sovereignd.integrity import monitor
+from sovereignd.logs.eventlog import EventLog
+from sovereignd.logs.libraries import route_library_logs
+from sovereignd.supervision.supervisor import Supervisor
 
 
 class _Sup:
@@ -34,7 +34,7 @@ class _Sup:
         pass
 
 
-class CountingGuard(integrity.Guard):
+class CountingGuard(monitor.Guard):
     """A guard over one folder whose verification only records what it was asked."""
 
     name = "probe"
@@ -132,7 +132,7 @@ def test_an_overflow_burst_ends_in_one_full_reverification(tmp_path: Path) -> No
                 if len(guard.calls) > 1:
                     break
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(integrity.OVERFLOW_SETTLE + 0.5)
+            await asyncio.sleep(monitor.OVERFLOW_SETTLE + 0.5)
             assert guard.calls == [None, None]
             assert guard.overflows == 5
         finally:

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import orjson
 
-from sovereignd import __version__, logverify, sealing
+from sovereignd import __version__
 from sovereignd import config as config_mod
-from sovereignd import keys as keys_mod
 from sovereignd.errors import (
     CheckFailed,
     ConfigError,
@@ -27,6 +26,8 @@ from sovereignd.errors import (
     SovereigndError,
     UnsafeHost,
 )
+from sovereignd.gateway import keys as keys_mod
+from sovereignd.logs import sealing, verify
 
 EX_OK = 0
 EX_FAIL = 1
@@ -50,9 +51,9 @@ def _load(args: argparse.Namespace) -> config_mod.Config:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from sovereignd import preflight
+    from sovereignd.service import check
 
-    report = preflight.run_checks(cfg)
+    report = check.run_checks(cfg)
     print(report.render())
     return EX_OK if report.ok else EX_FAIL
 
@@ -96,7 +97,7 @@ def _workers(args: argparse.Namespace) -> int:
 
 
 def _cmd_manifest_create(args: argparse.Namespace) -> int:
-    from sovereignd import manifest
+    from sovereignd.integrity import manifest
     from sovereignd.units import human_rate, human_size
 
     out: Path = args.output or args.model_dir / manifest.DEFAULT_NAME
@@ -110,7 +111,7 @@ def _cmd_manifest_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_manifest_verify(args: argparse.Namespace) -> int:
-    from sovereignd import manifest
+    from sovereignd.integrity import manifest
 
     path: Path = args.manifest or args.model_dir / manifest.DEFAULT_NAME
     approved = manifest.read_manifest(path)
@@ -127,7 +128,7 @@ def _cmd_manifest_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_sign(args: argparse.Namespace) -> int:
-    from sovereignd import signing
+    from sovereignd.integrity import signing
 
     out: Path = args.signature or args.model_dir / "model.sig"
     signed = signing.sign(args.model_dir, args.private_key, out)
@@ -196,7 +197,7 @@ def _env_targets(args: argparse.Namespace) -> tuple[Path, Path | None, bool, int
 
 
 def _cmd_env_verify(args: argparse.Namespace) -> int:
-    from sovereignd import environment, software
+    from sovereignd.integrity import environment, software
 
     if args.self:
         cfg = _load(args)
@@ -241,7 +242,7 @@ def _cmd_env_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_env_freeze(args: argparse.Namespace) -> int:
-    from sovereignd import environment
+    from sovereignd.integrity import environment
 
     sys.stdout.write(environment.freeze(args.venv, all=args.all))
     return EX_OK
@@ -274,7 +275,7 @@ def _add_env(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _cmd_baseline(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from sovereignd import baseline
+    from sovereignd.integrity import baseline
 
     source = None
     if args.from_signature is not None:
@@ -287,7 +288,7 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     result = baseline.write_baselines(cfg, workers=args.workers, from_signature=source)
     print(result.render())
     if args.accept:
-        from sovereignd import control
+        from sovereignd.gateway import control
 
         if cfg.control_socket.exists():
             print(control.request(cfg, "baseline-accepted", reason=args.reason))
@@ -331,7 +332,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from sovereignd import control
+    from sovereignd.gateway import control
 
     status = control.fetch_status(cfg)
     if args.json:
@@ -343,7 +344,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_restart(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from sovereignd import control
+    from sovereignd.gateway import control
 
     print(control.request(cfg, "restart", reason=args.reason))
     return EX_OK
@@ -394,7 +395,7 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_launchd(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from sovereignd import launchd
+    from sovereignd.service import launchd
 
     spec = launchd.service_spec(cfg, args.program, args.user, args.group, args.home)
     if args.launchd_cmd == "newsyslog":
@@ -406,7 +407,7 @@ def _cmd_launchd(args: argparse.Namespace) -> int:
 
 def _cmd_systemd(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from sovereignd import systemd
+    from sovereignd.service import systemd
 
     spec = systemd.service_spec(cfg, args.program, args.user, args.group, args.home)
     _emit(systemd.render(cfg, spec).encode(), args.output)
@@ -415,7 +416,7 @@ def _cmd_systemd(args: argparse.Namespace) -> int:
 
 def _cmd_firewall(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from sovereignd import firewall, launchd, systemd
+    from sovereignd.service import firewall, launchd, systemd
 
     spec = launchd.service_spec(cfg) if args.format == "pf" else systemd.service_spec(cfg)
     user = args.user or spec.user
@@ -462,7 +463,7 @@ def _add_service(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 def _cmd_upgrade(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from sovereignd import upgrade
+    from sovereignd.service import upgrade
     from sovereignd.units import parse_duration
 
     try:
@@ -603,7 +604,7 @@ def _read_verification_keys(args: argparse.Namespace) -> list[bytes]:
 def _cmd_logs_verify(args: argparse.Namespace) -> int:
     cfg = _load(args)
     keys = _read_verification_keys(args)
-    result = logverify.verify_logs(cfg.logs.dir, keys or None, cfg.state_dir,
+    result = verify.verify_logs(cfg.logs.dir, keys or None, cfg.state_dir,
                                    checkpoints=not args.no_checkpoints)
     if args.json:
         sys.stdout.write(orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2).decode()
@@ -618,7 +619,7 @@ def _cmd_logs_tail(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from sovereignd import tail
+    from sovereignd.logs import tail
 
     source = args.source or ("requests" if args.client is not None else "events")
     stop = threading.Event()
@@ -676,17 +677,18 @@ def _add_logs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from sovereignd import audit, auditevidence, auditrender
+    from sovereignd.audit import evidence, render
+    from sovereignd.audit.report import build_report
 
-    since = auditevidence.parse_date(args.since, "--since") if args.since else None
-    until = auditevidence.parse_date(args.until, "--until", end_of_day=True) if args.until else None
+    since = evidence.parse_date(args.since, "--since") if args.since else None
+    until = evidence.parse_date(args.until, "--until", end_of_day=True) if args.until else None
     fmt = args.format
     if fmt is None:
         suffix = args.output.suffix.lower() if args.output is not None else ""
         fmt = {".html": "html", ".htm": "html", ".json": "json"}.get(suffix, "md")
-    report = audit.build_report(cfg, since, until,
-                                verification_keys=_read_verification_keys(args))
-    text = auditrender.render(report, fmt)
+    report = build_report(cfg, since, until,
+                          verification_keys=_read_verification_keys(args))
+    text = render.render(report, fmt)
     if args.output is None:
         sys.stdout.write(text)
         sys.stdout.flush()

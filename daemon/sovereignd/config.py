@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from sovereignd import modelfiles
+from sovereignd.backends import modelfiles
 from sovereignd.errors import ConfigError, ConfigProblem
 from sovereignd.units import format_duration, format_size, parse_duration, parse_size
 

@@ -13,29 +13,23 @@ from typing import Any
 
 import uvloop
 
-from sovereignd import (
-    __version__,
-    backends,
-    fdlimit,
-    guards,
-    integrity,
-    memory,
-    recordspace,
-    selfcheck,
-    upgrade,
-)
+from sovereignd import __version__
+from sovereignd.backends import memory, profiles
 from sovereignd.config import Config
-from sovereignd.control import ControlServer
-from sovereignd.eventlog import EventLog
-from sovereignd.gateway import Gateway
-from sovereignd.keys import KeyStore, usage_flusher
-from sovereignd.liblog import route_library_logs
-from sovereignd.logfiles import RotatingFile
-from sovereignd.metrics import Metrics
-from sovereignd.proxy import Proxy
-from sovereignd.requestlog import RequestLog, maintain
-from sovereignd.serverlog import ServerOutput
-from sovereignd.supervisor import Request, Supervisor
+from sovereignd.gateway.control import ControlServer
+from sovereignd.gateway.endpoints import Gateway
+from sovereignd.gateway.keys import KeyStore, usage_flusher
+from sovereignd.gateway.metrics import Metrics
+from sovereignd.gateway.proxy import Proxy
+from sovereignd.integrity import monitor, selfcheck
+from sovereignd.logs import recordspace
+from sovereignd.logs.eventlog import EventLog
+from sovereignd.logs.files import RotatingFile
+from sovereignd.logs.libraries import route_library_logs
+from sovereignd.logs.requestlog import RequestLog, maintain
+from sovereignd.logs.serveroutput import ServerOutput
+from sovereignd.service import fdlimit, guardrails, upgrade
+from sovereignd.supervision.supervisor import Request, Supervisor
 
 
 def run(cfg: Config, allow_root: bool = False) -> int:
@@ -43,7 +37,7 @@ def run(cfg: Config, allow_root: bool = False) -> int:
 
     The guard rails run first: a refusal (UnsafeHost) happens before any file is written or
     any process is spawned."""
-    guards.enforce(cfg, allow_root)
+    guardrails.enforce(cfg, allow_root)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(_main(cfg, allow_root))
 
@@ -65,7 +59,7 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     unroute_logs = route_library_logs(events.emit)  # no plain-text line on stderr
     metrics = Metrics()
     events.on_write_failure = metrics.event_log_failures.inc
-    backend = backends.for_config(cfg)
+    backend = profiles.for_config(cfg)
     metrics.set_info(backend.name)
     output = ServerOutput(RotatingFile(cfg.logs.dir / "server.log", cfg.logs.max_bytes,
                                        cfg.logs.keep, mode=0o640),
@@ -79,7 +73,7 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     loop.add_signal_handler(signal.SIGTERM, supervisor.request, Request.SHUTDOWN, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, supervisor.request, Request.SHUTDOWN, "SIGINT")
     # Gates run in order before every start: drifted files quarantine before memory is judged.
-    watchers = integrity.guards_for(cfg, supervisor, events)
+    watchers = monitor.guards_for(cfg, supervisor, events)
     watchers += selfcheck.guards_for(cfg, supervisor, events)  # the daemon's own code
     supervisor.add_gate(memory.gate(memory.Preflight(cfg), events))
     keys = KeyStore(cfg.gateway.keys_file, cfg.state_dir / "keys-usage.json", emit=events.emit)
@@ -100,7 +94,7 @@ async def _main(cfg: Config, allow_root: bool) -> int:
         # `sovereignd baseline --accept` wrote new baselines: reload, verify, leave quarantine.
         reason = str(body.get("reason") or "operator accepted a new baseline")
         task = asyncio.get_running_loop().create_task(
-            integrity.accept(watchers, supervisor, events, reason))
+            monitor.accept(watchers, supervisor, events, reason))
         pending.add(task)
         task.add_done_callback(pending.discard)
         return {"ok": True, "message": f"baseline accepted; re-verifying (state was "

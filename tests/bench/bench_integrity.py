@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "daemon"))
 
-from sovereignd import environment, hashing, manifest, software  # noqa: E402 - after the path is set
+from sovereignd.integrity import environment, hashing, manifest, software  # noqa: E402 - after the path is set
 from sovereignd.units import parse_size  # noqa: E402
 
 BLOCK = 64 * 2**20

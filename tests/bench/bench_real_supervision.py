@@ -35,7 +35,7 @@ from typing import Any
 import psutil
 
 from sovereignd.config import HealthSection
-from sovereignd.procs import shared_memory
+from sovereignd.process.system import shared_memory
 from tests.e2e.conftest import TINY_MODEL, VLLM_VENV, setup_cli, vllm_overrides
 from tests.harness import Daemon, group_processes
 from tests.helpers import wait_for

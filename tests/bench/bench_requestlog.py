@@ -19,9 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "daemon"))
 
-from sovereignd import keys, sealing
-from sovereignd.logverify import verify_logs
-from sovereignd.requestlog import RequestLog, list_segments
+from sovereignd.gateway import keys
+from sovereignd.logs import sealing
+from sovereignd.logs.requestlog import RequestLog, list_segments
+from sovereignd.logs.verify import verify_logs
 from sovereignd.units import parse_size
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "daemon"))
 
-from sovereignd import hashing, manifest, signing  # noqa: E402 - after the path is set
+from sovereignd.integrity import hashing, manifest, signing  # noqa: E402 - after the path is set
 from sovereignd.units import parse_size  # noqa: E402
 
 TINY = Path.home() / ".cache" / "sovereignd" / "models" / "tiny-llama"

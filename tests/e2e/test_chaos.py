@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from sovereignd.config import HealthSection
-from sovereignd.procs import shared_memory
+from sovereignd.process.system import shared_memory
 from tests.e2e.conftest import running, vllm_overrides
 from tests.harness import Daemon, group_processes
 from tests.helpers import wait_for

@@ -14,8 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sovereignd import config, firewall
-from sovereignd.requestlog import iter_records
+from sovereignd import config
+from sovereignd.logs.requestlog import iter_records
+from sovereignd.service import firewall
 from tests.accounts import require_root, system_user
 from tests.harness import Daemon, group_processes, http
 from tests.helpers import run_cli, wait_for

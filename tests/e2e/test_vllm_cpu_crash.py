@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sovereignd.logverify import verify_logs
+from sovereignd.logs.verify import verify_logs
 from tests.crashload import account, load_then_kill, opens, verify_with_key, wait_log_reopened
 from tests.e2e.conftest import running, vllm_overrides
 from tests.harness import Daemon

@@ -1,0 +1,1 @@
+"""Model servers (vLLM, vllm-mlx): their profiles, arguments, model files and memory needs."""

@@ -1,0 +1,2 @@
+"""The gateway: listener, health endpoints, the authenticated proxy, keys, control socket,
+metrics."""

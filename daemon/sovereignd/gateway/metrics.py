@@ -1,0 +1,129 @@
+"""Prometheus metrics on a registry of the daemon's own (no global default registry)."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from sovereignd import __version__
+from sovereignd.supervision.states import State
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                   30.0, 60.0, 120.0, 300.0)
+PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class _Children(Generic[M]):
+    """A labelled metric's children by label values, looked up once per label set.
+
+    prometheus_client's `labels()` checks the names, converts every value and takes a lock on
+    each call: on the gateway's path that cost more than the increments it was for.
+    """
+
+    def __init__(self, metric: M) -> None:
+        self._metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
+class Metrics:
+    """Every metric the daemon exports; the gateway adds its request metrics here too."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.info = Gauge("sovereignd_build_info", "sovereignd version", ["version", "backend"],
+                          registry=r)
+        self.state = Gauge("sovereignd_state", "1 for the supervisor's current state",
+                           ["state"], registry=r)
+        self.server_up = Gauge("sovereignd_server_up", "1 while the server is READY", registry=r)
+        self.restarts = Counter("sovereignd_restarts", "Server restarts after a failure",
+                                registry=r)
+        self.failures = Counter("sovereignd_server_failures", "Server failures by kind",
+                                ["kind"], registry=r)
+        self.probe_latency = Histogram("sovereignd_probe_latency_seconds",
+                                       "Latency of probes of the server", ["kind"],
+                                       buckets=PROBE_BUCKETS, registry=r)
+        self.probe_failures = Counter("sovereignd_probe_failures", "Failed probes", ["kind"],
+                                      registry=r)
+        self.orphans_killed = Counter("sovereignd_orphans_killed",
+                                      "Leftover server processes stopped", registry=r)
+        self.shm_removed = Counter("sovereignd_shm_removed",
+                                   "Shared-memory segments and semaphores of dead servers "
+                                   "removed", registry=r)
+        self.stalls = Counter("sovereignd_stalls", "Stalls of the server: suspected (/readyz "
+                              "503) and confirmed (restart)", ["stage"], registry=r)
+        self.event_log_failures = Counter("sovereignd_event_log_failures",
+                                          "Events that could not be written to events.log "
+                                          "(written to stderr instead)", registry=r)
+        # Monotonic time of the last byte from the server to a forwarded request (the proxy
+        # sets it): progress, for the stall watch.
+        self.upstream_progress = 0.0
+        # The gateway's requests.
+        self.requests = Counter("sovereignd_requests", "Requests through the gateway",
+                                ["route", "status", "client"], registry=r)
+        self.request_latency = Histogram("sovereignd_request_latency_seconds",
+                                         "Request start to last byte", ["route"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("sovereignd_time_to_first_token_seconds",
+                              "Request start to first streamed token", ["route"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("sovereignd_tokens", "Tokens reported by the server",
+                              ["client", "kind"], registry=r)
+        self.in_flight = Gauge("sovereignd_requests_in_flight", "Requests being served",
+                               registry=r)
+        # The gateway counts in this plain integer; the gauge reads it when scraped.
+        self.requests_in_flight = 0
+        self.in_flight.set_function(lambda: self.requests_in_flight)
+        self.auth_failures = Counter("sovereignd_auth_failures", "Failed authentications",
+                                     ["reason"], registry=r)
+        self.request_log_bytes = Gauge("sovereignd_request_log_bytes",
+                                       "Bytes of request record files", registry=r)
+        self.request_log_disk_free = Gauge("sovereignd_request_log_disk_free_bytes",
+                                           "Free bytes on the request log's file system",
+                                           registry=r)
+        self._requests = _Children(self.requests)
+        self._latency = _Children(self.request_latency)
+        self._ttft = _Children(self.ttft)
+        self._tokens = _Children(self.tokens)
+        for stage in ("suspected", "confirmed"):
+            self.stalls.labels(stage=stage)
+        for s in State:
+            self.state.labels(state=s.value).set(0)
+        self.state.labels(state=State.STOPPED.value).set(1)
+
+    def set_state(self, old: State, new: State) -> None:
+        self.state.labels(state=old.value).set(0)
+        self.state.labels(state=new.value).set(1)
+        self.server_up.set(1 if new is State.READY else 0)
+
+    def count_request(self, route: str, status: int, client: str, *, latency_ms: float | None,
+                      ttft_ms: float | None, prompt_tokens: Any, completion_tokens: Any) -> None:
+        """One finished gateway request: its count, latency, time to first token, tokens."""
+        self._requests(route, str(status), client).inc()
+        if latency_ms is not None:
+            self._latency(route).observe(latency_ms / 1000)
+        if ttft_ms is not None:
+            self._ttft(route).observe(ttft_ms / 1000)
+        if isinstance(prompt_tokens, int) and prompt_tokens > 0:
+            self._tokens(client, "prompt").inc(prompt_tokens)
+        if isinstance(completion_tokens, int) and completion_tokens > 0:
+            self._tokens(client, "completion").inc(completion_tokens)
+
+    def set_record_space(self, used: int, free: int) -> None:
+        self.request_log_bytes.set(used)
+        self.request_log_disk_free.set(free)
+
+    def set_info(self, backend: str) -> None:
+        self.info.labels(version=__version__, backend=backend).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""HTTP/1.1 to the model server: the gateway's upstream client."""

@@ -1,0 +1,2 @@
+"""Integrity: weights manifests and signatures, software baselines, hashing and the drift
+monitor."""

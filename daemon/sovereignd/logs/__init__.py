@@ -1,0 +1,1 @@
+"""Logs: JSON-lines files, events, server output, request records, sealing, verification, tail."""

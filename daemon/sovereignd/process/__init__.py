@@ -1,0 +1,1 @@
+"""The model server's process tree: spawning, signalling, exits, failures, probes and progress."""

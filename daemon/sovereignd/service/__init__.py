@@ -1,0 +1,1 @@
+"""The daemon as a service: launchd/systemd units, host guard rails and facts, `check`, upgrade."""

@@ -1,0 +1,341 @@
+"""`sovereignd upgrade`: a new server venv beside the old one, frozen and baselined, switched
+in atomically, proven by a fresh READY (a new server that answered a canary), or rolled back.
+
+Layout: server.venv names a symlink, e.g. /opt/sovereignd/server-venv -> server-venvs/<name>;
+each version lives in its own folder next to the others, so switching is one rename of a
+symlink (os.replace of a new link over the old) and rolling back is the same rename back.
+
+Events: the daemon is the only writer of events.log, so each step is sent to it through the
+control socket (action `upgrade`) and it records `{"event": "upgrade", "step": ...}` in order
+with the state changes the restart causes. An upgrade therefore needs the daemon running; it
+refuses to start otherwise, before anything is built or switched.
+
+The frozen baseline (environment.frozen and its .sha256) is written with the same freezer as
+`sovereignd baseline` (environment.freeze, `pip freeze --all` format).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from sovereignd.config import Config
+from sovereignd.errors import SovereigndError
+from sovereignd.fsutil import atomic_write
+from sovereignd.gateway import control
+from sovereignd.integrity import environment, locks, software
+from sovereignd.logs.eventlog import EventLog
+
+STEPS = frozenset({"begin", "build", "built", "baseline", "switch", "restart", "ready", "done",
+                   "failed", "rollback", "rolled_back", "rollback_failed"})
+_LEVELS = {"failed": "error", "rollback": "warning", "rolled_back": "warning",
+           "rollback_failed": "critical"}
+
+
+class UpgradeFailed(SovereigndError):
+    """The upgrade did not complete; the message says whether the old venv serves again."""
+
+
+# --- the daemon's side: the control action that records the steps -------------------------
+
+
+def event_action(events: EventLog) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The control-socket action `upgrade`: record one step as an event. Only known steps and
+    plain values are accepted; the level follows from the step."""
+
+    def action(body: dict[str, Any]) -> dict[str, Any]:
+        step = body.get("step")
+        if step not in STEPS:
+            return {"ok": False, "error": f"unknown upgrade step {step!r}"}
+        fields = {k: v for k, v in body.items()
+                  if k not in ("step", "event", "level", "ts") and isinstance(k, str)
+                  and (v is None or isinstance(v, str | int | float | bool))}
+        events.emit("upgrade", level=_LEVELS.get(str(step), "info"), step=step, **fields)
+        return {"ok": True, "message": f"recorded {step}"}
+
+    return action
+
+
+# --- freezing ---------------------------------------------------------------------------------
+
+
+def freeze_venv(venv: Path) -> bytes:
+    """The venv's installed set as `baseline` writes it (`pip freeze --all` format), read from
+    its package metadata without running its Python."""
+    if not environment.freeze(venv).strip():
+        raise UpgradeFailed(f"{venv} holds no installed distributions besides pip's own (no "
+                            "lib/python3*/site-packages/*.dist-info): not a built server venv")
+    return environment.freeze(venv, all=True).encode()
+
+
+def companion_bytes(frozen: Path, data: bytes) -> bytes:
+    """The .sha256 companion, as `shasum -a 256 NAME` run beside the frozen file writes it."""
+    return environment.render_companion(frozen, data)
+
+
+@dataclass(frozen=True)
+class SavedFile:
+    """A file's bytes, mode and owner, to put back exactly on rollback (None: it did not exist)."""
+
+    path: Path
+    data: bytes | None
+    mode: int = 0o640
+    owner: tuple[int, int] | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> SavedFile:
+        try:
+            st = path.stat()
+            return cls(path, path.read_bytes(), st.st_mode & 0o777, (st.st_uid, st.st_gid))
+        except FileNotFoundError:
+            # A new file takes its folder's group (root:<account> 0750 for baselines), so the
+            # account can read it and not write it.
+            parent = path.parent.stat()
+            return cls(path, None, 0o640, (0, parent.st_gid))
+
+    def write(self, data: bytes) -> None:
+        """New bytes with this file's mode and owner (readable by the account as before)."""
+        owner = self.owner if self.owner is not None and os.geteuid() == 0 else None
+        atomic_write(self.path, data, mode=self.mode, owner=owner)
+
+    def restore(self) -> None:
+        if self.data is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            self.write(self.data)
+
+
+# --- the symlink ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The symlink server.venv names, what it points to, and the folder of versions."""
+
+    link: Path
+    current: str      # the link's text, exactly, to restore it exactly
+    versions: Path
+
+    @property
+    def current_path(self) -> Path:
+        """The venv folder the link points to now."""
+        return (self.link.parent / self.current).resolve()
+
+
+def read_layout(cfg: Config) -> Layout:
+    """The symlink layout server.venv must follow; UpgradeFailed saying how to convert."""
+    link = cfg.server.venv
+    if link is None:
+        raise UpgradeFailed("server.venv is not set: an upgrade switches the symlink it names")
+    if not link.is_symlink():
+        raise UpgradeFailed(
+            f"server.venv ({link}) is not a symlink; an upgrade switches a symlink to a "
+            f"versioned venv. Convert once: mkdir -p {link.parent}/server-venvs && mv {link} "
+            f"{link.parent}/server-venvs/<name> && ln -s server-venvs/<name> {link}")
+    return Layout(link, str(link.readlink()), link.parent / "server-venvs")
+
+
+def switch_link(link: Path, target: str) -> None:
+    """Point `link` at `target` atomically: a new symlink beside it, renamed over it."""
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    tmp.replace(link)
+
+
+# --- the upgrade ------------------------------------------------------------------------------
+
+
+def _parse_ts(text: str) -> float:
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+
+
+@dataclass
+class Upgrade:
+    """One upgrade of the server venv, step by step; `run()` does it all."""
+
+    cfg: Config
+    name: str
+    requirements: Path | None = None
+    prebuilt: Path | None = None
+    python: str = "python3"
+    uninstall: Sequence[str] = ()
+    #: Build from requirements without --hash lines (the operator insists): pip then installs
+    #: whatever the index serves for each pin.
+    allow_unhashed: bool = False
+    timeout: float = 600.0
+    poll: float = 0.25
+    say: Callable[[str], None] = print
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+    def step(self, step: str, **fields: Any) -> None:
+        """Record a step in the daemon's event log (and on the terminal)."""
+        self.log.append({"step": step, **fields})
+        detail = " ".join(f"{k}={v}" for k, v in fields.items())
+        self.say(f"upgrade: {step} {detail}".rstrip())
+        try:
+            control.request(self.cfg, "upgrade", timeout=10.0, step=step, **fields)
+        except SovereigndError as exc:
+            self.say(f"upgrade: could not record {step} in the event log: {exc}")
+
+    def run(self) -> Path:
+        """Upgrade; return the new venv. UpgradeFailed (after rollback) when it is not READY."""
+        layout = read_layout(self.cfg)
+        try:
+            before = control.fetch_status(self.cfg)
+        except SovereigndError as exc:
+            raise UpgradeFailed(f"nothing was changed: an upgrade needs the running daemon, "
+                                f"to restart the server and see it READY ({exc})") from exc
+        target = self._target(layout)
+        if target.resolve() == layout.current_path:
+            raise UpgradeFailed(f"{target} is already the server venv ({layout.link})")
+        self.step("begin", name=self.name, venv=str(target), previous=str(layout.current_path),
+                  link=str(layout.link), state=before.get("state"))
+        frozen = self.cfg.environment.frozen
+        saved = ([SavedFile.read(frozen), SavedFile.read(frozen.with_name(frozen.name + ".sha256"))]
+                 if frozen is not None else [])
+        try:
+            self._build(target)
+            self._baseline(target, saved)
+        except (UpgradeFailed, OSError) as exc:
+            for f in saved:
+                f.restore()  # a half-written baseline must not outlive the attempt
+            why = str(exc) if isinstance(exc, UpgradeFailed) else f"{exc.strerror}: {exc}"
+            self.step("failed", name=self.name, reason=why, switched=False)
+            raise UpgradeFailed(f"{why}; nothing was switched") from exc
+        link_text = os.path.relpath(target, layout.link.parent) \
+            if layout.versions in target.parents else str(target)
+        switched_at = time.time()
+        switch_link(layout.link, link_text)
+        self.step("switch", previous=layout.current, to=link_text)
+        try:
+            ready = self._restart_and_wait(switched_at, f"upgrade to {self.name}")
+        except UpgradeFailed as exc:
+            self._rollback(layout, saved, str(exc))
+        self.step("done", name=self.name, pid=ready["server"]["pid"],
+                  seconds=round(time.time() - switched_at, 3))
+        return target
+
+    def _target(self, layout: Layout) -> Path:
+        if self.prebuilt is not None:
+            if not (self.prebuilt / "bin").is_dir():
+                raise UpgradeFailed(f"{self.prebuilt} has no bin/ folder: not a venv")
+            return self.prebuilt.absolute()
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", self.name):
+            raise UpgradeFailed(f"--name {self.name!r}: use letters, digits and . _ + -")
+        return layout.versions / self.name
+
+    def _build(self, target: Path) -> None:
+        if self.prebuilt is not None:
+            self.step("build", venv=str(target), prebuilt=True)
+            return
+        if self.requirements is None:
+            raise UpgradeFailed("give --requirements FILE to build the new venv, or --venv DIR "
+                                "for one built already")
+        if target.exists():
+            raise UpgradeFailed(f"{target} exists already; pick another --name, or pass it "
+                                "as --venv if it is complete")
+        missing = locks.unhashed(self.requirements)
+        if missing and not self.allow_unhashed:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more"
+                                              if len(missing) > 5 else "")
+            raise UpgradeFailed(f"{self.requirements} pins packages without --hash ({shown}): "
+                                "write a lock with `uv pip compile --generate-hashes`, or pass "
+                                "--allow-unhashed to install whatever the index serves")
+        self.step("build", venv=str(target), requirements=str(self.requirements))
+        t0 = time.monotonic()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pip = [str(target / "bin" / "pip"), "--disable-pip-version-check", "--quiet"]
+        try:
+            self._call([self.python, "-m", "venv", str(target)])
+            # A lock lists every package: --no-deps installs exactly it (as pip-sync does).
+            locked = [] if missing else ["--require-hashes", "--no-deps"]
+            self._call([*pip, "install", *locked, "-r", str(self.requirements)])
+            if self.uninstall:
+                self._call([*pip, "uninstall", "-y", *self.uninstall])
+        except UpgradeFailed:
+            shutil.rmtree(target, ignore_errors=True)  # never leave a half-built version
+            raise
+        self.step("built", venv=str(target), seconds=round(time.monotonic() - t0, 1))
+
+    @staticmethod
+    def _call(argv: list[str]) -> None:
+        res = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise UpgradeFailed(f"building the venv failed at `{' '.join(argv)}` (exit "
+                                f"{res.returncode}): {res.stderr.strip()[-500:]}")
+
+    def _baseline(self, target: Path, saved: list[SavedFile]) -> None:
+        if not saved:
+            self.step("baseline", skipped="environment.frozen is not set")
+            return
+        data = freeze_venv(target)
+        frozen, companion = saved[:2]
+        if self.cfg.environment.files_check:
+            # The new venv file by file, approved by the frozen file (see software).
+            files_path = software.path_for_frozen(frozen.path)
+            saved.append(SavedFile.read(files_path))
+            try:
+                approved = software.create(target, workers=self.cfg.integrity.hash_workers)
+            except SovereigndError as exc:
+                raise UpgradeFailed(str(exc)) from exc
+            data = software.link_line(files_path, software.write(files_path, approved)) + data
+        frozen.write(data)
+        companion.write(companion_bytes(frozen.path, data))
+        self.step("baseline", frozen=str(frozen.path),
+                  sha256=hashlib.sha256(data).hexdigest(), packages=data.count(b"\n"))
+
+    def _restart_and_wait(self, since: float, reason: str) -> dict[str, Any]:
+        """Restart through the control socket; wait for READY from a server started after
+        `since`. FATAL after `since`, or no READY within the timeout, is a failure."""
+        before = control.fetch_status(self.cfg)
+        old_pid = (before.get("server") or {}).get("pid")
+        control.request(self.cfg, "restart", reason=reason)
+        self.step("restart", reason=reason, previous_pid=old_pid)
+        deadline = time.monotonic() + self.timeout
+        last: dict[str, Any] = before
+        while time.monotonic() < deadline:
+            try:
+                last = control.fetch_status(self.cfg)
+            except SovereigndError:
+                time.sleep(self.poll)  # the daemon may be busy restarting; ask again
+                continue
+            state, changed = last.get("state"), _parse_ts(str(last.get("since")))
+            server = last.get("server") or {}
+            # `since` is stamped to the millisecond; allow for that rounding.
+            if state == "READY" and changed >= since - 0.001 and server.get("pid") != old_pid:
+                self.step("ready", pid=server.get("pid"), seconds=round(time.time() - since, 3))
+                return last
+            if state == "FATAL" and changed >= since - 0.001:
+                raise UpgradeFailed(f"the server went FATAL: {last.get('reason')}")
+            time.sleep(self.poll)
+        raise UpgradeFailed(f"no READY within {self.timeout:g}s (last state {last.get('state')}:"
+                            f" {last.get('reason')})")
+
+    def _rollback(self, layout: Layout, saved: list[SavedFile], why: str) -> NoReturn:
+        self.step("failed", name=self.name, reason=why)
+        self.step("rollback", to=layout.current)
+        switched_at = time.time()
+        switch_link(layout.link, layout.current)
+        for f in saved:
+            f.restore()
+        try:
+            ready = self._restart_and_wait(switched_at, f"rollback of {self.name}")
+        except UpgradeFailed as exc:
+            self.step("rollback_failed", reason=str(exc))
+            raise UpgradeFailed(
+                f"the upgrade to {self.name} failed ({why}) and so did the rollback to "
+                f"{layout.current_path} ({exc}); the symlink and baseline are back, the server "
+                "is not serving: see `sovereignd status` and events.log") from exc
+        self.step("rolled_back", to=str(layout.current_path), pid=ready["server"]["pid"])
+        raise UpgradeFailed(f"the upgrade to {self.name} failed ({why}); rolled back to "
+                            f"{layout.current_path}, which serves again")
