@@ -215,6 +215,27 @@ def env_daemon(make_daemon: MakeDaemon, pyenv: PyEnv, policy: str) -> tuple[Daem
     return d, venv
 
 
+def test_a_restored_frozen_requirements_file_releases_the_quarantine(
+        make_daemon: MakeDaemon, pyenv: PyEnv) -> None:
+    """Frozen requirements that no longer match their .sha256 cannot be trusted: no start. Put
+    back, they are read again and the server starts without an operator."""
+    d, _venv = env_daemon(make_daemon, pyenv, "stop")
+    d.cfg["integrity"] = {**d.cfg.get("integrity", {}), "stat_interval": "500ms"}
+    d.write_config()
+    frozen = Path(d.cfg["environment"]["frozen"])
+    original = frozen.read_bytes()
+    frozen.write_bytes(original + b"evil==1.0\n")
+    d.start()
+    body = wait_for(lambda: (r := d.get("/readyz"))[1].get("state") == "QUARANTINED" and r[1],
+                    30, what="QUARANTINED")
+    assert "environment baseline" in body["reason"]
+    assert d.starts() == []
+    frozen.write_bytes(original)
+    d.wait_state("READY", timeout=60)
+    assert d.events("environment_baseline_readable")
+    assert d.events("release")[-1]["guard"] == "environment"
+
+
 def test_a_package_installed_into_the_server_venv_blocks_restarts(
         make_daemon: MakeDaemon, pyenv: PyEnv) -> None:
     """block-restart: the loaded server keeps serving; a new start is refused."""

@@ -310,6 +310,29 @@ def test_a_signature_edited_while_serving_is_refused_at_the_next_start(
     assert d.events("signature_verified")[-1]["result"] == "refused"
 
 
+def test_a_restored_signature_releases_the_quarantine_without_an_operator(
+        make_daemon: MakeDaemon) -> None:
+    """The quarantine an unreadable signature caused ends when the signature verifies again:
+    as for restored weights, no restart or re-baseline is needed (AIDE-style: the state follows
+    the files)."""
+    d = signed_daemon(make_daemon)
+    d.start()
+    d.wait_state("READY")
+    sig = d.model / "model.sig"
+    original = edit_payload(sig)
+    res = run_cli("restart", "--config", str(d.config_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    quarantined(d, "does not verify")
+    tmp = sig.with_name("model.sig.restore")
+    tmp.write_bytes(original)
+    tmp.replace(sig)  # as an operator restores a file from a backup
+    d.wait_state("READY", timeout=30)
+    assert len(d.starts()) == 2
+    readable = d.events("integrity_baseline_readable")
+    assert readable and readable[-1]["path"] == str(sig)
+    assert d.events("release")[-1]["guard"] == "integrity"
+
+
 # --- check ---------------------------------------------------------------------------------------
 
 

@@ -118,6 +118,8 @@ class Guard:
         self._overflow_task: asyncio.Task[None] | None = None
         self.overflows = 0
         self._verified_once = False
+        self._stamp: tuple[tuple[int, int, int, int] | None, ...] = ()
+        self._faulted = asyncio.Event()  # set when the baseline becomes unreadable
         self._lock = asyncio.Lock()
         self._stop = threading.Event()
         supervisor.checks[self.name] = self.status
@@ -151,6 +153,23 @@ class Guard:
     def interval(self) -> float:
         raise NotImplementedError
 
+    def baseline_files(self) -> list[Path]:
+        """The files the baseline is read from: a change to one of them is a reason to read
+        the baseline again while it cannot be read (an operator restoring a signature)."""
+        return []
+
+    def _baseline_stamp(self) -> tuple[tuple[int, int, int, int] | None, ...]:
+        """(inode, size, mtime ns, ctime ns) of each baseline file; None for a missing one."""
+        stamps: list[tuple[int, int, int, int] | None] = []
+        for path in self.baseline_files():
+            try:
+                st = path.stat()
+            except OSError:
+                stamps.append(None)
+                continue
+            stamps.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        return tuple(stamps)
+
     # --- life -----------------------------------------------------------------------------------
 
     async def gate(self) -> Blocked | None:
@@ -158,6 +177,7 @@ class Guard:
         changed since verifying."""
         async with self._lock:
             if not self._verified_once:
+                self._stamp = await asyncio.to_thread(self._baseline_stamp)
                 try:
                     await asyncio.to_thread(self.load)
                 except SovereigndError as exc:
@@ -266,16 +286,32 @@ class Guard:
             await asyncio.sleep(DEBOUNCE)
             self._kick.clear()
             touched, self._touched = sorted(self._touched), set()
-            if touched and self._verified_once and self.fault is None:
+            if touched and self.fault is not None:
+                await self._retry_if_baseline_changed()
+            elif touched and self._verified_once:
                 async with self._lock:
                     await self._run_verify(touched, low_priority=False, acting=True)
 
     async def _stat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.stat_interval)
+            # An unreadable baseline is looked at as often as the weights are stat-checked:
+            # the operator restoring it should not wait for the (slower) software schedule.
+            # A new fault wakes the wait so that the shorter interval applies at once.
+            interval = (self.stat_interval if self.fault is None
+                        else min(self.stat_interval, self.cfg.integrity.stat_interval))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._faulted.wait(), interval)
+            self._faulted.clear()
+            if self.fault is not None:
+                await self._retry_if_baseline_changed()
+                continue
             changed = await asyncio.to_thread(self.stat_changes)
             if changed:
                 self._on_touched(changed)
+
+    async def _retry_if_baseline_changed(self) -> None:
+        if await asyncio.to_thread(self._baseline_stamp) != self._stamp:
+            await self._retry_baseline()
 
     stat_interval = 10.0
 
@@ -287,6 +323,7 @@ class Guard:
 
     async def _reload(self) -> str | None:
         """Re-read the baseline (in a thread); the fault, published, if it cannot be read."""
+        self._stamp = await asyncio.to_thread(self._baseline_stamp)
         try:
             await asyncio.to_thread(self.load)
         except SovereigndError as exc:
@@ -295,6 +332,25 @@ class Guard:
             return self.fault
         self.fault = None
         return None
+
+    async def _retry_baseline(self) -> None:
+        """The baseline could not be read and one of its files changed since: read it again.
+        Readable now (the operator restored or replaced it) → verify everything and, when the
+        files match, release a quarantine this guard caused — as files that verify again do."""
+        async with self._lock:
+            if self.fault is None:
+                return
+            fault = await self._reload()
+            if fault is not None:
+                self.events.emit(f"{self.name}_baseline_unreadable", level="error", error=fault)
+                return
+            self.events.emit(f"{self.name}_baseline_readable", level="warning",
+                             path=str(self.baseline_files()[0]), **self.baseline_fields())
+            await self._run_verify(None, low_priority=False, acting=True)
+            self._verified_once = True
+            if not self.drift and self.supervisor.state is State.QUARANTINED:
+                self.supervisor.request(Request.RELEASE, f"{self.name} baseline readable again "
+                                        "and every file verifies", guard=self.name)
 
     async def recheck(self, reload: bool = False) -> None:
         """Verify everything now (an operator accepted a new baseline, or asked)."""
@@ -363,6 +419,7 @@ class Guard:
     def _publish(self) -> None:
         s = self.status
         if self.fault is not None:
+            self._faulted.set()
             s["result"] = "error"
             s["summary"] = f"baseline unreadable: {self.fault}"
         elif self.drift:
@@ -399,6 +456,9 @@ class WeightsGuard(Guard):
         path = self.cfg.integrity.manifest or self.cfg.integrity.signature
         assert path is not None
         return path
+
+    def baseline_files(self) -> list[Path]:
+        return [self.path]
 
     async def gate(self) -> Blocked | None:
         """Before every start, the signature is verified again (it may have been replaced or
@@ -553,6 +613,9 @@ class EnvironmentGuard(Guard):
     def path(self) -> Path:
         assert self.cfg.environment.frozen is not None
         return self.cfg.environment.frozen
+
+    def baseline_files(self) -> list[Path]:
+        return [self.path, environment.companion_path(self.path)]
 
     @property
     def policy(self) -> str:

@@ -61,6 +61,9 @@ class SelfGuard(Guard):
             self.supervisor.set_degraded(self.name, self.reason() + " — alert only")
         return blocked
 
+    def baseline_files(self) -> list[Path]:
+        return [self.path]
+
     def load(self) -> None:
         m = software.read_with_companion(self.path)
         own = software.own_venv().resolve()
