@@ -162,3 +162,69 @@ def test_check_without_the_server_venv_says_args_were_not_checked(tmp_path: Path
     out = _check(tmp_path, model, "  args: [--enable-log-requests]\n")
     assert "[warn] server.args" in out and "not checked" in _line(out, "server.args")
     assert "log request content" in _line(out, "server output")
+
+
+# --- the context length, as vLLM 0.32 derives it ----------------------------------------------
+
+
+def _model(tmp_path: Path, config: dict[str, object],
+           tokenizer: dict[str, object] | None = None) -> Path:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    if tokenizer is not None:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    return tmp_path
+
+
+@pytest.mark.parametrize(("config", "tokenizer", "expected"), [
+    ({"max_position_embeddings": 4096}, None, (4096, "max_position_embeddings in config.json")),
+    ({"max_position_embeddings": 4096, "n_positions": 2048}, None,
+     (2048, "n_positions in config.json")),
+    ({"max_position_embeddings": 4096, "model_max_length": 8192}, None,
+     (8192, "model_max_length in config.json")),
+    ({"max_position_embeddings": 4096}, {"model_max_length": 1024},
+     (1024, "model_max_length in tokenizer_config.json")),
+    ({"max_position_embeddings": 4096}, {"model_max_length": 1e30},
+     (4096, "max_position_embeddings in config.json")),
+    ({"max_position_embeddings": 4096, "rope_scaling": {"type": "linear", "factor": 2.0}}, None,
+     (8192, "max_position_embeddings in config.json times the RoPE scaling factor 2")),
+    ({"max_position_embeddings": 131072,
+      "rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, None,
+     (131072, "max_position_embeddings in config.json")),
+    ({"max_position_embeddings": 32768, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+     None, (32768, "max_position_embeddings in config.json")),
+    ({"model_type": "gemma3", "text_config": {
+        "max_position_embeddings": 131072, "rope_scaling": {"rope_type": "linear",
+                                                            "factor": 8.0}}},
+     None, (131072, "max_position_embeddings in config.json")),
+    ({"text_config": {"max_position_embeddings": 2048}, "max_position_embeddings": 99}, None,
+     (2048, "max_position_embeddings in config.json")),
+    ({"hidden_size": 128}, None, None),
+])
+def test_context_length_follows_vllms_derivation(
+        tmp_path: Path, config: dict[str, object], tokenizer: dict[str, object] | None,
+        expected: tuple[int, str] | None) -> None:
+    assert modelfiles.context_length(_model(tmp_path, config, tokenizer)) == expected
+
+
+def test_context_length_of_an_unreadable_config_is_unknown(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{not json")
+    assert modelfiles.context_length(tmp_path) is None
+
+
+def test_check_fails_a_max_model_len_the_model_does_not_allow(tmp_path: Path) -> None:
+    """vLLM refuses --max-model-len above the derived length after a minute of loading:
+    `check` says so first, with the number and where it comes from; the escape hatch vLLM
+    offers (VLLM_ALLOW_LONG_MAX_MODEL_LEN) turns it into a warning."""
+    model = make_model(tmp_path / "m")
+    length = 2048
+    (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
+                                                   "max_position_embeddings": length}))
+    out = _check(tmp_path, model, f"  args: [--max-model-len, '{length}']\n")
+    assert "[  ok] context length" in out
+    out = _check(tmp_path, model, f"  args: [--max-model-len, '{length * 2}']\n")
+    line = _line(out, "context length")
+    assert "[FAIL]" in line and f"--max-model-len {length * 2} is greater than the model's " \
+        f"{length} tokens (max_position_embeddings in config.json)" in line
+    out = _check(tmp_path, model, f"  args: [--max-model-len, '{length * 2}']\n"
+                 "  env: {VLLM_ALLOW_LONG_MAX_MODEL_LEN: '1'}\n")
+    assert "[warn] context length" in out

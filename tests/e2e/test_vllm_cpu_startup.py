@@ -116,3 +116,26 @@ def test_check_asks_the_real_vllm_mlx_parser(tmp_path: Path,
     d = Daemon(tmp_path / "bad", overrides, fake=False)
     out = run_cli("check", "--config", str(d.config_path), timeout=300).stdout
     assert "vllm-mlx serve: error: unrecognized arguments: --enable-reasoning" in out, out
+
+
+def test_check_and_the_real_server_agree_on_the_context_length(
+        tmp_path: Path, vllm_ready: tuple[Path, Path]) -> None:
+    """--max-model-len above the model's length: `check` fails naming the model's length as
+    vLLM derives it, and the real vLLM refuses with the same number (FATAL at the first exit)."""
+    venv, model = vllm_ready
+    overrides = vllm_overrides(venv, model)
+    overrides["server"]["args"] = [*overrides["server"]["args"], "--max-model-len", "1024"]
+    d = Daemon(tmp_path / "d", overrides, fake=False)
+    res = run_cli("check", "--config", str(d.config_path), timeout=400)
+    assert res.returncode == 1
+    assert ("[FAIL] context length" in res.stdout and "--max-model-len 1024 is greater than "
+            "the model's 512 tokens (max_position_embeddings in config.json)" in res.stdout), \
+        res.stdout
+    d.start()
+    try:
+        st = d.wait_state("FATAL", timeout=240)
+        assert len(d.events("spawn")) == 1
+        assert ("User-specified max_model_len (1024) is greater than the derived max_model_len "
+                "(max_position_embeddings=512" in st["reason"]), st["reason"]
+    finally:
+        d.close()

@@ -137,3 +137,67 @@ def vllm_weight_files(model: Path, args: Sequence[str] = ()) -> list[Path] | Non
 def _top_level(model: Path, pattern: str) -> list[Path]:
     """Python's glob.glob(model/pattern), as vLLM calls it: top level, no hidden files."""
     return sorted(p for p in model.glob(pattern) if not p.name.startswith("."))
+
+
+# vLLM 0.32 derives a model's longest sequence from the smallest of these config.json keys
+# (`transformers_utils/model_arch_config_convertor.py` `derive_max_model_len_and_key`), lets
+# `model_max_length` override them, caps by tokenizer_config.json's `model_max_length`, and
+# multiplies by a RoPE scaling `factor` except for these rope types and Gemma 3, whose lengths
+# are already scaled (`config/model.py` `_get_and_verify_max_len`).
+_MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                 "model_max_length", "max_target_positions", "max_sequence_length",
+                 "max_seq_length", "seq_len")
+_SCALED_ROPE_TYPES = frozenset({"su", "longrope", "llama3", "yarn", "deepseek_yarn",
+                                "deepseek_llama_scaling"})
+
+
+def _json_object(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _rope_factor(text_cfg: dict[str, object], model_type: str) -> float:
+    rope = text_cfg.get("rope_parameters", text_cfg.get("rope_scaling"))
+    if not isinstance(rope, dict) or not rope or "gemma3" in model_type:
+        return 1.0
+    layers = [p for p in rope.values() if isinstance(p, dict) and p] \
+        if all(isinstance(p, dict) for p in rope.values()) else [rope]
+    factor = 1.0
+    for params in layers:
+        kind = params.get("rope_type", params.get("type", "default"))
+        value = params.get("factor")
+        if kind not in _SCALED_ROPE_TYPES and isinstance(value, int | float):
+            factor = float(value)
+    return factor
+
+
+def context_length(model: Path) -> tuple[int, str] | None:
+    """The longest sequence (prompt + completion, in tokens) vLLM 0.32 accepts for the model
+    in `model`, and where that number comes from ("max_position_embeddings in config.json");
+    None when config.json gives no length (vLLM then assumes 2048 and warns)."""
+    cfg = _json_object(model / "config.json")
+    text = cfg.get("text_config")
+    text_cfg = text if isinstance(text, dict) else cfg
+    found: tuple[float, str] | None = None
+    for key in _MAX_LEN_KEYS:
+        value = text_cfg.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and (
+                found is None or value < found[0]):
+            found = (value, key)
+    override = text_cfg.get("model_max_length")
+    if isinstance(override, int) and not isinstance(override, bool):
+        found = (override, "model_max_length")
+    if found is None:
+        return None
+    length, source = found[0], f"{found[1]} in config.json"
+    tok_max = _json_object(model / "tokenizer_config.json").get("model_max_length")
+    if isinstance(tok_max, int | float) and not isinstance(tok_max, bool) and tok_max < length:
+        length, source = tok_max, "model_max_length in tokenizer_config.json"
+    model_type = str(cfg.get("model_type", ""))
+    factor = _rope_factor(text_cfg, model_type)
+    if factor != 1.0:
+        length, source = length * factor, f"{source} times the RoPE scaling factor {factor:g}"
+    return int(length), source

@@ -38,7 +38,13 @@ class Report:
         s = c.server
         uds = c.server_uds
         where = f"unix:{uds}" if uds else f"{s.host}:{s.port}"
-        lines = [f"configuration {c.source} (sha256 {c.digest[:16]}…) is valid", "",
+        failed = sum(1 for level, _, _ in self.items if level == FAIL)
+        warned = sum(1 for level, _, _ in self.items if level == WARN)
+        # The verdict first: "valid" alone above a FAIL line read as a pass.
+        verdict = ("every check below passed" if not failed
+                   else f"{failed} check(s) below FAILED")
+        lines = [f"configuration {c.source} (sha256 {c.digest[:16]}…): its settings are valid; "
+                 f"{verdict}", "",
                  f"  model        {c.model_name}  <- {s.model}",
                  f"  server       {' '.join(s.command)} ({s.backend}) on {where}",
                  f"  gateway      {c.gateway.listen}",
@@ -55,8 +61,6 @@ class Report:
         width = max((len(w) for _, w, _ in self.items), default=0)
         for level, what, detail in self.items:
             lines.append(f"  [{level:>4}] {what:<{width}}  {detail}".rstrip())
-        failed = sum(1 for level, _, _ in self.items if level == FAIL)
-        warned = sum(1 for level, _, _ in self.items if level == WARN)
         lines += ["", f"{failed} failed, {warned} warning(s)"]
         return "\n".join(lines)
 
@@ -72,6 +76,7 @@ def run_checks(cfg: Config) -> Report:
     _check_dirs(cfg, report)
     _check_backend(cfg, report)
     _check_guards(cfg, report)
+    _check_context_length(cfg, report)
     _check_memory(cfg, report)
     _check_baselines(cfg, report)
     _check_software(cfg, report)
@@ -228,6 +233,36 @@ def _check_guards(cfg: Config, report: Report) -> None:
         who = "no other account" if account.uid == 0 else "it"
         report.add(OK, "guard rails", f"as {account.name}: {who} can change the protected "
                    "files; the log folder is closed to others")
+
+
+def _check_context_length(cfg: Config, report: Report) -> None:
+    """--max-model-len against the longest sequence vLLM derives from the model's files: vLLM
+    refuses a longer one at start-up, after loading for a minute ("User-specified
+    max_model_len (N) is greater than the derived max_model_len", vllm 0.32 config/model.py)."""
+    s = cfg.server
+    if s.backend != "vllm" or not s.model.is_dir():
+        return
+    try:
+        asked = memory.parse_server_args(s.args, s.env).max_model_len
+    except (SovereigndError, ValueError):
+        return  # a malformed value: the server-arguments check reports it
+    derived = modelfiles.context_length(s.model)
+    if derived is None:
+        report.add(WARN, "context length", "config.json gives no maximum length: vLLM assumes "
+                   "2048 tokens (set --max-model-len in server.args)")
+        return
+    length, source = derived
+    if asked is None or asked <= length:
+        report.add(OK, "context length", f"{asked or length} tokens (the model allows {length}: "
+                   f"{source})")
+    elif s.env.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "").lower() in ("1", "true"):
+        report.add(WARN, "context length", f"--max-model-len {asked} is above the model's "
+                   f"{length} ({source}); allowed by VLLM_ALLOW_LONG_MAX_MODEL_LEN, but "
+                   "positions past it give wrong output")
+    else:
+        report.add(FAIL, "context length", f"--max-model-len {asked} is greater than the "
+                   f"model's {length} tokens ({source}): vLLM would refuse to start; lower "
+                   f"--max-model-len in server.args to at most {length}")
 
 
 def _check_memory(cfg: Config, report: Report) -> None:
