@@ -180,6 +180,7 @@ def test_check_fails_with_exit_1_when_host_checks_fail(tmp_path: Path, model: Pa
     res = run_cli("check", "--config", str(path))
     assert res.returncode == 1
     assert "[FAIL] model directory" in res.stdout and "[FAIL] server command" in res.stdout
+    assert "check(s) below FAILED" in res.stdout.splitlines()[0]
 
 
 def test_example_config_is_generated_from_the_declarations() -> None:
