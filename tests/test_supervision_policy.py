@@ -9,6 +9,7 @@ checked against the table in `states` (`Sim.transitions`).
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import tempfile
@@ -360,6 +361,24 @@ def test_model_directory_gone_parks_in_fatal_before_another_spawn(root: Path) ->
     sim.run(scenario)
     assert sim.path()[:6] == ["STARTING", "WARMING", "READY", "BACKOFF", "FATAL", "STARTING"]
     assert [e.get("kind") for e in sim.event("state") if e["to"] == "FATAL"] == ["model-missing"]
+
+
+def test_a_previous_daemons_server_is_stopped_before_the_first_spawn(root: Path) -> None:
+    sim = Sim(root, Script(workers=1), default=Script(healthy_after=1.0))
+    old = sim.loop.run_until_complete(sim.runtime.spawn(["vllm"], {}, None,
+                                                        ServerOutput(None, 10)))
+    members = [old.leader.ident.as_dict(), *(w.ident.as_dict() for w in old.workers)]
+    (root / "server.pid").write_text(json.dumps(
+        {"daemon_pid": 1, "pgid": old.pid, "leader": members[0], "members": members}))
+
+    async def scenario() -> None:
+        await sim.reach(State.READY)
+
+    sim.run(scenario)
+    [orphans] = sim.event("orphans")
+    assert orphans["source"] == "pidfile" and len(orphans["processes"]) == 2
+    assert old.signalled == [signal.SIGTERM] and not old.running
+    assert len(sim.runtime.servers) == 2
 
 
 # --- parking --------------------------------------------------------------------------------------
