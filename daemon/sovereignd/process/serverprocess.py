@@ -1,11 +1,10 @@
 """The model server as a child process: spawn it in its own process group, watch it, stop it
 without leaving a single process behind.
 
-Exit is detected by waiting on the pid in a thread, not by asyncio's `Process.wait()`, which
-on Python 3.11 also waits for the pipes to close: an orphaned `VLLM::EngineCore` keeps them
-open, so the server's death would go unnoticed. Stop is SIGTERM to the group, a grace period,
-SIGKILL to the group and to every remembered descendant, then a check that none survived
-(gunicorn `stop()`, supervisor `kill()` with `-pid`).
+Spawning, lookups, signals and the clock go through a `runtime.Runtime` (the real one by
+default; exit is detected there by waiting on the pid in a thread). Stop is SIGTERM to the
+group, a grace period, SIGKILL to the group and to every remembered descendant, then a check
+that none survived (gunicorn `stop()`, supervisor `kill()` with `-pid`).
 
 A server whose main process has exited has nothing left to drain: what remains of it
 (EngineCore, Worker, the resource tracker: vllm issue 55510) is killed at once, and the
@@ -17,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +28,7 @@ from sovereignd.fsutil import atomic_write
 from sovereignd.logs.files import dumps
 from sovereignd.logs.serveroutput import ServerOutput
 from sovereignd.process import system
-from sovereignd.process.exitwatch import ExitWatch
+from sovereignd.process.runtime import OS_RUNTIME, Child, ExitWatcher, Runtime
 
 KILL_WAIT = 5.0  # after SIGKILL the kernel needs only moments; longer means unkillable (D state)
 KILL_POLL = 0.005  # look this often for killed processes to be gone (the respawn waits on it)
@@ -53,44 +50,20 @@ class StopReport:
     shm_removed: list[str] = field(default_factory=list)
 
 
-class _LinePipe(asyncio.Protocol):
-    """Splits a pipe's bytes into lines (\\n or \\r, for progress bars) for ServerOutput."""
-
-    def __init__(self, stream: str, pid: int, output: ServerOutput) -> None:
-        self.stream, self.pid, self.output = stream, pid, output
-        self._buf = b""
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def data_received(self, data: bytes) -> None:
-        self._buf += data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        *lines, self._buf = self._buf.split(b"\n")
-        for raw in lines:
-            if raw.strip():
-                self.output.line(self.stream, self.pid, raw.decode("utf-8", "replace"))
-        if len(self._buf) > 64 * 1024:  # a line without end: store what we have
-            self.output.line(self.stream, self.pid, self._buf.decode("utf-8", "replace"))
-            self._buf = b""
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._buf.strip():
-            self.output.line(self.stream, self.pid, self._buf.decode("utf-8", "replace"))
-        self._buf = b""
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-
 class ServerProcess:
     """One run of the model server: its process group, output and identity."""
 
     def __init__(self, argv: list[str], env: dict[str, str], cwd: Path | None,
                  output: ServerOutput,
-                 on_members: Callable[[ServerProcess], None] | None = None) -> None:
+                 on_members: Callable[[ServerProcess], None] | None = None, *,
+                 runtime: Runtime = OS_RUNTIME) -> None:
         self.argv = argv
         self.env = env
         self.cwd = cwd
         self.output = output
+        self.runtime = runtime
         self._on_members = on_members
-        self._popen: subprocess.Popen[bytes] | None = None
+        self._child: Child | None = None
         self.pid = 0
         self.leader: system.ProcessId | None = None
         self.started = 0.0        # monotonic
@@ -99,19 +72,13 @@ class ServerProcess:
         self.tracked: dict[int, system.ProcessId] = {}
         self.shm: set[str] = set()  # shared memory seen mapped by this run's processes
         self.names: dict[int, str] = {}  # process titles of the watched processes
-        self._exits: ExitWatch | None = None
-        self._pipes: list[_LinePipe] = []
+        self._exits: ExitWatcher | None = None
 
     async def start(self) -> None:
         """Spawn the server in a new session (its own process group) and start watching it."""
-        loop = asyncio.get_running_loop()
+        rt = self.runtime
         try:
-            # Popen, not asyncio's subprocess: exit is watched by a reaper thread (see above);
-            # fork/exec takes a millisecond, which the loop can afford.
-            self._popen = subprocess.Popen(  # noqa: ASYNC220
-                self.argv, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                close_fds=True)
+            self._child = await rt.spawn(self.argv, self.env, self.cwd, self.output)
         except FileNotFoundError as exc:
             raise SpawnError(f"cannot start the server: {self.argv[0]!r} was not found "
                              "(set server.command to the full path, or server.venv)") from exc
@@ -120,31 +87,13 @@ class ServerProcess:
                              "by the service account") from exc
         except OSError as exc:
             raise SpawnError(f"cannot start the server: {exc.strerror or exc}") from exc
-        self.pid = self._popen.pid
-        self.started = time.monotonic()
-        self.started_wall = time.time()
-        self.leader = system.identify(self.pid) or system.ProcessId(
+        self.pid = self._child.pid
+        self.started = rt.monotonic()
+        self.started_wall = rt.wall()
+        self.leader = rt.identify(self.pid) or system.ProcessId(
             self.pid, self.started_wall, os.getuid())
         self.tracked = {self.pid: self.leader}
-        self.exited = loop.create_future()
-        threading.Thread(target=self._reap, args=(loop, self._popen, self.exited),
-                         name=f"reap-{self.pid}", daemon=True).start()
-        for name, pipe in (("stdout", self._popen.stdout), ("stderr", self._popen.stderr)):
-            proto = _LinePipe(name, self.pid, self.output)
-            await loop.connect_read_pipe(lambda p=proto: p, pipe)  # type: ignore[misc]
-            self._pipes.append(proto)
-
-    @staticmethod
-    def _reap(loop: asyncio.AbstractEventLoop, popen: subprocess.Popen[bytes],
-              fut: asyncio.Future[int]) -> None:
-        code = popen.wait()
-
-        def deliver() -> None:
-            if not fut.done():
-                fut.set_result(code)
-
-        with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
-            loop.call_soon_threadsafe(deliver)
+        self.exited = self._child.exited
 
     @property
     def pgid(self) -> int:
@@ -165,7 +114,7 @@ class ServerProcess:
         if self.leader is None:
             return False
         changed = False
-        for ident in system.descendants(self.pid) + system.group_members(
+        for ident in self.runtime.descendants(self.pid) + self.runtime.group_members(
                 self.pgid, self.leader.uid, self.leader.create_time):
             if ident.pid not in self.tracked:
                 self.tracked[ident.pid] = ident
@@ -178,84 +127,85 @@ class ServerProcess:
         """Every live process of this run: remembered descendants plus the group's members."""
         found: dict[int, system.ProcessId] = {}
         for ident in self.tracked.values():
-            if system.is_alive(ident):
+            if self.runtime.is_alive(ident):
                 found[ident.pid] = ident
         if self.leader is not None:
-            for ident in system.group_members(self.pgid, self.leader.uid, self.leader.create_time):
+            for ident in self.runtime.group_members(self.pgid, self.leader.uid,
+                                                    self.leader.create_time):
                 found.setdefault(ident.pid, ident)
         return list(found.values())
 
     def remember_shared_memory(self, members: list[system.ProcessId] | None = None) -> None:
         """Note the /dev/shm segments this run's processes have mapped (blocking; Linux)."""
         for m in self.members() if members is None else members:
-            self.shm |= system.shared_memory(m.pid)
+            self.shm |= self.runtime.shared_memory(m.pid)
 
     def watch_exits(self, on_death: Callable[[system.ProcessId], None]) -> None:
         """Call `on_death` the moment any remembered process other than the main one ends
         (the main process's end is `exited`)."""
         if self._exits is None:
-            self._exits = ExitWatch(on_death)
+            self._exits = self.runtime.exit_watch(on_death)
         for ident in self.tracked.values():
             if ident.pid != self.pid:
-                self.names.setdefault(ident.pid, system.describe(ident.pid))
+                self.names.setdefault(ident.pid, self.runtime.describe(ident.pid))
                 self._exits.watch(ident)
 
     async def wait_output_closed(self, timeout: float) -> None:
         """Give the output pipes a moment to deliver a dying server's last lines."""
-        pending = [p.closed for p in self._pipes if not p.closed.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=timeout)
+        if self._child is not None:
+            await self._child.output_closed(timeout)
 
     async def stop(self, grace: float) -> StopReport:
         """SIGTERM the group, wait up to `grace`, SIGKILL what is left, verify none survive,
         remove the run's shared memory. A server whose main process has exited (or a grace of
         0) is killed at once: nothing is left to drain."""
-        t0 = time.monotonic()
+        rt = self.runtime
+        t0 = rt.monotonic()
         if self._exits is not None:
             self._exits.close()  # deaths from here on are ours
         report = StopReport(graceful=True, seconds=0.0)
         if not self.running or grace <= 0:
             # Nothing to drain: SIGKILL at once. If the main process is gone, every moment
             # spent here delays the respawn: names and shared memory were noted at READY.
-            members = await asyncio.to_thread(self.members)
+            members = await rt.to_thread(self.members)
             if self.running or not self.shm:  # alive, or died before READY: look now
-                await asyncio.to_thread(self.remember_shared_memory, members)
+                await rt.to_thread(self.remember_shared_memory, members)
             self._kill(members)
-            names = {m.pid: self.names.get(m.pid) or system.describe(m.pid) for m in members}
+            names = {m.pid: self.names.get(m.pid) or rt.describe(m.pid) for m in members}
             report.signalled = [{"pid": m.pid, "name": names[m.pid]} for m in members]
             report.killed = list(report.signalled)
             report.graceful = not members
-            remaining = await self._wait_killed(members, time.monotonic() + KILL_WAIT)
+            remaining = await self._wait_killed(members, rt.monotonic() + KILL_WAIT)
         else:
-            await asyncio.to_thread(self.refresh_members)
-            members = await asyncio.to_thread(self.members)
-            names = {m.pid: system.describe(m.pid) for m in members}
-            await asyncio.to_thread(self.remember_shared_memory, members)
+            await rt.to_thread(self.refresh_members)
+            members = await rt.to_thread(self.members)
+            names = {m.pid: rt.describe(m.pid) for m in members}
+            await rt.to_thread(self.remember_shared_memory, members)
             if members:
                 report.signalled = [{"pid": m.pid, "name": names[m.pid]} for m in members]
-                system.signal_group(self.pgid, system.SIGTERM)
+                rt.signal_group(self.pgid, system.SIGTERM)
                 for m in members:
-                    system.signal_process(m, system.SIGTERM)
+                    rt.signal_process(m, system.SIGTERM)
             remaining = await self._wait_gone(members, t0 + grace)
             if remaining:
                 report.graceful = False
                 self._kill(remaining)
                 report.killed = [{"pid": m.pid, "name": names.get(m.pid, "?")}
                                  for m in remaining]
-                remaining = await self._wait_killed(remaining, time.monotonic() + KILL_WAIT)
+                remaining = await self._wait_killed(remaining, rt.monotonic() + KILL_WAIT)
         report.survivors = [{"pid": m.pid, "name": names.get(m.pid, "?")} for m in remaining]
         if not remaining and self.shm and self.leader is not None:
-            report.shm_removed = await asyncio.to_thread(system.remove_shared_memory, self.shm,
-                                                         self.leader.uid)
+            report.shm_removed = await rt.to_thread(rt.remove_shared_memory, self.shm,
+                                                    self.leader.uid)
         await self.wait_output_closed(0.5)
-        report.seconds = time.monotonic() - t0
+        report.seconds = rt.monotonic() - t0
         return report
 
     def _kill(self, members: list[system.ProcessId]) -> None:
         """SIGKILL the group and each remembered process (also those that left the group)."""
-        system.signal_group(self.pgid, system.SIGKILL)
+        self.runtime.signal_group(self.pgid, system.SIGKILL)
         for m in members:
-            system.signal_process(m, system.SIGKILL)
+            self.runtime.signal_process(m, system.SIGKILL)
 
     async def _wait_killed(self, members: list[system.ProcessId],
                            deadline: float) -> list[system.ProcessId]:
@@ -269,12 +219,12 @@ class ServerProcess:
             if not left:
                 gone.set()
 
-        watch = ExitWatch(ended)
+        watch = self.runtime.exit_watch(ended)
         for m in members:
             watch.watch(m)
         if left:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                async with asyncio.timeout(max(0.0, deadline - self.runtime.monotonic())):
                     await gone.wait()
         watch.close()
         return await self._wait_gone(members, deadline, KILL_POLL)
@@ -285,15 +235,15 @@ class ServerProcess:
         # can only be observed by looking, a few times a second, until the deadline.
         alive = members
         while True:
-            alive = [m for m in alive if system.is_alive(m)]
+            alive = [m for m in alive if self.runtime.is_alive(m)]
             if self.leader is not None:
-                extra = [m for m in system.group_members(self.pgid, self.leader.uid,
-                                                        self.leader.create_time)
+                extra = [m for m in self.runtime.group_members(
+                             self.pgid, self.leader.uid, self.leader.create_time)
                          if m.pid not in {a.pid for a in alive}]
                 alive += extra
-            if not alive or time.monotonic() >= deadline:
+            if not alive or self.runtime.monotonic() >= deadline:
                 return alive
-            wait = min(poll, max(0.0, deadline - time.monotonic()))
+            wait = min(poll, max(0.0, deadline - self.runtime.monotonic()))
             if self.exited is not None and not self.exited.done():
                 await asyncio.wait([self.exited], timeout=wait)
             else:
@@ -323,7 +273,8 @@ def read_pidfile(path: Path) -> dict[str, object] | None:
     return data if isinstance(data, dict) else {}
 
 
-def leftovers(record: dict[str, object]) -> list[system.ProcessId]:
+def leftovers(record: dict[str, object],
+              runtime: Runtime = OS_RUNTIME) -> list[system.ProcessId]:
     """Processes of a previous daemon's server that still run, verified by pid, start time and
     uid: the remembered members that are still the same processes, and processes in the
     recorded group owned by the same uid that started after the recorded leader."""
@@ -343,35 +294,36 @@ def leftovers(record: dict[str, object]) -> list[system.ProcessId]:
             ident = system.ProcessId(int(m["pid"]), float(m["create_time"]), int(m["uid"]))
         except (KeyError, TypeError, ValueError):
             continue
-        if system.is_alive(ident):
+        if runtime.is_alive(ident):
             found[ident.pid] = ident
-    for ident in system.group_members(pgid, lead.uid, lead.create_time):
+    for ident in runtime.group_members(pgid, lead.uid, lead.create_time):
         if ident.pid != os.getpid():
             found.setdefault(ident.pid, ident)
     return list(found.values())
 
 
-async def stop_leftovers(record: dict[str, object], grace: float) -> list[dict[str, object]]:
+async def stop_leftovers(record: dict[str, object], grace: float,
+                         runtime: Runtime = OS_RUNTIME) -> list[dict[str, object]]:
     """Stop a previous server's processes (SIGTERM, grace, SIGKILL); return what was found."""
-    found = await asyncio.to_thread(leftovers, record)
+    found = await runtime.to_thread(leftovers, record, runtime)
     if not found:
         return []
-    described = [{"pid": m.pid, "name": system.describe(m.pid)} for m in found]
+    described = [{"pid": m.pid, "name": runtime.describe(m.pid)} for m in found]
     # Signals go to each verified process, not to the recorded group id: by now that id may
     # belong to an unrelated program.
     for m in found:
-        system.signal_process(m, system.SIGTERM)
-    deadline = time.monotonic() + grace
+        runtime.signal_process(m, system.SIGTERM)
+    deadline = runtime.monotonic() + grace
     alive = found
-    while alive and time.monotonic() < deadline:
+    while alive and runtime.monotonic() < deadline:
         await asyncio.sleep(0.05)
-        alive = [m for m in alive if system.is_alive(m)]
+        alive = [m for m in alive if runtime.is_alive(m)]
     for m in alive:
-        system.signal_process(m, system.SIGKILL)
-    deadline = time.monotonic() + KILL_WAIT
-    while alive and time.monotonic() < deadline:
+        runtime.signal_process(m, system.SIGKILL)
+    deadline = runtime.monotonic() + KILL_WAIT
+    while alive and runtime.monotonic() < deadline:
         await asyncio.sleep(0.05)
-        alive = [m for m in alive if system.is_alive(m)]
+        alive = [m for m in alive if runtime.is_alive(m)]
     if alive:
         raise SovereigndError(
             "processes of a previous server survived SIGKILL: "

@@ -5,14 +5,17 @@ it to WARMING and READY, and ends on an exit, a failed probe streak, a start tim
 request (restart, quarantine, shutdown). Every state change goes through `_transition`,
 which checks the table in `states` and logs `{"event":"state","from","to","reason"}`.
 
-Restart policy (supervisord's BACKOFF -> FATAL, with exponential backoff): the first restart
-after a good run is immediate; each further failure waits backoff_initial, doubling up to
-backoff_max; `restart.max_failures` failures within `restart.window` -> FATAL. A run counts
-as good once it has been READY for `restart.min_uptime`. Deterministic start-up failures go
-to FATAL at once: those a pattern knows (see `failures`), and, whatever the message, a server
-that exits before its health endpoint ever answered twice in a row with the same decisive
-line (deterministic by evidence: at most 2 spawns). FATAL retries after
-`restart.fatal_cooldown`, on SIGHUP or on `restart`.
+Restart policy (`policy.RestartPolicy`, supervisord's BACKOFF -> FATAL, with exponential
+backoff): the first restart after a good run is immediate; each further failure waits
+backoff_initial, doubling up to backoff_max; `restart.max_failures` failures within
+`restart.window` -> FATAL. A run counts as good once it has been READY for
+`restart.min_uptime`. Deterministic start-up failures go to FATAL at once: those a pattern
+knows (see `failures`), and, whatever the message, a server that exits before its health
+endpoint ever answered twice in a row with the same decisive line (deterministic by evidence:
+at most 2 spawns). FATAL retries after `restart.fatal_cooldown`, on SIGHUP or on `restart`.
+
+Spawning, signals and the clock go through a `process.runtime.Runtime`, the probes through a
+`ProbeClient`: the real ones by default, fakes in tests/test_supervision_policy.py.
 """
 
 from __future__ import annotations
@@ -23,11 +26,9 @@ import dataclasses
 import enum
 import os
 import secrets
-import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sovereignd import __version__
 from sovereignd.backends.profiles import Backend
@@ -38,9 +39,10 @@ from sovereignd.logs.eventlog import EventLog
 from sovereignd.logs.files import utc_timestamp
 from sovereignd.logs.serveroutput import ServerOutput
 from sovereignd.process import serversocket
-from sovereignd.process.failures import Failure, classify_exit, quote, same_cause
-from sovereignd.process.probe import Prober, ProbeResult
+from sovereignd.process.failures import Failure, classify_exit, quote
+from sovereignd.process.probe import ListenerGuard, Prober, ProbeResult
 from sovereignd.process.progress import ProgressWatch, Verdict, parse_counters
+from sovereignd.process.runtime import OS_RUNTIME, Runtime
 from sovereignd.process.serverprocess import (
     ServerProcess,
     SpawnError,
@@ -50,6 +52,7 @@ from sovereignd.process.serverprocess import (
     write_pidfile,
 )
 from sovereignd.process.system import ProcessId
+from sovereignd.supervision.policy import RestartPolicy
 from sovereignd.supervision.states import PARKED, State, check_transition
 
 # Output lines searched for a known failure. The tail is cleared at each start, so these are
@@ -95,6 +98,21 @@ class Upstream:
     key: str
 
 
+class ProbeClient(Protocol):
+    """The supervisor's HTTP client to the server (`probe.Prober`; a fake in tests)."""
+
+    guard: ListenerGuard | None
+
+    async def health(self, path: str, timeout: float) -> ProbeResult: ...
+
+    async def canary(self, path: str, body: dict[str, Any], key: str,
+                     timeout: float) -> ProbeResult: ...
+
+    async def text(self, path: str, timeout: float) -> str | None: ...
+
+    async def close(self) -> None: ...
+
+
 @dataclass
 class _Pending:
     kind: Request
@@ -106,16 +124,21 @@ class Supervisor:
     """Owns the model server's life: the state machine, the restart policy, the probes."""
 
     def __init__(self, cfg: Config, backend: Backend, events: EventLog, metrics: Metrics, *,
-                 output: ServerOutput, clock: Callable[[], float] = time.monotonic) -> None:
+                 output: ServerOutput, clock: Callable[[], float] | None = None,
+                 runtime: Runtime = OS_RUNTIME, prober: ProbeClient | None = None) -> None:
+        """`runtime`: spawning, signals and the clock (`clock`, if given, overrides its
+        monotonic clock); `prober`: the HTTP probes (default: a `Prober` to the server)."""
         self.cfg = cfg
         self.backend = backend
         self.events = events
         self.metrics = metrics
         self.output = output
-        self.clock = clock
+        self.runtime = runtime
+        self.clock = clock or runtime.monotonic
+        self.policy = RestartPolicy(cfg.restart)
         self.state = State.STOPPED
         self.reason = "daemon starting"
-        self.since = time.time()
+        self.since = runtime.wall()
         self.restarts = 0
         self.starts = 0
         self.last_failure: dict[str, Any] | None = None
@@ -127,7 +150,6 @@ class Supervisor:
         self._canary_since: float | None = None
         self._progress = ProgressWatch(cfg.health.stall_timeout, cfg.health.stall_restart)
         self._death: asyncio.Future[ProcessId] | None = None
-        self._history: deque[float] = deque()
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         self._shutting_down = False
@@ -135,15 +157,13 @@ class Supervisor:
         self._server: ServerProcess | None = None
         self._key: str | None = None
         self._ready_at: float | None = None
-        self._fatal_until: float | None = None
-        self._early_exit: str | None = None  # decisive line of the last exit before /health
         self._start_reason = "daemon started"
         self._gates: list[Gate] = [self._preflight_gate]
         self._listeners: list[Callable[[State, State], None]] = []
         self._done = asyncio.Event()
         s = cfg.server
         uds = str(cfg.server_uds) if cfg.server_uds else None
-        self.prober = Prober(s.host, s.port, uds)
+        self.prober: ProbeClient = prober or Prober(s.host, s.port, uds)
         self.prober.guard = self._probe_guard
         self._target = Target(s.host, s.port, uds)
         self._upstream: Upstream | None = None
@@ -197,7 +217,7 @@ class Supervisor:
     def _transition(self, new: State, reason: str, **fields: Any) -> None:
         old = self.state
         check_transition(old, new)
-        self.state, self.reason, self.since = new, reason, time.time()
+        self.state, self.reason, self.since = new, reason, self.runtime.wall()
         self.suspect = None
         self.metrics.set_state(old, new)
         self.events.emit("state", level="warning" if new in PARKED else "info",
@@ -215,13 +235,13 @@ class Supervisor:
                       "uptime_s": round(self.clock() - srv.started, 3),
                       "processes": len(srv.tracked),
                       "argv": self.backend.redact_argv(srv.argv)}
-        self._prune_history()
         return {
             "state": self.state.value, "since": utc_timestamp(self.since), "reason": self.reason,
             "version": __version__, "backend": self.backend.name,
             "model": {"name": self.cfg.model_name, "path": str(self.cfg.server.model)},
             "server": server, "starts": self.starts, "restarts": self.restarts,
-            "failures_in_window": len(self._history), "last_exit": self.last_failure,
+            "failures_in_window": self.policy.in_window(self.clock()),
+            "last_exit": self.last_failure,
             "degraded": dict(self.degraded), "probe": dict(self.probe_stats),
             "suspect": self.suspect,
             **{name: result for name, result in self.checks.items()},
@@ -276,7 +296,8 @@ class Supervisor:
         record = read_pidfile(self.pidfile)
         if record is None:
             return
-        found = await stop_leftovers(record, self.cfg.server.stop_grace) if record else []
+        found = await stop_leftovers(record, self.cfg.server.stop_grace,
+                                     self.runtime) if record else []
         if found:
             self.metrics.orphans_killed.inc(len(found))
             self.events.emit("orphans", level="warning", processes=found, source="pidfile",
@@ -290,7 +311,7 @@ class Supervisor:
             if blocked is None:
                 continue
             if blocked.state is State.FATAL:
-                self._fatal_until = self.clock() + self.cfg.restart.fatal_cooldown
+                self.policy.park_fatal(self.clock())
             if self.state is blocked.state:
                 self.reason = blocked.reason
                 self.events.emit("still_blocked", level="warning", state=self.state.value,
@@ -315,13 +336,13 @@ class Supervisor:
         uds = self.cfg.server_uds
         if uds is not None:
             try:
-                await asyncio.to_thread(serversocket.prepare_uds, uds)
+                await self.runtime.to_thread(serversocket.prepare_uds, uds)
             except serversocket.SocketDirError as exc:
                 return Blocked(State.FATAL, str(exc), {"kind": "socket-folder"})
         tmp = self.backend.private_tmp(self.cfg)
         if tmp is not None:
             try:
-                await asyncio.to_thread(serversocket.prepare_private_tmp, tmp)
+                await self.runtime.to_thread(serversocket.prepare_private_tmp, tmp)
             except serversocket.SocketDirError as exc:
                 return Blocked(State.FATAL, str(exc), {"kind": "socket-folder"})
         return None
@@ -335,7 +356,7 @@ class Supervisor:
             pids = [m.pid for m in server.members()] if server is not None else []
             return serversocket.check_listener(s.host, s.port, pids)
 
-        return await asyncio.to_thread(check)
+        return await self.runtime.to_thread(check)
 
     async def _probe_guard(self) -> tuple[str, dict[str, Any] | None] | None:
         check = await self.verify_listener()
@@ -355,10 +376,10 @@ class Supervisor:
         """Wait in FATAL or QUARANTINED for the cool-down, the operator or verified files."""
         while not self._shutting_down:
             timeout = None
-            if self.state is State.FATAL and self._fatal_until is not None:
-                timeout = max(0.0, self._fatal_until - self.clock())
+            if self.state is State.FATAL:
+                timeout = self.policy.cooldown_left(self.clock())
             if not await self._wait_wake(timeout):
-                self._history.clear()
+                self.policy.forget()
                 self._start_reason = "FATAL cool-down elapsed"
                 return
             for req in self._take():
@@ -367,7 +388,7 @@ class Supervisor:
                 if req.kind in (Request.RESTART, Request.RESET, Request.RELEASE):
                     if req.kind is Request.RELEASE and self.state is not State.QUARANTINED:
                         continue
-                    self._history.clear()
+                    self.policy.forget()
                     self._start_reason = req.reason
                     self.events.emit("operator" if req.kind is not Request.RELEASE else "release",
                                      action=req.kind.value, reason=req.reason, **req.details)
@@ -389,14 +410,14 @@ class Supervisor:
         self._transition(State.STARTING, self._start_reason)
         self._ready_at = None
         s = self.cfg.server
-        if self.cfg.server_uds is None and not await asyncio.to_thread(
+        if self.cfg.server_uds is None and not await self.runtime.to_thread(
                 serversocket.port_free, s.host, s.port):
-            holder = await asyncio.to_thread(serversocket.holder_of, s.port)
+            holder = await self.runtime.to_thread(serversocket.holder_of, s.port)
             await self._failed(self._port_taken(
                 f"port {s.host}:{s.port} is already in use by another process", holder), None)
             return
         server = ServerProcess(argv, env, self.cfg.state_dir, self.output,
-                               on_members=self._members_changed)
+                               on_members=self._members_changed, runtime=self.runtime)
         try:
             await server.start()
         except SpawnError as exc:
@@ -447,7 +468,7 @@ class Supervisor:
                 if action.kind is Request.QUARANTINE:
                     self._transition(State.QUARANTINED, action.reason, **action.details)
                 else:
-                    self._history.clear()
+                    self.policy.forget()
                     self._start_reason = action.reason
                     self._transition(State.BACKOFF, f"restarting: {action.reason}")
                 await self._stop_server(server, self.cfg.server.stop_grace, action.reason)
@@ -498,7 +519,7 @@ class Supervisor:
             if self.clock() >= deadline:
                 return self._start_timeout("/health did not answer 200", result)
             await asyncio.sleep(h.startup_poll)
-        await asyncio.to_thread(server.refresh_members)
+        await self.runtime.to_thread(server.refresh_members)
         self._transition(State.WARMING, "health endpoint answers",
                          seconds=round(self.clock() - server.started, 3))
         canary_path, body = self.backend.canary(self.cfg)
@@ -525,7 +546,7 @@ class Supervisor:
             if self.clock() >= deadline:
                 return self._start_timeout("the canary completion did not succeed", result)
             await asyncio.sleep(h.startup_poll)
-        await asyncio.to_thread(server.refresh_members)
+        await self.runtime.to_thread(server.refresh_members)
         await self._arm(server)
         self._ready_at = self.clock()
         self._progress.progress(self.clock())
@@ -536,7 +557,7 @@ class Supervisor:
         next_canary = self.clock() + h.canary_interval
         while True:
             await asyncio.sleep(h.interval)
-            await asyncio.to_thread(server.refresh_members)
+            await self.runtime.to_thread(server.refresh_members)
             # After a failed canary the next probe is a canary again, so a server whose
             # /health is fine but whose engine is dead is caught in `failures` intervals.
             retry_canary = failed > 0 and self.probe_stats.get("last_kind") == "canary"
@@ -586,7 +607,7 @@ class Supervisor:
     async def _arm(self, server: ServerProcess) -> None:
         """At READY: watch every process of the server for its death, note its shared memory."""
         server.watch_exits(self._member_died)
-        await asyncio.to_thread(server.remember_shared_memory)
+        await self.runtime.to_thread(server.remember_shared_memory)
 
     def _member_died(self, ident: ProcessId) -> None:
         if self._death is not None and not self._death.done():
@@ -667,26 +688,16 @@ class Supervisor:
                 self.events.emit("probe_failed", level="warning", kind=result.kind,
                                  detail=result.detail, state=self.state.value)
 
-    def _prune_history(self) -> None:
-        horizon = self.clock() - self.cfg.restart.window
-        while self._history and self._history[0] < horizon:
-            self._history.popleft()
-
     def backoff_delay(self, failures: int) -> float:
-        """Wait before restart number `failures` in a row: 0, initial, 2x initial, ... max."""
-        r = self.cfg.restart
-        if failures <= 1:
-            return 0.0
-        return float(min(r.backoff_max, r.backoff_initial * 2 ** (failures - 2)))
+        """Wait before restart number `failures` in a row (`RestartPolicy.delay`)."""
+        return self.policy.delay(failures)
 
     def _by_evidence(self, failure: Failure) -> Failure:
         """Deterministic by evidence: the server exited before its health endpoint ever
         answered, with the same decisive line as the previous run of this failure streak."""
         line = failure.evidence if (failure.returncode is not None
                                     and self.state is State.STARTING) else None
-        previous, self._early_exit = self._early_exit, line
-        if (failure.deterministic or line is None or previous is None or not self._history
-                or not same_cause(previous, line)):
+        if not self.policy.repeats_early_exit(line) or failure.deterministic:
             return failure
         return dataclasses.replace(
             failure, deterministic=True,
@@ -701,13 +712,10 @@ class Supervisor:
         failure = self._by_evidence(failure)
         now = self.clock()
         ready_for = now - self._ready_at if self._ready_at is not None else 0.0
-        if ready_for >= self.cfg.restart.min_uptime:
-            self._history.clear()  # a good run: the failure streak starts over
-        self._history.append(now)
-        self._prune_history()
+        decision = self.policy.failed(now, ready_for, failure.deterministic)
         self.metrics.failures.labels(kind=failure.kind).inc()
         record = failure.as_dict()
-        record["at"] = utc_timestamp(time.time())
+        record["at"] = utc_timestamp(self.runtime.wall())
         if server is not None:
             record["pid"] = server.pid
             record["uptime_s"] = round(now - server.started, 3)
@@ -716,20 +724,18 @@ class Supervisor:
                          level="error", **record,
                          last_lines=self.output.tail(10) if failure.returncode is not None else [])
         delay = 0.0
-        if failure.deterministic:
-            self._fatal_until = now + self.cfg.restart.fatal_cooldown
+        if decision.state is State.FATAL and not decision.crash_loop:
             self._transition(State.FATAL, failure.sentence(), kind=failure.kind)
-        elif len(self._history) >= self.cfg.restart.max_failures:
-            self._fatal_until = now + self.cfg.restart.fatal_cooldown
+        elif decision.state is State.FATAL:
             self._transition(
-                State.FATAL, f"crash loop: {len(self._history)} failures within "
+                State.FATAL, f"crash loop: {decision.failures} failures within "
                 f"{self.cfg.restart.window:g}s (last: {failure.quoted()}); retrying after "
                 f"{self.cfg.restart.fatal_cooldown:g}s, on SIGHUP or `sovereignd restart`",
                 kind="crash-loop")
         else:
-            delay = self.backoff_delay(len(self._history))
+            delay = decision.delay
             self._transition(State.BACKOFF, failure.quoted(), delay_s=delay,
-                             failures_in_window=len(self._history))
+                             failures_in_window=decision.failures)
             self._start_reason = f"restart after failure ({failure.kind})"
         if server is not None and stopped is None:
             grace = 0.0 if failure.kind in KILL_AT_ONCE else self.cfg.server.stop_grace
@@ -745,7 +751,7 @@ class Supervisor:
                         self._transition(State.QUARANTINED, action.reason, **action.details)
                         return
                     if action is not None and action.kind is Request.RESTART:
-                        self._history.clear()
+                        self.policy.forget()
                         self._start_reason = action.reason
                         return
 
