@@ -296,6 +296,8 @@ def test_sigterm_stops_the_real_server_and_leaves_nothing(vllm_daemon: Daemon) -
     assert d.leftover_processes() == []
     stopped = d.events("server_stopped")[-1]
     assert stopped["why"] == "shutdown" and stopped["survivors"] == []
+    srv = d.logs / "srv"  # no stale socket of the server or its ZMQ IPC left behind
+    assert not (srv / "server.sock").exists() and list((srv / "tmp").iterdir()) == []
     keyfile = d.root / "auditor.key"
     keyfile.write_text(d.auditor_key + "\n")
     res = run_cli("logs", "verify", "--config", str(d.config_path), "--key-file", str(keyfile))

@@ -13,6 +13,7 @@ Two ways, chosen by `server.transport`:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -85,6 +86,27 @@ def prepare_private_tmp(folder: Path) -> None:
     except OSError as exc:
         raise SocketDirError(f"cannot empty the server's temporary folder {folder}: "
                              f"{exc.strerror or exc}") from exc
+
+
+def remove_leftovers(uds: Path | None, tmp: Path | None) -> int:
+    """After the server's last process is gone: remove its socket at `uds` and what it left in
+    its temporary folder `tmp` (ZMQ IPC sockets, rendezvous files), so a stopped service leaves
+    no stale sockets behind (vLLM does not always remove them on SIGTERM). Best effort: returns
+    how many entries went; what cannot be removed is removed before the next start."""
+    removed = 0
+    with contextlib.suppress(OSError):
+        if uds is not None and stat.S_ISSOCK(uds.lstat().st_mode):
+            uds.unlink()
+            removed += 1
+    if tmp is not None and tmp.is_dir() and not tmp.is_symlink():
+        with contextlib.suppress(OSError):
+            for entry in tmp.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+                removed += 1
+    return removed
 
 
 def _private_folder(folder: Path) -> None:

@@ -778,6 +778,8 @@ class Supervisor:
         if not report.survivors:
             with contextlib.suppress(FileNotFoundError):
                 self.pidfile.unlink()
+            await self.runtime.to_thread(serversocket.remove_leftovers, self.cfg.server_uds,
+                                         self.backend.private_tmp(self.cfg))
         return report
 
     async def _shutdown(self) -> None:
