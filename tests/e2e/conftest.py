@@ -13,9 +13,10 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
-from tests.harness import Daemon
+from tests.harness import Daemon, group_processes
 from tests.helpers import REPO, run_cli
 from tests.signing_support import make_key, sign
 
@@ -120,3 +121,18 @@ def mlx_daemon(tmp_path_factory: pytest.TempPathFactory,
     }
     d = Daemon(tmp_path_factory.mktemp("mlx"), overrides, fake=False)
     yield from running(d, "mlx-client")
+
+
+def engine_processes(pgid: int) -> dict[str, psutil.Process]:
+    """The real server's engine processes by title (`VLLM::EngineCore`, `VLLM::Worker`) in
+    the process group `pgid` (the API server's pid)."""
+    out = {}
+    for p in group_processes(pgid):
+        try:
+            title = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        for name in ("VLLM::EngineCore", "VLLM::Worker"):
+            if title.startswith(name):
+                out[name] = p
+    return out

@@ -19,7 +19,7 @@ import pytest
 
 from sovereignd.config import HealthSection
 from sovereignd.process.system import shared_memory
-from tests.e2e.conftest import running, vllm_overrides
+from tests.e2e.conftest import engine_processes, running, vllm_overrides
 from tests.harness import Daemon, group_processes
 from tests.helpers import wait_for
 
@@ -43,20 +43,6 @@ def chaos(tmp_path_factory: pytest.TempPathFactory,
     overrides["restart"] = {"min_uptime": "5s", "max_failures": 10, "window": "10m"}
     d = Daemon(tmp_path_factory.mktemp("chaos"), overrides, fake=False)
     yield from running(d, "chaos-client")
-
-
-def processes(pid: int) -> dict[str, psutil.Process]:
-    """The server's processes by title: the API server (its pid), EngineCore, Worker."""
-    out = {}
-    for p in group_processes(pid):
-        try:
-            title = " ".join(p.cmdline())
-        except psutil.Error:
-            continue
-        for name in ("VLLM::EngineCore", "VLLM::Worker"):
-            if title.startswith(name):
-                out[name] = p
-    return out
 
 
 def metric(d: Daemon, name: str, labels: str = "") -> float:
@@ -126,7 +112,7 @@ def test_kill_9_of_an_engine_process_fails_the_server_at_once(chaos: Daemon,
     d = chaos
     b = before(d)
     failures = metric(d, "sovereignd_server_failures_total", '{kind="engine-died"}')
-    proc = processes(b.pid)[victim]
+    proc = engine_processes(b.pid)[victim]
     proc.kill()
     wait_503(d)
     ready_again(d, b)
@@ -141,7 +127,7 @@ def test_sigstop_of_engine_core_is_a_stall_found_and_restarted(chaos: Daemon) ->
     """/health keeps answering 200; the canary hangs: suspect (503), then a restart."""
     d = chaos
     b = before(d)
-    engine = processes(b.pid)["VLLM::EngineCore"]
+    engine = engine_processes(b.pid)["VLLM::EngineCore"]
     engine.suspend()
     try:
         wait_503(d)

@@ -18,6 +18,7 @@ from sovereignd import config
 from sovereignd.logs.requestlog import iter_records
 from sovereignd.service import firewall
 from tests.accounts import require_root, system_user
+from tests.e2e.conftest import engine_processes
 from tests.harness import Daemon, group_processes, http
 from tests.helpers import run_cli, wait_for
 from tests.signing_support import edit_payload
@@ -32,19 +33,6 @@ def internal_key(pid: int) -> str:
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return next(v.split(b"=", 1)[1].decode() for v in environ
                 if v.startswith(b"VLLM_API_KEY="))
-
-
-def engine_processes(pgid: int) -> dict[str, psutil.Process]:
-    out = {}
-    for p in group_processes(pgid):
-        try:
-            title = " ".join(p.cmdline())
-        except psutil.Error:
-            continue
-        for name in ("VLLM::EngineCore", "VLLM::Worker"):
-            if title.startswith(name):
-                out[name] = p
-    return out
 
 
 def uds_http(sock: Path, method: str, path: str, body: dict[str, object] | None = None,
