@@ -1,0 +1,1 @@
+"""The audit's controls, one module per section of the report."""
