@@ -1,23 +1,22 @@
-"""What every audit control reads, gathered once: config, period, events, host."""
+"""What every audit control reads, gathered once: the configuration, the period, the event
+log's history, the host probe, the auditor's keys, how the daemon is launched and the account
+it ran as."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sovereignd.audit.evidence import (
-    EventHistory,
-    Period,
-    account_of_uid,
-)
+from sovereignd.audit.evidence import EventHistory, Period, account_of_uid, read_events
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
 from sovereignd.service import guardrails, hostfacts
 
 
 @dataclass
-class _Inputs:
-    """What every control reads, gathered once."""
+class Inputs:
+    """What every control reads, gathered once by `gather`."""
 
     cfg: Config
     period: Period
@@ -28,6 +27,17 @@ class _Inputs:
     account: guardrails.Account | None
     account_source: str
     uids: list[int]
+
+
+def gather(cfg: Config, period: Period, probe: hostfacts.HostProbe,
+           verification_keys: Iterable[bytes]) -> Inputs:
+    """The inputs for `period`: events read up to its end (AuditError if the event log cannot
+    be read), the service account from daemon.user or else the uid the daemon last ran as."""
+    history = read_events(cfg.logs.dir, period.hi)
+    uids = _daemon_uids(history, period)
+    account, source = _service_account(cfg, uids)
+    return Inputs(cfg, period, history, probe, list(verification_keys),
+                  hostfacts.launch_method(probe), account, source, uids)
 
 
 def _daemon_uids(history: EventHistory, period: Period) -> list[int]:

@@ -161,13 +161,6 @@ def short_ts(ts: str) -> str:
     return ts[:10] + " " + ts[11:19] + "Z" if _ISO.match(ts) else ts
 
 
-def human_size(n: int) -> str:
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
 def human_duration(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 60:

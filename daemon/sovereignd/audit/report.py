@@ -2,9 +2,10 @@
 
 Which model and which software served which requests for whom, did anything drift or fail,
 and can the records be proved complete? `build_report` reads the configuration, the files it
-names, the event log, the request log (verified whole with `logverify`) and the host, and
-returns an `AuditReport`: one PASS / FAIL / WARN / INFO verdict per control with the evidence
-under it. `auditrender` turns it into Markdown, HTML or JSON; `cli` decides the exit status.
+names, the event log, the request log (verified whole with `logs.verify`) and the host, and
+returns an `AuditReport` (`model`): one PASS / FAIL / WARN / INFO verdict per control with the
+evidence under it. The controls live in `controls/`, one module per section of the report;
+`render` turns the report into Markdown, HTML or JSON; `cli` decides the exit status.
 
 Verdicts: PASS the control holds; FAIL it does not (the report's result is FAIL); WARN it
 could not be fully judged or needs a person's look; INFO facts without a verdict.
@@ -19,30 +20,25 @@ from collections.abc import Iterable
 
 from sovereignd import __version__
 from sovereignd.audit.controls.configuration import (
-    _config_control,
-    _listen_control,
-    _offline_control,
-    _secrets_control,
+    config_control,
+    listen_control,
+    offline_control,
+    secrets_control,
 )
-from sovereignd.audit.controls.host import _account_control, _host_control, _launch_control
+from sovereignd.audit.controls.host import account_control, host_control, launch_control
 from sovereignd.audit.controls.incidents import (
-    _changes_control,
-    _coverage_control,
-    _incident_data,
-    _incidents_control,
+    changes_control,
+    coverage_control,
+    incident_data,
+    incidents_control,
     public_incidents,
 )
-from sovereignd.audit.controls.integrity import _integrity_control
-from sovereignd.audit.controls.posture import _egress_control, _posture_control
-from sovereignd.audit.controls.requests import _activity_control, _chain_control, _records_control
-from sovereignd.audit.controls.software import _environment_control, _self_control
-from sovereignd.audit.evidence import (
-    AuditError,
-    Period,
-    read_events,
-    request_stats,
-)
-from sovereignd.audit.inputs import _daemon_uids, _Inputs, _service_account
+from sovereignd.audit.controls.integrity import integrity_control
+from sovereignd.audit.controls.posture import egress_control, posture_control
+from sovereignd.audit.controls.requests import activity_control, chain_control, records_control
+from sovereignd.audit.controls.software import environment_control, self_control
+from sovereignd.audit.evidence import AuditError, Period, request_stats
+from sovereignd.audit.inputs import gather
 from sovereignd.audit.model import (
     FAIL,
     INFO,
@@ -57,7 +53,6 @@ from sovereignd.audit.model import (
     Table,
     display_value,
     human_duration,
-    human_size,
     short_ts,
 )
 from sovereignd.config import Config
@@ -65,13 +60,10 @@ from sovereignd.logs import verify
 from sovereignd.logs.files import utc_timestamp
 from sovereignd.logs.requestlog import iter_records
 from sovereignd.service import hostfacts
+from sovereignd.units import human_size
 
 # Bars in a chart: beyond this many days the chart shows the most recent ones.
 MAX_CHART_DAYS = 366
-
-
-# ---------------------------------------------------------------------------------------------
-# Building the report
 
 
 def build_report(cfg: Config, since: float | None = None, until: float | None = None, *,
@@ -85,35 +77,31 @@ def build_report(cfg: Config, since: float | None = None, until: float | None = 
         raise AuditError(f"the period is empty: --since ({utc_timestamp(since)}) is not before "
                          f"--until ({utc_timestamp(end)})")
     period = Period(since, end)
-    probe = probe or hostfacts.HostProbe()
-    history = read_events(cfg.logs.dir, period.hi)
-    uids = _daemon_uids(history, period)
-    account, source = _service_account(cfg, uids)
-    inputs = _Inputs(cfg, period, history, probe, list(verification_keys),
-                     hostfacts.launch_method(probe), account, source, uids)
-    host = hostfacts.identity(probe)
+    inputs = gather(cfg, period, probe or hostfacts.HostProbe(), verification_keys)
+    host = hostfacts.identity(inputs.probe)
     stats = request_stats(iter_records(cfg.logs.dir, period.since, period.until))
     chain = verify.verify_logs(cfg.logs.dir, inputs.keys or None, cfg.state_dir)
-    incidents = _incident_data(inputs)
+    incidents = incident_data(inputs)
+    # In the order of the report: its sections (SECTIONS), then the controls of each.
     controls = [
-        _host_control(inputs, host),
-        _account_control(inputs),
-        _launch_control(inputs),
-        _config_control(inputs),
-        _listen_control(inputs),
-        _offline_control(inputs),
-        _secrets_control(inputs),
-        _posture_control(inputs),
-        _egress_control(inputs),
-        _integrity_control(inputs, incidents),
-        _environment_control(inputs),
-        _self_control(inputs),
-        _chain_control(inputs, chain),
-        _records_control(inputs, chain),
-        _activity_control(inputs, stats),
-        _coverage_control(inputs),
-        _incidents_control(inputs, incidents),
-        _changes_control(inputs, incidents),
+        host_control(inputs, host),
+        account_control(inputs),
+        launch_control(inputs),
+        config_control(inputs),
+        listen_control(inputs),
+        offline_control(inputs),
+        secrets_control(inputs),
+        posture_control(inputs),
+        egress_control(inputs),
+        integrity_control(inputs, incidents),
+        environment_control(inputs),
+        self_control(inputs),
+        chain_control(inputs, chain),
+        records_control(inputs, chain),
+        activity_control(inputs, stats),
+        coverage_control(inputs),
+        incidents_control(inputs, incidents),
+        changes_control(inputs, incidents),
     ]
     charts = {
         "requests_per_day": _daily(period, {d: t["requests"] for d, t in
@@ -123,7 +111,7 @@ def build_report(cfg: Config, since: float | None = None, until: float | None = 
     }
     incidents = public_incidents(incidents)
     start_text = (period.lo if period.lo is not None else
-                  f"start of the kept logs ({short_ts(history.first_ts or '') or 'none'})")
+                  f"start of the kept logs ({short_ts(inputs.history.first_ts or '') or 'none'})")
     return AuditReport(
         produced_at=utc_timestamp(produced), version=__version__, period=period,
         period_start_text=start_text, config_path=str(cfg.source), config_sha256=cfg.digest,
@@ -146,8 +134,6 @@ def _daily(period: Period, counts: dict[str, int]) -> list[tuple[str, int]]:
         days.append((day.isoformat(), int(counts.get(day.isoformat(), 0))))
         day += dt.timedelta(days=1)
     return days
-
-
 
 
 # The report's model, importable from here as before the split (render, cli, tests).

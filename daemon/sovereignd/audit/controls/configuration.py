@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from sovereignd.audit.inputs import _Inputs
+from sovereignd.audit.inputs import Inputs
 from sovereignd.audit.model import (
     FAIL,
     INFO,
@@ -33,7 +33,7 @@ def _fingerprint(secret: str) -> str:
 # --- configuration ----------------------------------------------------------------------------
 
 
-def _config_control(i: _Inputs) -> Control:
+def config_control(i: Inputs) -> Control:
     cfg = i.cfg
     c = Control("config", SECTIONS[1], "Configuration file", PASS,
                 f"{cfg.source}, sha256 {cfg.digest[:16]}…")
@@ -62,7 +62,7 @@ def _config_control(i: _Inputs) -> Control:
     return c
 
 
-def _listen_control(i: _Inputs) -> Control:
+def listen_control(i: Inputs) -> Control:
     cfg = i.cfg
     host, _port = cfg.listen
     s = cfg.server
@@ -91,7 +91,7 @@ def _listen_control(i: _Inputs) -> Control:
     return c
 
 
-def _offline_control(i: _Inputs) -> Control:
+def offline_control(i: Inputs) -> Control:
     env = i.cfg.server.env
     overridden = {k: env[k] for k in OFFLINE_VARS if k in env and env[k] not in ("1", "true")}
     c = Control("offline", SECTIONS[1], "Offline mode of the server", PASS, "")
@@ -124,7 +124,7 @@ def _offline_control(i: _Inputs) -> Control:
     return c
 
 
-def _secrets_control(i: _Inputs) -> Control:
+def secrets_control(i: Inputs) -> Control:
     cfg = i.cfg
     c = Control("secrets", SECTIONS[1], "Secrets (fingerprints only)", PASS,
                 "no secret is written in the configuration; keys are stored as hashes")

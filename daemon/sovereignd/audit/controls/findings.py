@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sovereignd.audit.inputs import _Inputs
+from sovereignd.audit.inputs import Inputs
 from sovereignd.audit.model import (
     FAIL,
     WARN,
@@ -13,7 +13,7 @@ from sovereignd.audit.model import (
 )
 
 
-def _last_check(c: Control, i: _Inputs, guard: str, problems: list[tuple[str, str]],
+def last_check(c: Control, i: Inputs, guard: str, problems: list[tuple[str, str]],
                 drifted: str) -> dict[str, Any] | None:
     """The guard's most recent verdict (verified, drift, or a baseline it could not read),
     as a fact; a drift or an unreadable baseline not verified since is a failure."""
@@ -34,7 +34,7 @@ def _last_check(c: Control, i: _Inputs, guard: str, problems: list[tuple[str, st
     return last
 
 
-def _conclude(c: Control, problems: list[tuple[str, str]], ok: Any) -> Control:
+def conclude(c: Control, problems: list[tuple[str, str]], ok: Any) -> Control:
     if not problems:
         c.finding = ok()
         return c

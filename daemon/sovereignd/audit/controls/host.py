@@ -9,7 +9,7 @@ from sovereignd.audit.evidence import (
     account_label,
     account_of_uid,
 )
-from sovereignd.audit.inputs import _Inputs
+from sovereignd.audit.inputs import Inputs
 from sovereignd.audit.model import (
     FAIL,
     INFO,
@@ -17,13 +17,13 @@ from sovereignd.audit.model import (
     SECTIONS,
     WARN,
     Control,
-    human_size,
 )
+from sovereignd.units import human_size
 
 # --- host and service --------------------------------------------------------------------------
 
 
-def _host_control(i: _Inputs, host: dict[str, Any]) -> Control:
+def host_control(i: Inputs, host: dict[str, Any]) -> Control:
     c = Control("host", SECTIONS[0], "Host", INFO,
                 f"{host['hostname']}: {host['os']}, {host['cpu_model'] or 'CPU model unknown'}, "
                 f"{human_size(host['memory_bytes']) if host['memory_bytes'] else '?'} memory")
@@ -44,7 +44,7 @@ def _host_control(i: _Inputs, host: dict[str, Any]) -> Control:
     return c
 
 
-def _account_control(i: _Inputs) -> Control:
+def account_control(i: Inputs) -> Control:
     c = Control("service_account", SECTIONS[0], "Service account", PASS, "")
     expected = i.cfg.daemon.user
     c.fact("configured_user", "daemon.user", expected,
@@ -73,7 +73,7 @@ def _account_control(i: _Inputs) -> Control:
     return c
 
 
-def _launch_control(i: _Inputs) -> Control:
+def launch_control(i: Inputs) -> Control:
     launch = i.launch
     c = Control("launch", SECTIONS[0], "How it is launched", WARN, launch.detail)
     c.fact("manager", "Service manager", launch.manager)

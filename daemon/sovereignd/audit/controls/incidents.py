@@ -10,7 +10,7 @@ from sovereignd.audit.evidence import (
     overlaps,
     state_intervals,
 )
-from sovereignd.audit.inputs import _Inputs
+from sovereignd.audit.inputs import Inputs
 from sovereignd.audit.model import (
     FAIL,
     INFO,
@@ -27,7 +27,7 @@ from sovereignd.units import format_size
 # --- incidents --------------------------------------------------------------------------------
 
 
-def _incident_data(i: _Inputs) -> dict[str, Any]:
+def incident_data(i: Inputs) -> dict[str, Any]:
     """Restarts with their cause, parked periods, unclean stops: for controls, charts and JSON."""
     period = i.period
     restarts: list[dict[str, Any]] = []
@@ -87,7 +87,7 @@ def _incident_data(i: _Inputs) -> dict[str, Any]:
     }
 
 
-def _coverage_control(i: _Inputs) -> Control:
+def coverage_control(i: Inputs) -> Control:
     h = i.history
     c = Control("event_coverage", SECTIONS[6], "Event log covers the period", PASS, "")
     c.fact("files", "Event log files", [p.name for p in h.files])
@@ -119,7 +119,7 @@ def _coverage_control(i: _Inputs) -> Control:
     return c
 
 
-def _incidents_control(i: _Inputs, data: dict[str, Any]) -> Control:
+def incidents_control(i: Inputs, data: dict[str, Any]) -> Control:
     c = Control("incidents", SECTIONS[6], "Restarts, FATAL periods, quarantines", PASS, "")
     r = c.table("restarts", "Restarts of the server", ["time", "start", "cause", "classified as",
                                                        "what happened"])
@@ -158,7 +158,7 @@ def _incidents_control(i: _Inputs, data: dict[str, Any]) -> Control:
     return c
 
 
-def _changes_control(i: _Inputs, data: dict[str, Any]) -> Control:
+def changes_control(i: Inputs, data: dict[str, Any]) -> Control:
     c = Control("changes", SECTIONS[6], "Key changes and operator actions", INFO, "")
     period = i.period
     try:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sovereignd.audit.controls.findings import _conclude, _last_check
+from sovereignd.audit.controls.findings import conclude, last_check
 from sovereignd.audit.evidence import (
     ManifestFacts,
     manifest_facts,
 )
-from sovereignd.audit.inputs import _Inputs
+from sovereignd.audit.inputs import Inputs
 from sovereignd.audit.model import (
     FAIL,
     PASS,
@@ -17,16 +17,16 @@ from sovereignd.audit.model import (
     WARN,
     Control,
     Table,
-    human_size,
     short_ts,
 )
 from sovereignd.errors import ManifestError
 from sovereignd.integrity import hashing
+from sovereignd.units import human_size
 
 # --- model integrity and software environment -------------------------------------------------
 
 
-def _integrity_control(i: _Inputs, incidents: dict[str, Any]) -> Control:
+def integrity_control(i: Inputs, incidents: dict[str, Any]) -> Control:
     cfg = i.cfg
     c = Control("integrity", SECTIONS[3], "Model weights against the manifest", PASS, "")
     manifest = cfg.integrity.manifest
@@ -63,7 +63,7 @@ def _integrity_control(i: _Inputs, incidents: dict[str, Any]) -> Control:
         c.fact("last_full_verification", "Last full verification", full["ts"],
                f"{short_ts(full['ts'])}: OK, {full.get('files')} files, "
                f"{human_size(int(full.get('bytes') or 0))} in {full.get('seconds')} s")
-    last = _last_check(c, i, "integrity", problems, "the weights differ from the manifest")
+    last = last_check(c, i, "integrity", problems, "the weights differ from the manifest")
     known = last.get("manifest_sha256") if last is not None else None
     if facts is not None and isinstance(known, str) and known != facts.sha256:
         problems.append((WARN, "the manifest file changed after the daemon last used it"))
@@ -73,13 +73,13 @@ def _integrity_control(i: _Inputs, incidents: dict[str, Any]) -> Control:
         b = c.table("baselines", "Baselines accepted by an operator",
                     ["time", "manifest sha256", "reason"])
         b.rows.extend([e["ts"], e.get("manifest_sha256"), e.get("reason")] for e in accepted)
-    return _conclude(c, problems, lambda: (
+    return conclude(c, problems, lambda: (
         f"weights verified against the manifest ({facts.entries if facts else '?'} files, "
         f"{human_size(facts.bytes_present) if facts else '?'}); {len(drifts)} drift(s) and "
         f"{len(q.rows)} quarantine(s) in the period"))
 
 
-def _drift_tables(c: Control, i: _Inputs, incidents: dict[str, Any],
+def _drift_tables(c: Control, i: Inputs, incidents: dict[str, Any],
                   problems: list[tuple[str, str]]) -> tuple[list[dict[str, Any]], Table]:
     """The weights' drifts and quarantines of the period as tables; a drift served under
     policy alert is a failure. Returns the drift events and the quarantine table."""
@@ -99,7 +99,7 @@ def _drift_tables(c: Control, i: _Inputs, incidents: dict[str, Any],
     return drifts, q
 
 
-def _signed_control(c: Control, i: _Inputs, incidents: dict[str, Any]) -> Control:
+def _signed_control(c: Control, i: Inputs, incidents: dict[str, Any]) -> Control:
     """The weights approved by an OpenSSF Model Signing signature: which signature and which
     signer approved the weights that served in the period, and every verification result."""
     cfg = i.cfg
@@ -143,10 +143,10 @@ def _signed_control(c: Control, i: _Inputs, incidents: dict[str, Any]) -> Contro
     full = i.history.last("integrity_verified", where=lambda e: e.get("scope") == "full")
     if full is None:
         problems.append((FAIL, "no full verification of the weights is recorded"))
-    _last_check(c, i, "integrity", problems, "the weights differ from their signature")
+    last_check(c, i, "integrity", problems, "the weights differ from their signature")
     drifts, q = _drift_tables(c, i, incidents, problems)
     refused = len(results) - len(approved)
-    return _conclude(c, problems, lambda: (
+    return conclude(c, problems, lambda: (
         f"weights approved by {len(seen)} signature/signer pair(s) "
         f"({', '.join(sorted({k[0] for k in seen})) or 'none in the period'}); "
         f"{len(approved)} verification(s) passed, {refused} refused; {len(drifts)} drift(s) "

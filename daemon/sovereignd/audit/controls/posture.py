@@ -11,7 +11,7 @@ from sovereignd.audit.evidence import (
     account_label,
     owner,
 )
-from sovereignd.audit.inputs import _Inputs
+from sovereignd.audit.inputs import Inputs
 from sovereignd.audit.model import (
     FAIL,
     INFO,
@@ -78,7 +78,7 @@ def _judge_item(item: _Item, st: os.stat_result,
     return PASS, "not open to other accounts"
 
 
-def _posture_control(i: _Inputs) -> Control:
+def posture_control(i: Inputs) -> Control:
     """Owners and modes, judged by the daemon's own guard rails for the service account."""
     c = Control("file_posture", SECTIONS[2], "File owners and modes", PASS, "")
     t = c.table("files", "Files and folders", ["what", "path", "owner", "mode", "verdict",
@@ -138,7 +138,7 @@ def _worse(a: str, b: str) -> str:
     return a if order[a] >= order[b] else b
 
 
-def _egress_control(i: _Inputs) -> Control:
+def egress_control(i: Inputs) -> Control:
     uid = i.account.uid if i.account else None
     name = i.account.name if i.account else None
     found = hostfacts.egress(i.probe, i.launch, uid, name)

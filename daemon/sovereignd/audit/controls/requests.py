@@ -8,7 +8,7 @@ from typing import Any
 from sovereignd.audit.evidence import (
     UNAUTHENTICATED,
 )
-from sovereignd.audit.inputs import _Inputs
+from sovereignd.audit.inputs import Inputs
 from sovereignd.audit.model import (
     FAIL,
     INFO,
@@ -24,7 +24,7 @@ from sovereignd.logs import verify
 # --- request records --------------------------------------------------------------------------
 
 
-def _chain_control(i: _Inputs, result: verify.VerifyResult) -> Control:
+def chain_control(i: Inputs, result: verify.VerifyResult) -> Control:
     c = Control("request_chain", SECTIONS[5], "Request records complete and unaltered", PASS,
                 "")
     c.fact("result", "Verification", "OK" if result.ok else "BROKEN")
@@ -78,7 +78,7 @@ SYNC_MEANING = {
 }
 
 
-def _records_control(i: _Inputs, result: verify.VerifyResult) -> Control:
+def records_control(i: Inputs, result: verify.VerifyResult) -> Control:
     """Every accepted request accounted for; FAIL if an answered request could lack a record."""
     c = Control("request_records", SECTIONS[5], "Every answered request has a record", PASS, "")
     period = i.period
@@ -136,7 +136,7 @@ def _records_control(i: _Inputs, result: verify.VerifyResult) -> Control:
     return c
 
 
-def _activity_control(i: _Inputs, stats: dict[str, Any]) -> Control:
+def activity_control(i: Inputs, stats: dict[str, Any]) -> Control:
     total = stats["total"]
     c = Control("request_activity", SECTIONS[5], "Requests in the period", INFO, "")
     n = total["requests"]

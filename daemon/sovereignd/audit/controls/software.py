@@ -6,22 +6,22 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
-from sovereignd.audit.controls.findings import _conclude, _last_check
-from sovereignd.audit.inputs import _Inputs
+from sovereignd.audit.controls.findings import conclude, last_check
+from sovereignd.audit.inputs import Inputs
 from sovereignd.audit.model import (
     FAIL,
     PASS,
     SECTIONS,
     WARN,
     Control,
-    human_size,
     short_ts,
 )
 from sovereignd.errors import FrozenFileError, SovereigndError
 from sovereignd.integrity import environment, software
+from sovereignd.units import human_size
 
 
-def _environment_control(i: _Inputs) -> Control:
+def environment_control(i: Inputs) -> Control:
     cfg = i.cfg
     env = cfg.environment
     c = Control("environment", SECTIONS[4], "Server software against the frozen requirements",
@@ -72,7 +72,7 @@ def _environment_control(i: _Inputs) -> Control:
         known = last_ok.get("frozen_sha256")
         if digest is not None and isinstance(known, str) and known != digest:
             problems.append((WARN, "the frozen file changed after the daemon last verified"))
-    _last_check(c, i, "environment", problems,
+    last_check(c, i, "environment", problems,
                 "the server's software differs from the frozen requirements")
     t = c.table("drifts", "Drift detected in the period",
                 ["time", "policy", "added", "removed", "changed", "RECORD mismatches"])
@@ -82,7 +82,7 @@ def _environment_control(i: _Inputs) -> Control:
         if d.get("policy") == "alert":
             problems.append((FAIL, f"drift at {short_ts(d['ts'])} under policy alert: the "
                              "server kept running drifted software"))
-    return _conclude(c, problems, lambda: (
+    return conclude(c, problems, lambda: (
         f"software verified at {short_ts(last_ok['ts']) if last_ok else '?'}; "
         f"{len(drifts)} drift(s) in the period"))
 
@@ -110,7 +110,7 @@ def _approved_software(c: Control, problems: list[tuple[str, str]], enabled: boo
     c.fact("interpreter", "Approved interpreter", m.interpreter.summary())
 
 
-def _self_control(i: _Inputs) -> Control:
+def self_control(i: Inputs) -> Control:
     """The daemon's own venv and interpreter (daemon.software_manifest)."""
     path = i.cfg.daemon.software_manifest
     c = Control("daemon_software", SECTIONS[4], "The daemon's own software", PASS, "")
@@ -129,13 +129,13 @@ def _self_control(i: _Inputs) -> Control:
     else:
         c.fact("last_verification", "Last verification", last_ok["ts"],
                f"{short_ts(last_ok['ts'])}: OK, {last_ok.get('files')} files match")
-    _last_check(c, i, "self", problems, "the daemon's own software differs from its manifest")
+    last_check(c, i, "self", problems, "the daemon's own software differs from its manifest")
     t = c.table("drifts", "Drift detected in the period", ["time", "files"])
     drifts = i.history.in_period(i.period, "self_drift")
     for d in drifts:
         t.rows.append([d["ts"], _software_drift(d)[3]])
         problems.append((FAIL, f"the daemon's own software drifted at {short_ts(d['ts'])}"))
-    return _conclude(c, problems, lambda: (
+    return conclude(c, problems, lambda: (
         f"the daemon's own software verified at {short_ts(last_ok['ts']) if last_ok else '?'}"))
 
 
