@@ -7,9 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from sovereignd.audit.evidence import (
-    Period,
-)
+from sovereignd.audit.evidence import Period
 
 PASS, FAIL, WARN, INFO = "PASS", "FAIL", "WARN", "INFO"
 VERDICTS = (PASS, FAIL, WARN, INFO)

@@ -17,13 +17,7 @@ import jinja2
 import orjson
 from markupsafe import Markup
 
-from sovereignd.audit.report import (
-    SECTIONS,
-    AuditReport,
-    Control,
-    display_value,
-    short_ts,
-)
+from sovereignd.audit.report import SECTIONS, AuditReport, Control, display_value, short_ts
 from sovereignd.textsafe import escape
 
 FORMATS = ("md", "html", "json")

@@ -6,14 +6,7 @@ import hashlib
 import re
 
 from sovereignd.audit.inputs import Inputs
-from sovereignd.audit.model import (
-    FAIL,
-    INFO,
-    PASS,
-    SECTIONS,
-    WARN,
-    Control,
-)
+from sovereignd.audit.model import FAIL, INFO, PASS, SECTIONS, WARN, Control
 from sovereignd.config import is_loopback
 from sovereignd.gateway import keys as keys_mod
 from sovereignd.logs import sealing
@@ -29,8 +22,6 @@ def _fingerprint(secret: str) -> str:
 
 
 
-
-# --- configuration ----------------------------------------------------------------------------
 
 
 def config_control(i: Inputs) -> Control:

@@ -5,12 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sovereignd.audit.inputs import Inputs
-from sovereignd.audit.model import (
-    FAIL,
-    WARN,
-    Control,
-    short_ts,
-)
+from sovereignd.audit.model import FAIL, WARN, Control, short_ts
 
 
 def last_check(c: Control, i: Inputs, guard: str, problems: list[tuple[str, str]],

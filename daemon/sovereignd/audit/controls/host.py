@@ -5,22 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from sovereignd import __version__
-from sovereignd.audit.evidence import (
-    account_label,
-    account_of_uid,
-)
+from sovereignd.audit.evidence import account_label, account_of_uid
 from sovereignd.audit.inputs import Inputs
-from sovereignd.audit.model import (
-    FAIL,
-    INFO,
-    PASS,
-    SECTIONS,
-    WARN,
-    Control,
-)
+from sovereignd.audit.model import FAIL, INFO, PASS, SECTIONS, WARN, Control
 from sovereignd.units import human_size
-
-# --- host and service --------------------------------------------------------------------------
 
 
 def host_control(i: Inputs, host: dict[str, Any]) -> Control:

@@ -5,11 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from sovereignd.audit.evidence import (
-    Interval,
-    overlaps,
-    state_intervals,
-)
+from sovereignd.audit.evidence import Interval, overlaps, state_intervals
 from sovereignd.audit.inputs import Inputs
 from sovereignd.audit.model import (
     FAIL,
@@ -23,8 +19,6 @@ from sovereignd.audit.model import (
 )
 from sovereignd.gateway import keys as keys_mod
 from sovereignd.units import format_size
-
-# --- incidents --------------------------------------------------------------------------------
 
 
 def incident_data(i: Inputs) -> dict[str, Any]:

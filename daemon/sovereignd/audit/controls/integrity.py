@@ -5,25 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from sovereignd.audit.controls.findings import conclude, last_check
-from sovereignd.audit.evidence import (
-    ManifestFacts,
-    manifest_facts,
-)
+from sovereignd.audit.evidence import ManifestFacts, manifest_facts
 from sovereignd.audit.inputs import Inputs
-from sovereignd.audit.model import (
-    FAIL,
-    PASS,
-    SECTIONS,
-    WARN,
-    Control,
-    Table,
-    short_ts,
-)
+from sovereignd.audit.model import FAIL, PASS, SECTIONS, WARN, Control, Table, short_ts
 from sovereignd.errors import ManifestError
 from sovereignd.integrity import hashing
 from sovereignd.units import human_size
-
-# --- model integrity and software environment -------------------------------------------------
 
 
 def integrity_control(i: Inputs, incidents: dict[str, Any]) -> Control:

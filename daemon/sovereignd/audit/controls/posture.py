@@ -7,24 +7,12 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from sovereignd.audit.evidence import (
-    account_label,
-    owner,
-)
+from sovereignd.audit.evidence import account_label, owner
 from sovereignd.audit.inputs import Inputs
-from sovereignd.audit.model import (
-    FAIL,
-    INFO,
-    PASS,
-    SECTIONS,
-    WARN,
-    Control,
-)
+from sovereignd.audit.model import FAIL, INFO, PASS, SECTIONS, WARN, Control
 from sovereignd.config import Config
 from sovereignd.logs import sealing
 from sovereignd.service import guardrails, hostfacts
-
-# --- posture ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from sovereignd.audit.evidence import (
-    UNAUTHENTICATED,
-)
+from sovereignd.audit.evidence import UNAUTHENTICATED
 from sovereignd.audit.inputs import Inputs
 from sovereignd.audit.model import (
     FAIL,
@@ -20,8 +18,6 @@ from sovereignd.audit.model import (
     short_ts,
 )
 from sovereignd.logs import verify
-
-# --- request records --------------------------------------------------------------------------
 
 
 def chain_control(i: Inputs, result: verify.VerifyResult) -> Control:

@@ -8,14 +8,7 @@ from typing import Any
 
 from sovereignd.audit.controls.findings import conclude, last_check
 from sovereignd.audit.inputs import Inputs
-from sovereignd.audit.model import (
-    FAIL,
-    PASS,
-    SECTIONS,
-    WARN,
-    Control,
-    short_ts,
-)
+from sovereignd.audit.model import FAIL, PASS, SECTIONS, WARN, Control, short_ts
 from sovereignd.errors import FrozenFileError, SovereigndError
 from sovereignd.integrity import environment, software
 from sovereignd.units import human_size
