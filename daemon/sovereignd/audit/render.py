@@ -2,7 +2,8 @@
 
 The HTML needs no network: its style is inline and its two charts (requests per day,
 restarts per day) are inline SVG bars, so the file can be mailed, archived and opened
-offline years later.
+offline years later. It comes from jinja2 templates (templates/, package data) with
+autoescaping on, so text from logs, configuration and host reaches the page only as text.
 """
 
 from __future__ import annotations
@@ -198,6 +199,7 @@ def _templates() -> jinja2.Environment:
 
 
 def render_html(report: AuditReport) -> str:
+    """The report as one HTML page (templates/report.html.j2), sections in SECTIONS order."""
     sections = [(s, [c for c in report.controls if c.section == s]) for s in SECTIONS]
     charts = {
         "requests": bar_chart("Requests per day", report.charts["requests_per_day"],
