@@ -146,3 +146,31 @@ def test_mlx_sigterm_leaves_nothing_running(mlx_daemon: Daemon) -> None:
     pid = ready_pid(d)
     assert d.stop(timeout=60) == 0
     assert group_processes(pid) == [] and d.leftover_processes() == []
+
+
+def test_mlx_period_audit_shows_the_real_runs(mlx_daemon: Daemon, tmp_path: Path) -> None:
+    """`sovereignd audit` over this real period: the requests by client and model, the kills as
+    restarts, the crash loop as a FATAL period, the operator's restart; the records verified
+    with the auditor's key; the HTML holds only the report's own elements."""
+    from tests.test_audit_html import TAGS, Page
+
+    d = mlx_daemon
+    key_file = tmp_path / "auditor.key"
+    key_file.write_text(d.auditor_key + "\n")
+    args = ["audit", "--config", str(d.config_path), "--key-file", str(key_file)]
+    res = run_cli(*args, "--format", "json")
+    assert res.returncode in (0, 1), res.stderr
+    report = json.loads(res.stdout)
+    verdicts = {c["id"]: c["verdict"] for c in report["controls"]}
+    assert verdicts["request_chain"] == "PASS"
+    assert report["requests"]["by_client"]["mlx-client"]["requests"] >= 2
+    assert "tiny" in report["requests"]["by_model"]
+    assert len(report["incidents"]["restarts"]) >= 4  # 3 kills, then the crash loop's
+    assert report["incidents"]["fatal_periods"]
+    assert any(a["action"] == "restart" for a in report["incidents"]["operator_actions"])
+    out = tmp_path / "audit.html"
+    res = run_cli(*args, "--format", "html", "-o", str(out))
+    assert res.returncode in (0, 1), res.stderr
+    page = Page(out.read_text())
+    assert set(page.tags) <= TAGS and page.tags.count("svg") == 2
+    assert ("td", "mlx-client") in page.cells and ("td", "tiny") in page.cells
