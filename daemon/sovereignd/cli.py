@@ -27,6 +27,8 @@ from sovereignd.errors import (
     UnsafeHost,
 )
 from sovereignd.gateway import keys as keys_mod
+from sovereignd.gateway import keyscope
+from sovereignd.gateway.quotas import Quota
 from sovereignd.logs import sealing, verify
 
 EX_OK = 0
@@ -511,7 +513,9 @@ def _usage_path(cfg: config_mod.Config) -> Path:
 def _cmd_keys_add(args: argparse.Namespace) -> int:
     cfg = _load(args)
     role = "admin" if args.admin else "client"
-    key, entry = keys_mod.add_key(cfg.gateway.keys_file, args.name, role)
+    limits = {k: v for k, v in keyscope.limits_of(args).items() if v is not None}
+    key, entry = keys_mod.add_key(cfg.gateway.keys_file, args.name, role, models=args.models,
+                                  quota=Quota(**limits))
     # The key goes to stdout alone, so `sovereignd keys add x > file` captures just the key.
     print(key)
     print(f"sovereignd: key {entry.name!r} ({entry.role}, fingerprint {entry.fingerprint}) "
@@ -523,16 +527,19 @@ def _cmd_keys_add(args: argparse.Namespace) -> int:
 def _cmd_keys_list(args: argparse.Namespace) -> int:
     cfg = _load(args)
     rows = keys_mod.list_keys(cfg.gateway.keys_file, _usage_path(cfg))
+    used = keyscope.used_from_records(cfg.logs.dir, [r.name for r in rows if r.state == "active"])
     if args.json:
-        sys.stdout.write(orjson.dumps([r.to_json() for r in rows],
+        sys.stdout.write(orjson.dumps([{**r.to_json(), "used": used.get(r.name)} for r in rows],
                                       option=orjson.OPT_INDENT_2).decode() + "\n")
         return EX_OK
     if not rows:
         print(f"no keys in {cfg.gateway.keys_file} (add one with `sovereignd keys add NAME`)")
         return EX_OK
-    table = [("NAME", "ROLE", "STATE", "FINGERPRINT", "CREATED", "LAST USED", "REVOKED")]
+    table = [("NAME", "ROLE", "STATE", "FINGERPRINT", "CREATED", "LAST USED", "REVOKED",
+              "MODELS", "QUOTA (USED/LIMIT)")]
     table += [(r.name, r.role, r.state, r.fingerprint, r.created, r.last_used or "-",
-               r.revoked or "-") for r in rows]
+               r.revoked or "-", ",".join(r.models) if r.models is not None else "all",
+               keyscope.describe_quota(r.quota, used.get(r.name))) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -547,15 +554,36 @@ def _cmd_keys_revoke(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _cmd_keys_set(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    changes = keyscope.limits_of(args)
+    models = keys_mod.UNCHANGED if args.models is None else (
+        None if args.models == () else args.models)
+    if models is keys_mod.UNCHANGED and not changes:
+        raise keys_mod.KeyNameError("nothing to change: give --models, --all-models or a "
+                                    "quota option (see `sovereignd keys set --help`)")
+    entry = keys_mod.set_key(cfg.gateway.keys_file, args.name, models=models, quota=changes)
+    scope = ",".join(entry.models) if entry.models is not None else "all"
+    print(f"key {entry.name!r}: models {scope}; quota {entry.quota.describe()}; a running "
+          "daemon applies this within a second")
+    return EX_OK
+
+
 def _add_keys(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("keys", help="add, list and revoke client keys")
+    p = sub.add_parser("keys", help="add, list, change and revoke client keys")
     ksub = p.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
     a = ksub.add_parser("add", help="make a new key and print it once")
     a.add_argument("name", help="who the key is for (letters, digits, . _ @ -)")
     a.add_argument("--admin", action="store_true",
                    help="an admin key, which may also read /status and /metrics remotely")
+    keyscope.add_scope_options(a, setting=False)
     _config_arg(a)
     a.set_defaults(handler=_cmd_keys_add)
+    st = ksub.add_parser("set", help="change a key's models and quotas (live)")
+    st.add_argument("name")
+    keyscope.add_scope_options(st, setting=True)
+    _config_arg(st)
+    st.set_defaults(handler=_cmd_keys_set)
     lst = ksub.add_parser("list", help="list keys (names, fingerprints, use; never the keys)")
     lst.add_argument("--json", action="store_true", help="print JSON")
     _config_arg(lst)
