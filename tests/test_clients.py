@@ -16,7 +16,8 @@ from sovereignd.gateway.proxy import _Stream
 from sovereignd.logs.requestlog import iter_records
 from tests.harness import Daemon, http
 from tests.helpers import run_cli, wait_for
-from tests.test_gateway import CHAT, MakeDaemon, add_key as cli_add_key, bearer
+from tests.test_gateway import CHAT, MakeDaemon, bearer
+from tests.test_gateway import add_key as cli_add_key
 
 # An Anthropic stream as vLLM 0.32 writes it (vllm/entrypoints/anthropic/serving.py), cut to
 # the events that matter: usage in message_start and message_delta, text in a delta.
