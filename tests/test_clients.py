@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sovereignd.gateway import anthropic, promptcap, quotas, scopes
+from sovereignd.gateway import anthropic, promptcap, quotas, responses, scopes
 from sovereignd.gateway.keys import KeysFileError, add_key, read_keys, set_key
 from sovereignd.gateway.proxy import _Stream
 from sovereignd.logs.requestlog import iter_records
@@ -68,6 +68,29 @@ def test_anthropic_errors_have_anthropics_shape() -> None:
         "type": "error", "error": {"type": "authentication_error", "message": "no"}}
     assert json.loads(anthropic.error_body(429, "x"))["error"]["type"] == "rate_limit_error"
     assert json.loads(anthropic.error_body(502, "x"))["error"]["type"] == "api_error"
+
+
+def test_stored_responses_answer_only_the_client_that_created_them() -> None:
+    owners = responses.Owners(limit=2)
+    owners.bind_from_json("alice", b'{"id": "resp_a", "object": "response"}')
+    assert owners.refusal("alice", "GET", "/v1/responses/resp_a", None) is None
+    assert owners.refusal("alice", "POST", "/v1/responses/resp_a/cancel", None) is None
+    for method, path in [("GET", "/v1/responses/resp_a"),
+                         ("POST", "/v1/responses/resp_a/cancel"),
+                         ("GET", "/v1/responses/resp_unknown")]:
+        assert owners.refusal("bob", method, path, None) is not None
+    assert owners.refusal("alice", "POST", "/v1/responses/resp_a", None) == \
+        "Unknown route /v1/responses/resp_a"
+    assert owners.refusal("bob", "POST", "/v1/responses",
+                          {"previous_response_id": "resp_a"}) is not None
+    assert owners.refusal("bob", "POST", "/v1/responses", {"request_id": "resp_a"}) is not None
+    assert owners.refusal("bob", "POST", "/v1/responses", {"request_id": "resp_b"}) is None
+    created = (b'event: response.created\ndata: {"type":"response.created","response":'
+               b'{"id":"resp_s","object":"response"}}')
+    assert responses.created_id(created) == "resp_s"
+    owners.bind("bob", "resp_s")
+    owners.bind("carol", "resp_c")  # the oldest binding is forgotten: unknown, refused
+    assert owners.refusal("alice", "GET", "/v1/responses/resp_a", None) is not None
 
 
 def test_model_lists_are_parsed_and_bad_names_refused() -> None:

@@ -121,3 +121,32 @@ def _listed(client: openai.OpenAI) -> bool:
     except openai.AuthenticationError:
         return False
     return True
+
+
+def responses_bound_to_their_client(d: Daemon) -> None:
+    """The Responses API (vLLM 0.32, with its store on): a stored response is read back by
+    the client that made it; another client cannot read it, cancel it or continue from it."""
+    owner = openai.OpenAI(base_url=d.url + "/v1", api_key=d.client_key, max_retries=0)
+    other_key = setup_cli(d, "keys", "add", "stranger")
+    other = openai.OpenAI(base_url=d.url + "/v1", api_key=other_key, max_retries=0)
+    wait_for(lambda: _listed(other), 10, what="the new key (keys file reload)")
+    created = owner.responses.create(model="tiny", input="hello there", max_output_tokens=4,
+                                     store=True)
+    assert owner.responses.retrieve(created.id).id == created.id
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(created.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.cancel(created.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.create(model="tiny", input="and then?", max_output_tokens=4,
+                               previous_response_id=created.id)
+    streamed = list(owner.responses.create(model="tiny", input="hi", max_output_tokens=4,
+                                           stream=True, store=True))
+    sid = next(e.response.id for e in streamed if e.type == "response.created")
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(sid)
+    recs = [r for r in iter_records(d.logs) if r["path"] == "/v1/responses" and
+            r["status"] == 200]
+    assert recs and all(r["prompt_tokens"] and r["completion_tokens"] is not None for r in recs)
+    refused = [r for r in iter_records(d.logs) if r["error"] == "response_not_found"]
+    assert len(refused) == 4 and all(r["client"] == "stranger" for r in refused)

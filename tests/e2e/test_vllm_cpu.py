@@ -200,6 +200,10 @@ def test_scoped_key_quota_and_prompt_cap_are_final_refusals_for_the_sdk(
         vllm_daemon: Daemon) -> None:
     sdk_clients.final_refusals(vllm_daemon)
 
+
+def test_stored_responses_are_bound_to_the_client_that_made_them(vllm_daemon: Daemon) -> None:
+    sdk_clients.responses_bound_to_their_client(vllm_daemon)
+
 def test_the_serving_real_server_leaves_its_software_verified_file_by_file(
         vllm_daemon: Daemon) -> None:
     """After the real vLLM imported everything and answered, every file of its venv and its

@@ -25,7 +25,7 @@ from aiohttp import HttpVersion11, web
 
 from sovereignd.backends.profiles import Backend
 from sovereignd.config import Config
-from sovereignd.gateway import anthropic, promptcap, scopes
+from sovereignd.gateway import anthropic, promptcap, responses, scopes
 from sovereignd.gateway.auththrottle import AuthFailures
 from sovereignd.gateway.endpoints import RETRY_AFTER
 from sovereignd.gateway.keys import Client, KeyStore
@@ -154,6 +154,7 @@ class _Stream:
     buffer: bytes = b""
     ttft: float | None = None
     usage: dict[str, Any] | None = None
+    response_id: str | None = None  # a Responses stream's id, from response.created
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         """Take upstream bytes; return the complete events to pass on, in order."""
@@ -176,6 +177,8 @@ class _Stream:
         at = 0 if event.startswith(b"data: {") else event.find(b"\ndata: {") + 1
         if at == 0 and not event.startswith(b"data: {"):
             return True
+        if self.response_id is None:
+            self.response_id = responses.created_id(event)
         if self.ttft is None and _TOKEN.search(event):
             self.ttft = now
         if b'"usage"' not in event:
@@ -223,6 +226,7 @@ class Proxy:
         self._known_paths = {r.path for r in backend.routes if not r.prefix}
         self._known_prefixes = tuple(r.path for r in backend.routes if r.prefix)
         self.quotas = QuotaBook()  # counted again from the records at start (daemon.py)
+        self.owners = responses.Owners()
         metrics.registry.register(QuotaCollector(self.quotas, keys.clients))
         self._cap = promptcap.cap_for(cfg)
 
@@ -462,7 +466,8 @@ class Proxy:
             out_headers.append(("X-Request-ID", rid))
             if up.content_type == "text/event-stream":
                 return await self._stream(request, up, out_headers, rec, t0=t0,
-                                          strip_usage=strip_usage, commit=commit)
+                                          strip_usage=strip_usage, commit=commit,
+                                          client=client)
             payload = await up.read()
         except (TimeoutError, UpstreamError) as exc:
             raise _upstream_refusal(exc) from exc
@@ -471,6 +476,8 @@ class Proxy:
         if client.models is not None and request.rel_url.raw_path == "/v1/models" and \
                 up.status == 200:
             payload = scopes.filter_listing(payload, client.models)
+        if rec["path"] == responses.PATH and up.status == 200:
+            self.owners.bind_from_json(client.name, payload)
         rec["bytes_out"] = len(payload)
         self._usage_from_json(payload, rec)
         self._body_fields(rec, body, payload)
@@ -533,6 +540,11 @@ class Proxy:
                            f"it resets at {_utc(spent.resets)}", "rate_limit_error",
                            "quota_exceeded", error=f"quota_{spent.limit}", final=True,
                            headers={"Retry-After": str(retry)})
+        if rec["path"].startswith(responses.PATH):
+            not_found = self.owners.refusal(client.name, rec["method"], rec["path"], data)
+            if not_found is not None:
+                raise _Refused(404, not_found, "invalid_request_error", "not_found",
+                               error="response_not_found")
         if data is not None:
             too_long = promptcap.refusal(self._cap, data)
             if too_long is not None:
@@ -541,8 +553,8 @@ class Proxy:
 
     async def _stream(self, request: web.Request, up: UpstreamResponse,
                       headers: list[tuple[str, str]], rec: dict[str, Any], *, t0: float,
-                      strip_usage: bool, commit: Callable[[], Awaitable[bool]]
-                      ) -> web.StreamResponse:
+                      strip_usage: bool, commit: Callable[[], Awaitable[bool]],
+                      client: Client) -> web.StreamResponse:
         rec["stream"] = True
         resp = web.StreamResponse(status=up.status, headers=headers)
         resp.headers["Cache-Control"] = "no-cache"
@@ -555,6 +567,8 @@ class Proxy:
             async for chunk in up:
                 self.metrics.upstream_progress = time.monotonic()  # the stall watch's evidence
                 data = final + sse.feed(chunk, time.perf_counter())
+                if sse.response_id is not None:  # bound before the client can learn the id
+                    self.owners.bind(client.name, sse.response_id)
                 data, final = _split_final(data)
                 if data:
                     await resp.write(data)
