@@ -755,6 +755,42 @@ def _add_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(handler=_cmd_audit, key=None)
 
 
+# --- chat -----------------------------------------------------------------------------------
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from sovereignd import chat
+
+    url = args.url
+    if url is None:
+        if args.config is None:
+            raise chat.ChatError("give --url http://HOST:PORT or --config PATH (its "
+                                 "gateway.listen)")
+        url = f"http://{_load(args).gateway.listen}"
+    session = chat.Session(url.rstrip("/"), chat.read_key(args.key_file), args.model,
+                           sys.stdout, max_tokens=args.max_tokens, transcript=args.transcript)
+    try:
+        chat.run(session)
+    except KeyboardInterrupt:
+        print()
+    return EX_OK
+
+
+def _add_chat(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("chat", help="chat with the model through the gateway, as a client")
+    p.add_argument("--url", metavar="URL",
+                   help="the gateway (http://HOST:PORT); default: gateway.listen of --config")
+    p.add_argument("--key-file", type=Path, metavar="PATH",
+                   help="file holding the client key (else $SOVEREIGND_API_KEY; never the key "
+                        "on the command line)")
+    p.add_argument("--model", help="model to talk to; default: the first the key may use")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="longest answer, in tokens")
+    p.add_argument("--transcript", type=Path, metavar="FILE",
+                   help="append each turn to FILE as a JSON line (a local file of your own)")
+    _config_arg(p, required=False)
+    p.set_defaults(handler=_cmd_chat)
+
+
 # --- parser and main ------------------------------------------------------------------------
 
 
@@ -765,7 +801,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sovereignd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run, _add_check, _add_manifest, _add_model, _add_env, _add_baseline,
-                _add_keys, _add_logs, _add_audit, _add_service, _add_firewall, _add_upgrade):
+                _add_keys, _add_logs, _add_audit, _add_service, _add_firewall, _add_upgrade,
+                _add_chat):
         add(sub)
     return parser
 
