@@ -45,6 +45,7 @@ from sovereignd.audit.evidence import (
 from sovereignd.config import Config, is_loopback
 from sovereignd.errors import FrozenFileError, ManifestError, SovereigndError
 from sovereignd.gateway import keys as keys_mod
+from sovereignd.gateway import keyscope
 from sovereignd.integrity import environment, hashing, software
 from sovereignd.logs import sealing, verify
 from sovereignd.logs.files import utc_timestamp
@@ -539,9 +540,13 @@ def _secrets_control(i: _Inputs) -> Control:
         c.finding = str(exc)
         entries = []
     kt = c.table("client_keys", "Client keys (hashes stored; fingerprints shown)",
-                 ["name", "role", "fingerprint", "created", "revoked"])
+                 ["name", "role", "fingerprint", "created", "revoked", "models",
+                  "quota (used now/limit)"])
+    used = keyscope.used_from_records(cfg.logs.dir, [e.name for e in entries if e.active])
     for e in entries:
-        kt.rows.append([e.name, e.role, e.fingerprint, e.created, e.revoked])
+        kt.rows.append([e.name, e.role, e.fingerprint, e.created, e.revoked,
+                        ",".join(e.models) if e.models is not None else "all",
+                        keyscope.describe_quota(e.quota, used.get(e.name))])
     c.fact("internal_key", "Server's internal key",
            "fresh per start, passed in the environment, never logged")
     try:
