@@ -225,6 +225,13 @@ def test_scopes_quotas_caps_and_retry_hints_through_the_gateway(make_daemon: Mak
     assert "requests/day 2/2" in row
     assert "elsewhere" in next(line for line in listing.stdout.splitlines()
                                if line.startswith("other"))
+    res = run_cli("audit", "--config", str(d.config_path), "--format", "json")
+    assert res.returncode in (0, 1), res.stderr
+    secrets = next(c for c in json.loads(res.stdout)["controls"] if c["id"] == "secrets")
+    table = secrets["tables"]["client_keys"]
+    rows = {row[0]: dict(zip(table["columns"], row, strict=True)) for row in table["rows"]}
+    assert rows["limited"]["quota (used now/limit)"] == "requests/day 2/2"
+    assert rows["scoped"]["models"] == "model" and rows["limited"]["models"] == "all"
     # The quota survives a restart: the records are counted again.
     d.stop()
     d.start()

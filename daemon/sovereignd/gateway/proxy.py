@@ -545,7 +545,7 @@ class Proxy:
             if not_found is not None:
                 raise _Refused(404, not_found, "invalid_request_error", "not_found",
                                error="response_not_found")
-        if data is not None:
+        if data is not None and not rec["path"].endswith("/count_tokens"):  # counts, no output
             too_long = promptcap.refusal(self._cap, data)
             if too_long is not None:
                 raise _Refused(400, too_long, "invalid_request_error", "context_length_exceeded",
