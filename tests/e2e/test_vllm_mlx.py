@@ -91,6 +91,7 @@ def test_mlx_key_and_prompts_stay_out_of_every_log(mlx_daemon: Daemon) -> None:
             data = path.read_bytes()
             assert key not in data, path
             assert b"a private question" not in data, path
+            assert b"hello there" not in data, path  # the Messages API's prompt too
     assert b"preview: [REDACTED]" in (d.logs / "server.log").read_bytes()
 
 
