@@ -169,7 +169,8 @@ def test_scopes_quotas_caps_and_retry_hints_through_the_gateway(make_daemon: Mak
     after a restart (counted again from the records); a prompt over the cap is refused 400
     before the server; x-api-key authenticates; the client's request id and retry count
     are recorded; `keys set` lifts the quota live."""
-    d = make_daemon(overrides={"gateway": {"max_prompt_tokens": 64}})
+    d = make_daemon(overrides={"gateway": {"max_prompt_tokens": 64}},
+                    behaviour={"default": {"echo_headers": True}})
     scoped = cli_add_key(d, "scoped", "--models", "model")
     other = cli_add_key(d, "other", "--models", "elsewhere")
     limited = cli_add_key(d, "limited", "--requests-per-day", "2")
@@ -190,10 +191,13 @@ def test_scopes_quotas_caps_and_retry_hints_through_the_gateway(make_daemon: Mak
     code, body, _ = http("GET", d.url + "/v1/models", None, bearer(scoped))
     assert [m["id"] for m in json.loads(body)["data"]] == ["model"]
     # x-api-key (Anthropic's SDKs) authenticates like Bearer; the client's ids are recorded.
-    code, _, _ = http("POST", d.url + "/v1/chat/completions", CHAT,
-                      {"x-api-key": scoped, "X-Request-ID": "trace-42",
-                       "x-stainless-retry-count": "1"})
+    code, body, _ = http("POST", d.url + "/v1/chat/completions", CHAT,
+                         {"x-api-key": scoped, "X-Request-ID": "trace-42",
+                          "x-stainless-retry-count": "1", "anthropic-version": "2023-06-01"})
     assert code == 200
+    seen = {k.lower(): v for k, v in json.loads(body)["request_headers"].items()}
+    assert "x-api-key" not in seen and seen["anthropic-version"] == "2023-06-01"
+    assert seen["authorization"] != f"Bearer {scoped}"  # the server's internal key
     # A missing key on the Messages path is answered in Anthropic's shape.
     code, body, headers = http("POST", d.url + "/v1/messages", {"model": "model"}, {})
     assert code == 401 and json.loads(body)["error"]["type"] == "authentication_error"
