@@ -100,6 +100,7 @@ def test_model_lists_are_parsed_and_bad_names_refused() -> None:
             scopes.parse_models(bad)
     listing = json.dumps({"object": "list", "data": [{"id": "a"}, {"id": "b"}]}).encode()
     assert json.loads(scopes.filter_listing(listing, frozenset({"b"})))["data"] == [{"id": "b"}]
+    assert json.loads(scopes.filter_listing(b"not json", frozenset({"b"})))["data"] == []
 
 
 def test_prompt_estimate_counts_text_fields_and_the_output_budget() -> None:

@@ -46,13 +46,13 @@ def allows(models: frozenset[str] | None, model: str | None) -> bool:
 
 
 def filter_listing(payload: bytes, models: frozenset[str]) -> bytes:
-    """A /v1/models answer with only the scope's models; an answer of another shape is
-    returned as it came (it lists nothing this function could recognise)."""
+    """A /v1/models answer with only the scope's models; an answer of another shape becomes
+    an empty list (what it names cannot be checked against the scope)."""
     try:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        return payload
+        doc = None
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
-        return payload
+        return orjson.dumps({"object": "list", "data": []})
     doc["data"] = [m for m in doc["data"] if isinstance(m, dict) and m.get("id") in models]
     return orjson.dumps(doc)
