@@ -86,9 +86,11 @@ def test_vllm_mlx_takes_the_model_positionally_and_the_key_as_an_argument(
 
 @pytest.mark.parametrize(("method", "path", "vllm", "mlx"), [
     ("POST", "/v1/chat/completions", True, True),
-    ("POST", "/v1/messages", False, True),
+    ("POST", "/v1/messages", True, True),
+    ("POST", "/v1/messages/count_tokens", True, True),
     ("POST", "/v1/mcp/execute", False, False),
-    ("POST", "/v1/responses", False, False),
+    ("POST", "/v1/responses", True, False),
+    ("GET", "/v1/responses/resp_1", True, False),
     ("GET", "/docs", False, False),
     ("POST", "/invocations", False, False),
     ("GET", "/v1/chat/completions", False, False),

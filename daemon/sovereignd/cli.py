@@ -27,6 +27,8 @@ from sovereignd.errors import (
     UnsafeHost,
 )
 from sovereignd.gateway import keys as keys_mod
+from sovereignd.gateway import keyscope
+from sovereignd.gateway.quotas import Quota
 from sovereignd.logs import sealing, verify
 
 EX_OK = 0
@@ -511,7 +513,9 @@ def _usage_path(cfg: config_mod.Config) -> Path:
 def _cmd_keys_add(args: argparse.Namespace) -> int:
     cfg = _load(args)
     role = "admin" if args.admin else "client"
-    key, entry = keys_mod.add_key(cfg.gateway.keys_file, args.name, role)
+    limits = {k: v for k, v in keyscope.limits_of(args).items() if v is not None}
+    key, entry = keys_mod.add_key(cfg.gateway.keys_file, args.name, role, models=args.models,
+                                  quota=Quota(**limits))
     # The key goes to stdout alone, so `sovereignd keys add x > file` captures just the key.
     print(key)
     print(f"sovereignd: key {entry.name!r} ({entry.role}, fingerprint {entry.fingerprint}) "
@@ -523,16 +527,19 @@ def _cmd_keys_add(args: argparse.Namespace) -> int:
 def _cmd_keys_list(args: argparse.Namespace) -> int:
     cfg = _load(args)
     rows = keys_mod.list_keys(cfg.gateway.keys_file, _usage_path(cfg))
+    used = keyscope.used_from_records(cfg.logs.dir, [r.name for r in rows if r.state == "active"])
     if args.json:
-        sys.stdout.write(orjson.dumps([r.to_json() for r in rows],
+        sys.stdout.write(orjson.dumps([{**r.to_json(), "used": used.get(r.name)} for r in rows],
                                       option=orjson.OPT_INDENT_2).decode() + "\n")
         return EX_OK
     if not rows:
         print(f"no keys in {cfg.gateway.keys_file} (add one with `sovereignd keys add NAME`)")
         return EX_OK
-    table = [("NAME", "ROLE", "STATE", "FINGERPRINT", "CREATED", "LAST USED", "REVOKED")]
+    table = [("NAME", "ROLE", "STATE", "FINGERPRINT", "CREATED", "LAST USED", "REVOKED",
+              "MODELS", "QUOTA (USED/LIMIT)")]
     table += [(r.name, r.role, r.state, r.fingerprint, r.created, r.last_used or "-",
-               r.revoked or "-") for r in rows]
+               r.revoked or "-", ",".join(r.models) if r.models is not None else "all",
+               keyscope.describe_quota(r.quota, used.get(r.name))) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -547,15 +554,36 @@ def _cmd_keys_revoke(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _cmd_keys_set(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    changes = keyscope.limits_of(args)
+    models = keys_mod.UNCHANGED if args.models is None else (
+        None if args.models == () else args.models)
+    if models is keys_mod.UNCHANGED and not changes:
+        raise keys_mod.KeyNameError("nothing to change: give --models, --all-models or a "
+                                    "quota option (see `sovereignd keys set --help`)")
+    entry = keys_mod.set_key(cfg.gateway.keys_file, args.name, models=models, quota=changes)
+    scope = ",".join(entry.models) if entry.models is not None else "all"
+    print(f"key {entry.name!r}: models {scope}; quota {entry.quota.describe()}; a running "
+          "daemon applies this within a second")
+    return EX_OK
+
+
 def _add_keys(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("keys", help="add, list and revoke client keys")
+    p = sub.add_parser("keys", help="add, list, change and revoke client keys")
     ksub = p.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
     a = ksub.add_parser("add", help="make a new key and print it once")
     a.add_argument("name", help="who the key is for (letters, digits, . _ @ -)")
     a.add_argument("--admin", action="store_true",
                    help="an admin key, which may also read /status and /metrics remotely")
+    keyscope.add_scope_options(a, setting=False)
     _config_arg(a)
     a.set_defaults(handler=_cmd_keys_add)
+    st = ksub.add_parser("set", help="change a key's models and quotas (live)")
+    st.add_argument("name")
+    keyscope.add_scope_options(st, setting=True)
+    _config_arg(st)
+    st.set_defaults(handler=_cmd_keys_set)
     lst = ksub.add_parser("list", help="list keys (names, fingerprints, use; never the keys)")
     lst.add_argument("--json", action="store_true", help="print JSON")
     _config_arg(lst)
@@ -727,6 +755,42 @@ def _add_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(handler=_cmd_audit, key=None)
 
 
+# --- chat -----------------------------------------------------------------------------------
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from sovereignd import chat
+
+    url = args.url
+    if url is None:
+        if args.config is None:
+            raise chat.ChatError("give --url http://HOST:PORT or --config PATH (its "
+                                 "gateway.listen)")
+        url = f"http://{_load(args).gateway.listen}"
+    session = chat.Session(url.rstrip("/"), chat.read_key(args.key_file), args.model,
+                           sys.stdout, max_tokens=args.max_tokens, transcript=args.transcript)
+    try:
+        chat.run(session)
+    except KeyboardInterrupt:
+        print()
+    return EX_OK
+
+
+def _add_chat(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("chat", help="chat with the model through the gateway, as a client")
+    p.add_argument("--url", metavar="URL",
+                   help="the gateway (http://HOST:PORT); default: gateway.listen of --config")
+    p.add_argument("--key-file", type=Path, metavar="PATH",
+                   help="file holding the client key (else $SOVEREIGND_API_KEY; never the key "
+                        "on the command line)")
+    p.add_argument("--model", help="model to talk to; default: the first the key may use")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="longest answer, in tokens")
+    p.add_argument("--transcript", type=Path, metavar="FILE",
+                   help="append each turn to FILE as a JSON line (a local file of your own)")
+    _config_arg(p, required=False)
+    p.set_defaults(handler=_cmd_chat)
+
+
 # --- parser and main ------------------------------------------------------------------------
 
 
@@ -737,7 +801,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sovereignd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run, _add_check, _add_manifest, _add_model, _add_env, _add_baseline,
-                _add_keys, _add_logs, _add_audit, _add_service, _add_firewall, _add_upgrade):
+                _add_keys, _add_logs, _add_audit, _add_service, _add_firewall, _add_upgrade,
+                _add_chat):
         add(sub)
     return parser
 

@@ -318,6 +318,11 @@ class GatewaySection:
     auth_event_interval: float = setting(
         "auth_failed events are summarised per client address and reason: the first at once, "
         "then one per interval with a count.", _duration(0.1), 60.0)
+    max_prompt_tokens: int = setting(
+        "Largest prompt + max_tokens (tokens, the prompt estimated from its size) a request may "
+        "ask for; larger ones get 400 before the server sees them. 0: the model's context "
+        "(--max-model-len, else max_position_embeddings) is the only cap.",
+        _int_range(0, 100_000_000), 0)
 
 
 @dataclass(frozen=True)

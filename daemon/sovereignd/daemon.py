@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,12 +22,13 @@ from sovereignd.gateway.endpoints import Gateway
 from sovereignd.gateway.keys import KeyStore, usage_flusher
 from sovereignd.gateway.metrics import Metrics
 from sovereignd.gateway.proxy import Proxy
+from sovereignd.gateway.quotas import month_start
 from sovereignd.integrity import monitor, selfcheck
 from sovereignd.logs import recordspace
 from sovereignd.logs.eventlog import EventLog
 from sovereignd.logs.files import RotatingFile
 from sovereignd.logs.libraries import route_library_logs
-from sovereignd.logs.requestlog import RequestLog, maintain
+from sovereignd.logs.requestlog import RequestLog, iter_records, maintain
 from sovereignd.logs.serveroutput import ServerOutput
 from sovereignd.service import fdlimit, guardrails, upgrade
 from sovereignd.supervision.supervisor import Request, Supervisor
@@ -84,6 +86,8 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     proxy = Proxy(cfg, supervisor, backend, keys=keys, log=requests, metrics=metrics,
                   events=events)
     proxy.install(gateway.app)
+    # Quotas count what the records say: this month's records again, before any request.
+    proxy.quotas.load(iter_records(cfg.logs.dir, since=month_start(time.time())))
     gateway.admin_check = proxy.admin_check
     gateway.on_refused = proxy.record_refusal
     control = ControlServer(cfg.control_socket, supervisor)

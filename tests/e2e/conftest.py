@@ -54,7 +54,9 @@ def vllm_overrides(venv: Path, model: Path, **extra: object) -> dict[str, object
                                "vllm.entrypoints.openai.api_server"],
                    "venv": str(venv), "model": str(model), "served_model_name": "tiny",
                    "args": ["--gpu-memory-utilization", "0.3", "--max-model-len", "512"],
-                   "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+                   # The Responses API's store: tests/e2e/sdk_clients.py reads and cancels
+                   # stored responses across clients.
+                   "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_RESPONSES_API_STORE": "1"},
                    "start_timeout": "5m", "drain": "5s", "stop_grace": "20s"},
         "health": {"interval": "1s", "timeout": "5s", "startup_poll": "500ms",
                    "canary_interval": "30s", "canary_timeout": "60s", "failures": 3},

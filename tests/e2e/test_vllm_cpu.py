@@ -18,6 +18,7 @@ from sovereignd import config
 from sovereignd.logs.requestlog import iter_records
 from sovereignd.service import firewall
 from tests.accounts import require_root, system_user
+from tests.e2e import sdk_clients
 from tests.e2e.conftest import engine_processes
 from tests.harness import Daemon, group_processes, http
 from tests.helpers import run_cli, wait_for
@@ -172,6 +173,24 @@ def test_chat_and_streamed_chat_through_the_gateway_with_a_client_key(
     plain = [r for r in records if not r["stream"]][-1]
     assert plain["completion_tokens"] == answer["usage"]["completion_tokens"]
 
+
+
+# The official SDKs on this module's daemon (tests/e2e/sdk_clients.py), before the kills.
+def test_openai_sdk_chat_and_stream_are_served_and_recorded(vllm_daemon: Daemon) -> None:
+    sdk_clients.openai_chat_and_stream(vllm_daemon)
+
+
+def test_anthropic_sdk_messages_with_x_api_key(vllm_daemon: Daemon) -> None:
+    sdk_clients.anthropic_messages(vllm_daemon, "claude-user")
+
+
+def test_scoped_key_quota_and_prompt_cap_are_final_refusals_for_the_sdk(
+        vllm_daemon: Daemon) -> None:
+    sdk_clients.final_refusals(vllm_daemon)
+
+
+def test_stored_responses_are_bound_to_the_client_that_made_them(vllm_daemon: Daemon) -> None:
+    sdk_clients.responses_bound_to_their_client(vllm_daemon)
 
 def test_the_serving_real_server_leaves_its_software_verified_file_by_file(
         vllm_daemon: Daemon) -> None:

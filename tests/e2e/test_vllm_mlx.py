@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from sovereignd.logs.requestlog import iter_records
+from tests.e2e import sdk_clients
 from tests.harness import Daemon, group_processes, http
 from tests.helpers import run_cli, wait_for
 
@@ -55,6 +56,12 @@ def test_mlx_serves_chat_and_streams_through_the_gateway(mlx_daemon: Daemon) -> 
     assert all(r["prompt_tokens"] for r in records)
 
 
+
+def test_mlx_anthropic_messages_with_x_api_key(mlx_daemon: Daemon) -> None:
+    """vllm-mlx serves the Messages API too; its records keep tokens and first token."""
+    ready_pid(mlx_daemon)
+    sdk_clients.anthropic_messages(mlx_daemon, "mlx-claude")
+
 @pytest.mark.parametrize("path", ["/v1/mcp/execute", "/v1/mcp/servers", "/docs",
                                   "/openapi.json", "/v1/responses", "/v1/cache", "/v1/status"])
 def test_mlx_tool_and_admin_routes_are_closed_at_the_gateway(mlx_daemon: Daemon,
@@ -84,6 +91,7 @@ def test_mlx_key_and_prompts_stay_out_of_every_log(mlx_daemon: Daemon) -> None:
             data = path.read_bytes()
             assert key not in data, path
             assert b"a private question" not in data, path
+            assert b"hello there" not in data, path  # the Messages API's prompt too
     assert b"preview: [REDACTED]" in (d.logs / "server.log").read_bytes()
 
 

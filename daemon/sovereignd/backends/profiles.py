@@ -63,6 +63,13 @@ class Backend:
         _route("/v1/completions", "POST"),
         _route("/v1/embeddings", "POST"),
         _route("/v1/models", "GET"),
+        # Anthropic's Messages API (vLLM 0.32 serves both; vllm-mlx 0.6 too).
+        _route("/v1/messages", "POST"),
+        _route("/v1/messages/count_tokens", "POST"),
+        # OpenAI's Responses API; stored responses are bound to their client
+        # (gateway/responses.py), so GET and cancel by id pass only for their owner.
+        _route("/v1/responses", "POST"),
+        _route("/v1/responses/", "GET", "POST", prefix=True),
     )
     memory_flags: tuple[str, ...] = ("--max-model-len", "--gpu-memory-utilization",
                                       "--kv-cache-memory-bytes")
@@ -251,7 +258,7 @@ class VllmMlxBackend(Backend):
     # Inference only. Not passed: /v1/responses and /v1/mcp/* (they can run MCP tools on the
     # server), /v1/cache* and /v1/status (administration), /v1/audio/* and /v1/rerank (not
     # what this deployment serves; their usage is not recorded), /docs and /openapi.json.
-    routes = (*Backend.routes, _route("/v1/messages", "POST"))
+    routes = tuple(r for r in Backend.routes if not r.path.startswith("/v1/responses"))
     patterns = (
         pattern("model-missing",
                 r"(Failed to download '.*' after \d+ attempts|Repo id must be in the form|"

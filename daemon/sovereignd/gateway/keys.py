@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import hmac
@@ -38,6 +39,8 @@ import orjson
 
 from sovereignd.errors import SovereigndError
 from sovereignd.fsutil import atomic_write
+from sovereignd.gateway.quotas import Quota, parse_quota
+from sovereignd.gateway.scopes import check_models
 from sovereignd.logs.eventlog import Emit, discard
 from sovereignd.logs.files import utc_timestamp
 
@@ -113,17 +116,28 @@ class KeyEntry:
     sha256: str
     fingerprint: str
     revoked: str | None = None
+    # The models the key may use (None: every model) and its quotas (gateway/scopes.py,
+    # gateway/quotas.py); both optional in the file, so files written before them still load.
+    models: tuple[str, ...] | None = None
+    quota: Quota = Quota()
 
     @property
     def active(self) -> bool:
         return self.revoked is None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "role": self.role, "created": self.created,
-                "sha256": self.sha256, "fingerprint": self.fingerprint, "revoked": self.revoked}
+        doc: dict[str, Any] = {
+            "name": self.name, "role": self.role, "created": self.created, "sha256": self.sha256,
+            "fingerprint": self.fingerprint, "revoked": self.revoked}
+        if self.models is not None:
+            doc["models"] = list(self.models)
+        if not self.quota.unlimited:
+            doc["quota"] = self.quota.to_json()
+        return doc
 
 
 _ENTRY_FIELDS = ("name", "role", "created", "sha256", "fingerprint", "revoked")
+_OPTIONAL_FIELDS = ("models", "quota")
 
 
 def _parse_entry(raw: object, where: str) -> KeyEntry:
@@ -132,7 +146,7 @@ def _parse_entry(raw: object, where: str) -> KeyEntry:
     missing = [k for k in _ENTRY_FIELDS if k not in raw]
     if missing:
         raise ValueError(f"{where}: missing {', '.join(missing)}")
-    extra = sorted(set(raw) - set(_ENTRY_FIELDS))
+    extra = sorted(set(raw) - set(_ENTRY_FIELDS) - set(_OPTIONAL_FIELDS))
     if extra:
         raise ValueError(f"{where}: unknown field(s) {', '.join(extra)}")
     name, role, created = raw["name"], raw["role"], raw["created"]
@@ -149,7 +163,9 @@ def _parse_entry(raw: object, where: str) -> KeyEntry:
         raise ValueError(f"{where} ({name}): fingerprint does not match sha256")
     if revoked is not None and (not isinstance(revoked, str) or not revoked):
         raise ValueError(f"{where} ({name}): revoked must be null or a UTC time string")
-    return KeyEntry(name, role, created, digest, fp, revoked)
+    return KeyEntry(name, role, created, digest, fp, revoked,
+                    check_models(raw.get("models"), f"{where} ({name})"),
+                    parse_quota(raw.get("quota"), f"{where} ({name})"))
 
 
 def parse_keys(data: bytes, source: Path) -> list[KeyEntry]:
@@ -228,7 +244,8 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def add_key(path: Path, name: str, role: str = "client",
-            clock: Callable[[], float] = time.time) -> tuple[str, KeyEntry]:
+            clock: Callable[[], float] = time.time, *, models: tuple[str, ...] | None = None,
+            quota: Quota | None = None) -> tuple[str, KeyEntry]:
     """Make a key named `name`, store its hash, and return (key, entry). The key is not kept."""
     validate_name(name)
     if role not in ROLES:
@@ -240,7 +257,8 @@ def add_key(path: Path, name: str, role: str = "client",
                                f"(`sovereignd keys revoke {name}`) or choose another name")
         key = new_key()
         digest = key_hash(key)
-        entry = KeyEntry(name, role, utc_timestamp(clock()), digest, fingerprint_of_hash(digest))
+        entry = KeyEntry(name, role, utc_timestamp(clock()), digest, fingerprint_of_hash(digest),
+                         models=models, quota=quota or Quota())
         write_keys(path, [*entries, entry])
     return key, entry
 
@@ -252,14 +270,39 @@ def revoke_key(path: Path, name: str, clock: Callable[[], float] = time.time) ->
         entries = read_keys(path)
         for i, e in enumerate(entries):
             if e.name == name and e.active:
-                revoked = KeyEntry(e.name, e.role, e.created, e.sha256, e.fingerprint,
-                                   utc_timestamp(clock()))
+                revoked = dataclasses.replace(e, revoked=utc_timestamp(clock()))
                 entries[i] = revoked
                 write_keys(path, entries)
                 return revoked
+    raise _no_active_key(path, name, entries)
+
+
+def _no_active_key(path: Path, name: str, entries: list[KeyEntry]) -> KeyNameError:
     known = sorted({e.name for e in entries if e.active})
     hint = f"active keys: {', '.join(known)}" if known else "there are no active keys"
-    raise KeyNameError(f"no active key named {name!r} in {path} ({hint})")
+    return KeyNameError(f"no active key named {name!r} in {path} ({hint})")
+
+
+UNCHANGED: Any = object()
+
+
+def set_key(path: Path, name: str, *, models: tuple[str, ...] | None = UNCHANGED,
+            quota: dict[str, int | None] | None = None) -> KeyEntry:
+    """Change the scope (`models`; None: every model) and quota limits (`quota`: limit name
+    -> value, None removing it) of the active key `name`; a running daemon applies the
+    change within a second (its keys-file reload)."""
+    validate_name(name)
+    with _locked(path):
+        entries = read_keys(path)
+        for i, e in enumerate(entries):
+            if e.name == name and e.active:
+                changed = dataclasses.replace(
+                    e, models=e.models if models is UNCHANGED else models,
+                    quota=e.quota.changed(quota or {}))
+                entries[i] = changed
+                write_keys(path, entries)
+                return changed
+    raise _no_active_key(path, name, entries)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,18 +337,22 @@ class KeyListing:
     fingerprint: str
     state: str
     revoked: str | None
+    models: tuple[str, ...] | None = None
+    quota: Quota = Quota()
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "role": self.role, "created": self.created,
                 "last_used": self.last_used, "fingerprint": self.fingerprint,
-                "state": self.state, "revoked": self.revoked}
+                "state": self.state, "revoked": self.revoked,
+                "models": list(self.models) if self.models is not None else None,
+                "quota": self.quota.to_json()}
 
 
 def list_keys(path: Path, usage_path: Path | None) -> list[KeyListing]:
     """Every key in the file (revoked ones too), with its last use when the daemon recorded it."""
     usage = read_usage(usage_path) if usage_path is not None else {}
     return [KeyListing(e.name, e.role, e.created, usage.get(e.fingerprint), e.fingerprint,
-                       "active" if e.active else "revoked", e.revoked)
+                       "active" if e.active else "revoked", e.revoked, e.models, e.quota)
             for e in read_keys(path)]
 
 
@@ -320,6 +367,8 @@ class Client:
     name: str
     role: str
     fingerprint: str
+    models: frozenset[str] | None = None
+    quota: Quota = Quota()
 
     @property
     def is_admin(self) -> bool:
@@ -411,7 +460,9 @@ class KeyStore:
     def _read(self) -> _Loaded:
         signature = self._signature()
         entries = read_keys(self.path) if signature is not None else []
-        clients = {e.sha256: Client(e.name, e.role, e.fingerprint) for e in entries if e.active}
+        clients = {e.sha256: Client(e.name, e.role, e.fingerprint,
+                                    None if e.models is None else frozenset(e.models), e.quota)
+                   for e in entries if e.active}
         return _Loaded({e.sha256: e for e in entries}, signature, clients)
 
     def reload(self) -> bool:

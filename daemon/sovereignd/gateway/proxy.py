@@ -25,10 +25,12 @@ from aiohttp import HttpVersion11, web
 
 from sovereignd.backends.profiles import Backend
 from sovereignd.config import Config
+from sovereignd.gateway import anthropic, promptcap, responses, scopes
 from sovereignd.gateway.auththrottle import AuthFailures
 from sovereignd.gateway.endpoints import RETRY_AFTER
 from sovereignd.gateway.keys import Client, KeyStore
 from sovereignd.gateway.metrics import Metrics
+from sovereignd.gateway.quotas import QuotaBook, QuotaCollector
 from sovereignd.http.upstream import Response as UpstreamResponse
 from sovereignd.http.upstream import (
     Target,
@@ -63,8 +65,16 @@ RESPONSE_DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "con
 # Making a connection to a loopback server takes microseconds; seconds mean it is stuck.
 CONNECT_TIMEOUT = 5.0
 MAX_RECORDED_PATH = 512
-# A streamed chunk that carries generated text: `"content": "x...` or `"text": "x...`.
-_TOKEN = re.compile(rb'"(?:content|text)":\s*"[^"]')
+# A streamed chunk that carries generated text: `"content": "x...`, `"text": "x...` (also
+# Anthropic's text_delta) or the Responses API's `"delta": "x...`.
+_TOKEN = re.compile(rb'"(?:content|text|delta)":\s*"[^"]')
+# OpenAI's streaming options exist only on these paths: other APIs' bodies are passed as sent.
+_STREAM_OPTIONS_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+# Refusals that the same request will meet again: the SDKs (openai, anthropic) read
+# `x-should-retry: false` and do not retry them.
+_FINAL_STATUSES = frozenset({400, 401, 403, 404, 405, 413, 417})
+# What is kept of a client's X-Request-ID (its own correlation id; the gateway's is `id`).
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
 # Events after which a client holds the answer as complete: OpenAI-style `[DONE]`, Anthropic's
 # message_stop, the Responses API's terminal events. They are held back until the request's
 # record is written; a stream without one ends for the client only with the body's end.
@@ -82,11 +92,14 @@ class _Refused(Exception):
     """End a request early with an error response."""
 
     def __init__(self, status: int, message: str, type_: str, code: str | None = None, *,
-                 headers: dict[str, str] | None = None, error: str | None = None) -> None:
+                 headers: dict[str, str] | None = None, error: str | None = None,
+                 final: bool = False) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code = status, message, type_, code
         self.headers = headers or {}
         self.error = error or code or type_
+        if final or status in _FINAL_STATUSES:
+            self.headers["x-should-retry"] = "false"
 
 
 def safe_path(raw: str) -> bool:
@@ -141,6 +154,7 @@ class _Stream:
     buffer: bytes = b""
     ttft: float | None = None
     usage: dict[str, Any] | None = None
+    response_id: str | None = None  # a Responses stream's id, from response.created
 
     def feed(self, chunk: bytes, now: float) -> bytes:
         """Take upstream bytes; return the complete events to pass on, in order."""
@@ -157,20 +171,28 @@ class _Stream:
         return b"".join(out)
 
     def _inspect(self, event: bytes, now: float) -> bool:
-        """Note usage and first token; False if the event is to be withheld."""
-        if not event.startswith(b"data: {"):
+        """Note usage and first token; False if the event is to be withheld. Events are
+        OpenAI's (`data: {...}`) or named, as Anthropic's and the Responses API's
+        (`event: NAME` then `data: {...}`)."""
+        at = 0 if event.startswith(b"data: {") else event.find(b"\ndata: {") + 1
+        if at == 0 and not event.startswith(b"data: {"):
             return True
+        if self.response_id is None:
+            self.response_id = responses.created_id(event)
         if self.ttft is None and _TOKEN.search(event):
             self.ttft = now
         if b'"usage"' not in event:
             return True
+        end = event.find(b"\n", at)
         try:
-            data = orjson.loads(event[6:])
+            data = orjson.loads(event[at + 6:end if end >= 0 else None])
         except orjson.JSONDecodeError:
             return True
-        usage = data.get("usage") if isinstance(data, dict) else None
+        usage = anthropic.usage_of(data) if isinstance(data, dict) else None
         if isinstance(usage, dict):
-            self.usage = usage
+            # Anthropic's stream gives input tokens in message_start and output tokens in
+            # message_delta: later counts add to, and override, earlier ones.
+            self.usage = {**(self.usage or {}), **usage}
             # The usage-only chunk exists because we asked for it: the client did not.
             if self.strip_usage and not data.get("choices"):
                 return False
@@ -203,6 +225,10 @@ class Proxy:
         self._log_broken: str | None = None
         self._known_paths = {r.path for r in backend.routes if not r.prefix}
         self._known_prefixes = tuple(r.path for r in backend.routes if r.prefix)
+        self.quotas = QuotaBook()  # counted again from the records at start (daemon.py)
+        self.owners = responses.Owners()
+        metrics.registry.register(QuotaCollector(self.quotas, keys.clients))
+        self._cap = promptcap.cap_for(cfg)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -230,7 +256,7 @@ class Proxy:
             raise web.HTTPExpectationFailed(text="only Expect: 100-continue is understood")
         if not (safe_path(raw) and self.backend.allowed(request.method, raw)):
             return
-        outcome = self.keys.check(_bearer(request))
+        outcome = self.keys.check(_presented_key(request))
         request["auth_outcome"] = outcome  # checked once: the handler reuses it
         if outcome.client is None:
             return
@@ -254,7 +280,7 @@ class Proxy:
     # --- admin check for /status and /metrics on a network listener ---------------------------
 
     async def admin_check(self, request: web.Request) -> web.StreamResponse | None:
-        outcome = self.keys.check(_bearer(request))
+        outcome = self.keys.check(_presented_key(request))
         if outcome.client is None:
             self.metrics.auth_failures.labels(reason=outcome.reason).inc()
             return _error(401, "a valid admin key is required", "invalid_request_error",
@@ -289,7 +315,8 @@ class Proxy:
             "path": raw[:MAX_RECORDED_PATH], "model": None, "status": 500, "stream": False,
             "latency_ms": None, "ttfb_ms": None, "ttft_ms": None, "prompt_tokens": None,
             "completion_tokens": None, "bytes_in": 0, "bytes_out": 0,
-            "remote": request.remote, "error": None}
+            "remote": request.remote, "error": None,
+            **_client_ids(request)}
         client: Client | None = None
         recorded = False
 
@@ -305,11 +332,12 @@ class Proxy:
         try:
             try:
                 client = self._authorise(request, rec)
-                resp = await self._forward(request, rec, t0, rid, commit)
+                resp = await self._forward(request, rec, t0, rid, commit, client=client)
             except _Refused as refusal:
                 rec["status"], rec["error"] = refusal.status, refusal.error
                 resp = _error(refusal.status, refusal.message, refusal.type, refusal.code,
-                              {**refusal.headers, "X-Request-ID": rid})
+                              {**refusal.headers, "X-Request-ID": rid},
+                              anthropic_shape=anthropic.is_messages(request.rel_url.raw_path))
             if not resp.prepared:
                 # Sent here, not by aiohttp after the return: the record is written (and made
                 # durable per requests.sync) before any of the answer is released, so no
@@ -345,7 +373,7 @@ class Proxy:
         if not self.backend.allowed(request.method, request.rel_url.raw_path):
             raise _Refused(405, f"Method {request.method} not allowed on {raw}",
                            "invalid_request_error", "method_not_allowed")
-        outcome = request.get("auth_outcome") or self.keys.check(_bearer(request))
+        outcome = request.get("auth_outcome") or self.keys.check(_presented_key(request))
         if outcome.client is None:
             self.metrics.auth_failures.labels(reason=outcome.reason).inc()
             remote = request.remote or "-"
@@ -357,7 +385,7 @@ class Proxy:
                                "rate_limit_error", "auth_throttled",
                                headers={"Retry-After": str(max(1, round(retry)))},
                                error="auth_throttled")
-            message = ("Missing API key: send Authorization: Bearer <key>"
+            message = ("Missing API key: send Authorization: Bearer <key> (or x-api-key: <key>)"
                        if outcome.reason == "missing" else "Invalid API key")
             raise _Refused(401, message, "invalid_request_error", "invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"},
@@ -375,7 +403,8 @@ class Proxy:
         return client
 
     async def _forward(self, request: web.Request, rec: dict[str, Any], t0: float,
-                       rid: str, commit: Callable[[], Awaitable[bool]]) -> web.StreamResponse:
+                       rid: str, commit: Callable[[], Awaitable[bool]], *,
+                       client: Client) -> web.StreamResponse:
         if self._log_broken is not None:
             raise _Refused(503, f"request records cannot be written ({self._log_broken}); "
                            "refusing to serve unrecorded requests", "server_error",
@@ -390,12 +419,15 @@ class Proxy:
         body = await self._read_body(request)
         rec["bytes_in"] = len(body)
         strip_usage = False
+        data: dict[str, Any] | None = None
         if body and request.method == "POST":
-            body, strip_usage = self._inspect_body(body, rec)
+            body, strip_usage, data = self._inspect_body(body, rec)
+        self._admit(client, rec, data)
         try:
             # In the chain before the server sees the request: a crash from here on leaves
             # this start open, and the next start closes it as incomplete.
             rec["start_seq"] = self.log.start(rec)
+            self.quotas.count_request(client.name)
         except RequestLogError as exc:
             self._log_failed(exc)
             raise _Refused(503, "request records cannot be written; refusing to serve "
@@ -434,12 +466,18 @@ class Proxy:
             out_headers.append(("X-Request-ID", rid))
             if up.content_type == "text/event-stream":
                 return await self._stream(request, up, out_headers, rec, t0=t0,
-                                          strip_usage=strip_usage, commit=commit)
+                                          strip_usage=strip_usage, commit=commit,
+                                          client=client)
             payload = await up.read()
         except (TimeoutError, UpstreamError) as exc:
             raise _upstream_refusal(exc) from exc
         finally:
             up.close()  # a no-op once the response is complete; else the server sees us go
+        if client.models is not None and request.rel_url.raw_path == "/v1/models" and \
+                up.status == 200:
+            payload = scopes.filter_listing(payload, client.models)
+        if rec["path"] == responses.PATH and up.status == 200:
+            self.owners.bind_from_json(client.name, payload)
         rec["bytes_out"] = len(payload)
         self._usage_from_json(payload, rec)
         self._body_fields(rec, body, payload)
@@ -464,30 +502,59 @@ class Proxy:
             raise _Refused(408, "the request body did not arrive in time",
                            "invalid_request_error", "body_timeout") from exc
 
-    def _inspect_body(self, body: bytes, rec: dict[str, Any]) -> tuple[bytes, bool]:
-        """Note model and stream flag; ask for usage in streams so tokens can be recorded,
-        remembering to withhold the extra chunk from a client that did not ask for it."""
+    def _inspect_body(self, body: bytes, rec: dict[str, Any]
+                      ) -> tuple[bytes, bool, dict[str, Any] | None]:
+        """Note model and stream flag; ask for usage in OpenAI streams so tokens can be
+        recorded, remembering to withhold the extra chunk from a client that did not ask for
+        it. Returns (body to send, withhold the usage chunk, the parsed body)."""
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
-            return body, False  # the server answers 400 in its own words
+            return body, False, None  # the server answers 400 in its own words
         if not isinstance(data, dict):
-            return body, False
+            return body, False, None
         model = data.get("model")
         rec["model"] = model if isinstance(model, str) else None
-        if data.get("stream") is not True:
-            return body, False
+        if data.get("stream") is not True or rec["path"] not in _STREAM_OPTIONS_PATHS:
+            return body, False, data
         opts = data.get("stream_options")
         if isinstance(opts, dict) and opts.get("include_usage"):
-            return body, False
+            return body, False, data
         data["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
                                   "include_usage": True}
-        return orjson.dumps(data), True
+        return orjson.dumps(data), True, data
+
+    def _admit(self, client: Client, rec: dict[str, Any], data: dict[str, Any] | None) -> None:
+        """The key's scope, its quotas and the prompt cap, checked before the server sees
+        the request; _Refused (403, 429, 400) otherwise."""
+        if client.models is not None and data is not None:
+            model = rec["model"] if rec["model"] is not None else self.cfg.model_name
+            if not scopes.allows(client.models, model):
+                raise _Refused(403, f"this key may not use the model {model!r}; it may use "
+                               f"{', '.join(sorted(client.models))}", "permission_error",
+                               "model_not_allowed", error="model_not_allowed")
+        spent = self.quotas.spent(client.name, client.quota)
+        if spent is not None:
+            retry = max(1, int(spent.resets - time.time()) + 1)
+            raise _Refused(429, f"this key's quota {spent.limit} ({spent.allowed}) is spent; "
+                           f"it resets at {_utc(spent.resets)}", "rate_limit_error",
+                           "quota_exceeded", error=f"quota_{spent.limit}", final=True,
+                           headers={"Retry-After": str(retry)})
+        if rec["path"].startswith(responses.PATH):
+            not_found = self.owners.refusal(client.name, rec["method"], rec["path"], data)
+            if not_found is not None:
+                raise _Refused(404, not_found, "invalid_request_error", "not_found",
+                               error="response_not_found")
+        if data is not None and not rec["path"].endswith("/count_tokens"):  # counts, no output
+            too_long = promptcap.refusal(self._cap, data)
+            if too_long is not None:
+                raise _Refused(400, too_long, "invalid_request_error", "context_length_exceeded",
+                               error="prompt_too_long")
 
     async def _stream(self, request: web.Request, up: UpstreamResponse,
                       headers: list[tuple[str, str]], rec: dict[str, Any], *, t0: float,
-                      strip_usage: bool, commit: Callable[[], Awaitable[bool]]
-                      ) -> web.StreamResponse:
+                      strip_usage: bool, commit: Callable[[], Awaitable[bool]],
+                      client: Client) -> web.StreamResponse:
         rec["stream"] = True
         resp = web.StreamResponse(status=up.status, headers=headers)
         resp.headers["Cache-Control"] = "no-cache"
@@ -500,6 +567,8 @@ class Proxy:
             async for chunk in up:
                 self.metrics.upstream_progress = time.monotonic()  # the stall watch's evidence
                 data = final + sse.feed(chunk, time.perf_counter())
+                if sse.response_id is not None:  # bound before the client can learn the id
+                    self.owners.bind(client.name, sse.response_id)
                 data, final = _split_final(data)
                 if data:
                     await resp.write(data)
@@ -537,10 +606,9 @@ class Proxy:
             data = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return
-        usage = data.get("usage") if isinstance(data, dict) else None
+        usage = anthropic.usage_of(data) if isinstance(data, dict) else None
         if isinstance(usage, dict):
-            rec["prompt_tokens"] = usage.get("prompt_tokens")
-            rec["completion_tokens"] = usage.get("completion_tokens")
+            rec["prompt_tokens"], rec["completion_tokens"] = anthropic.token_counts(usage)
         if rec["model"] is None and isinstance(data, dict) and isinstance(data.get("model"), str):
             rec["model"] = data["model"]
 
@@ -580,6 +648,8 @@ class Proxy:
             rec["path"] if status != 404 else "other", status, rec["client"] or "-",
             latency_ms=rec["latency_ms"], ttft_ms=rec["ttft_ms"],
             prompt_tokens=rec["prompt_tokens"], completion_tokens=rec["completion_tokens"])
+        if rec["client"] is not None and rec.get("start_seq") is not None:
+            self.quotas.count_tokens(rec["client"], rec)
         try:
             seq = self.log.record(rec)
         except RequestLogError as exc:
@@ -612,18 +682,26 @@ def _stream_fields(rec: dict[str, Any], sse: _Stream, sent: int, t0: float) -> N
     if sse.ttft is not None:
         rec["ttft_ms"] = round((sse.ttft - t0) * 1000, 3)
     if sse.usage is not None:
-        rec["prompt_tokens"] = sse.usage.get("prompt_tokens")
-        rec["completion_tokens"] = sse.usage.get("completion_tokens")
+        rec["prompt_tokens"], rec["completion_tokens"] = anthropic.token_counts(sse.usage)
 
 
-def _bearer(request: web.Request) -> str | None:
-    auth = request.headers.get("Authorization")
-    if auth is None:
-        return None
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer":
-        return ""
-    return token.strip()
+def _presented_key(request: web.Request) -> str | None:
+    return anthropic.presented_key(request.headers.get("Authorization"),
+                                   request.headers.get("x-api-key"))
+
+
+def _client_ids(request: web.Request) -> dict[str, Any]:
+    """The client's own X-Request-ID (when it is a plain token) and the SDK's retry count
+    (`x-stainless-retry-count`, sent by the openai and anthropic SDKs), for the record."""
+    given = request.headers.get("X-Request-ID")
+    retries = request.headers.get("x-stainless-retry-count", "")
+    return {"client_request_id": given if given and _CLIENT_REQUEST_ID.fullmatch(given)
+            else None,
+            "retries": int(retries) if retries.isdigit() and len(retries) < 6 else None}
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _upstream_refusal(exc: TimeoutError | UpstreamError) -> _Refused:
@@ -643,7 +721,10 @@ def _upstream_refusal(exc: TimeoutError | UpstreamError) -> _Refused:
 
 
 def _error(status: int, message: str, type_: str, code: str | None,
-           headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=error_body(message, type_, code), status=status,
-                        content_type="application/json", headers=headers)
+           headers: dict[str, str] | None = None, *,
+           anthropic_shape: bool = False) -> web.Response:
+    body = (anthropic.error_body(status, message) if anthropic_shape
+            else error_body(message, type_, code))
+    return web.Response(body=body, status=status, content_type="application/json",
+                        headers=headers)
 

@@ -127,7 +127,9 @@ _CARRIED = ("id", "client", "method", "path", "model")
 
 REQUEST_FIELDS = ("id", "client", "method", "path", "model", "status", "stream", "latency_ms",
                   "ttfb_ms", "ttft_ms", "prompt_tokens", "completion_tokens", "bytes_in",
-                  "bytes_out", "remote", "error", "start_seq")
+                  "bytes_out", "remote", "error", "start_seq",
+                  # the client's own X-Request-ID and its SDK's retry count (issue 16)
+                  "client_request_id", "retries")
 BODY_FIELDS = ("req_sha256", "resp_sha256", "req_body", "resp_body")
 _ACCEPTED = frozenset(REQUEST_FIELDS + BODY_FIELDS)
 

@@ -9,6 +9,7 @@ from sovereignd.audit.inputs import Inputs
 from sovereignd.audit.model import FAIL, INFO, PASS, SECTIONS, WARN, Control
 from sovereignd.config import is_loopback
 from sovereignd.gateway import keys as keys_mod
+from sovereignd.gateway import keyscope
 from sovereignd.logs import sealing
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -131,9 +132,13 @@ def secrets_control(i: Inputs) -> Control:
         c.finding = str(exc)
         entries = []
     kt = c.table("client_keys", "Client keys (hashes stored; fingerprints shown)",
-                 ["name", "role", "fingerprint", "created", "revoked"])
+                 ["name", "role", "fingerprint", "created", "revoked", "models",
+                  "quota (used now/limit)"])
+    used = keyscope.used_from_records(cfg.logs.dir, [e.name for e in entries if e.active])
     for e in entries:
-        kt.rows.append([e.name, e.role, e.fingerprint, e.created, e.revoked])
+        kt.rows.append([e.name, e.role, e.fingerprint, e.created, e.revoked,
+                        ",".join(e.models) if e.models is not None else "all",
+                        keyscope.describe_quota(e.quota, used.get(e.name))])
     c.fact("internal_key", "Server's internal key",
            "fresh per start, passed in the environment, never logged")
     try:

@@ -1,0 +1,152 @@
+"""The official openai and anthropic Python SDKs against the daemon on a real server: as the
+people who call the model use it (chat, streams, Messages with x-api-key), and the limits they
+meet (a scoped key refused, a quota spent, a prompt over the cap), each refusal final for the
+SDK (`x-should-retry: false`: one attempt, no retries).
+
+Checks, not tests: test_vllm_cpu.py and test_vllm_mlx.py run them on the daemons they already
+share (a real start costs a minute on two cores), before their kill scenarios."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from sovereignd.logs.requestlog import iter_records
+from tests.e2e.conftest import setup_cli
+from tests.harness import Daemon
+from tests.helpers import wait_for
+
+MESSAGES = [{"role": "user", "content": "hello there"}]
+
+
+def records_of(d: Daemon, client: str, n: int) -> list[dict[str, Any]]:
+    return wait_for(lambda: (rs := [r for r in iter_records(d.logs) if r["client"] == client])
+                    and len(rs) >= n and rs, 10, what=f"{n} records of {client}")
+
+
+def openai_chat_and_stream(d: Daemon) -> None:
+    """Chat and a stream through the openai SDK with the daemon's client key, recorded with
+    tokens, time to first token, the client's X-Request-ID and the SDK's retry count."""
+    client = openai.OpenAI(base_url=d.url + "/v1", api_key=d.client_key)
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES,
+                                           max_tokens=4, extra_headers={"X-Request-ID": "t-1"})
+    assert reply.choices[0].message.role == "assistant" and reply.usage is not None
+    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES,
+                                                 max_tokens=4, stream=True))
+    assert chunks and all(c.usage is None for c in chunks)  # the usage chunk was not asked for
+    def both() -> list[dict[str, Any]] | None:
+        recs = [r for r in iter_records(d.logs) if r.get("client_request_id") == "t-1"]
+        recs += [r for r in iter_records(d.logs) if recs and r["seq"] > recs[0]["seq"]
+                 and r["stream"] and r["client"] == recs[0]["client"]]
+        return recs if len(recs) >= 2 else None
+
+    recs = wait_for(both, 10, what="the chat's and the stream's records")
+    assert recs[0]["client_request_id"] == "t-1" and recs[0]["retries"] == 0
+    assert recs[0]["prompt_tokens"] == reply.usage.prompt_tokens
+    assert recs[1]["stream"] and recs[1]["completion_tokens"] and recs[1]["ttft_ms"] is not None
+
+
+def anthropic_messages(d: Daemon, name: str) -> None:
+    """The Messages API (vLLM 0.32 and vllm-mlx serve it): the SDK's x-api-key is the client
+    key, its usage (and, streamed, its event stream's usage and first token) lands in the
+    records; a bad key gets Anthropic's error shape (the SDK's AuthenticationError)."""
+    key = setup_cli(d, "keys", "add", name)
+    client = anthropic.Anthropic(base_url=d.url, api_key=key)
+    wait_for(lambda: _accepted(client), 10, what="the new key (keys file reload)")
+    message = client.messages.create(model="tiny", max_tokens=5, messages=MESSAGES)
+    assert message.role == "assistant" and message.usage.input_tokens > 0
+    with client.messages.stream(model="tiny", max_tokens=5, messages=MESSAGES) as stream:
+        final = stream.get_final_message()
+    counted = client.messages.count_tokens(model="tiny", messages=MESSAGES)
+    assert counted.input_tokens > 0
+    recs = [r for r in records_of(d, name, 4) if r["status"] == 200]
+    plain, streamed = recs[-3], recs[-2]
+    assert plain["path"] == "/v1/messages" and not plain["stream"]
+    assert plain["prompt_tokens"] == message.usage.input_tokens
+    assert plain["completion_tokens"] == message.usage.output_tokens
+    assert streamed["stream"] and streamed["completion_tokens"] == final.usage.output_tokens
+    assert streamed["prompt_tokens"] == final.usage.input_tokens
+    assert streamed["ttft_ms"] is not None
+    assert recs[-1]["path"] == "/v1/messages/count_tokens"
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=d.url, api_key="sk-sov-" + "x" * 43, max_retries=0
+                            ).messages.create(model="tiny", max_tokens=5, messages=MESSAGES)
+
+
+def _accepted(client: anthropic.Anthropic) -> bool:
+    try:
+        client.messages.count_tokens(model="tiny", messages=MESSAGES)
+    except anthropic.AuthenticationError:
+        return False
+    return True
+
+
+def final_refusals(d: Daemon) -> None:
+    """A scoped key refused another model (403) and shown none in /v1/models, a quota spent
+    (429), a prompt over the model's 512 tokens (400, before the server): each tried once by
+    an SDK that would retry twice."""
+    scoped = setup_cli(d, "keys", "add", "scoped", "--models", "other-model")
+    limited = setup_cli(d, "keys", "add", "limited", "--requests-per-day", "1")
+    # max_retries=2 (the SDK's default): a refusal with x-should-retry: false is tried once.
+    scoped_client = openai.OpenAI(base_url=d.url + "/v1", api_key=scoped, max_retries=2)
+    wait_for(lambda: _listed(scoped_client), 10, what="the new keys (keys file reload)")
+    assert [m.id for m in scoped_client.models.list()] == []  # "tiny" is not in its scope
+    with pytest.raises(openai.PermissionDeniedError):
+        scoped_client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+    limited_client = openai.OpenAI(base_url=d.url + "/v1", api_key=limited, max_retries=2)
+    limited_client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+    with pytest.raises(openai.RateLimitError, match="requests_per_day"):
+        limited_client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+    # The served model's context is 512 tokens (--max-model-len): ~1,000 tokens of prompt.
+    with pytest.raises(openai.BadRequestError, match="exceeds this model's limit of 512"):
+        openai.OpenAI(base_url=d.url + "/v1", api_key=d.client_key, max_retries=2
+                      ).chat.completions.create(
+            model="tiny", max_tokens=2,
+            messages=[{"role": "user", "content": "word " * 800}])
+    scoped_recs = records_of(d, "scoped", 1)
+    assert [r["error"] for r in scoped_recs if r["status"] == 403] == ["model_not_allowed"]
+    quota = [r for r in records_of(d, "limited", 2) if r["status"] == 429]
+    assert len(quota) == 1 and quota[0]["error"] == "quota_requests_per_day"
+    capped = [r for r in iter_records(d.logs) if r["error"] == "prompt_too_long"]
+    assert len(capped) == 1 and capped[0]["error"] == "prompt_too_long"
+    assert capped[0]["start_seq"] is None  # refused before the server saw it
+
+
+def _listed(client: openai.OpenAI) -> bool:
+    try:
+        client.models.list()
+    except openai.AuthenticationError:
+        return False
+    return True
+
+
+def responses_bound_to_their_client(d: Daemon) -> None:
+    """The Responses API (vLLM 0.32, with its store on): a stored response is read back by
+    the client that made it; another client cannot read it, cancel it or continue from it."""
+    owner = openai.OpenAI(base_url=d.url + "/v1", api_key=d.client_key, max_retries=0)
+    other_key = setup_cli(d, "keys", "add", "stranger")
+    other = openai.OpenAI(base_url=d.url + "/v1", api_key=other_key, max_retries=0)
+    wait_for(lambda: _listed(other), 10, what="the new key (keys file reload)")
+    created = owner.responses.create(model="tiny", input="hello there", max_output_tokens=4,
+                                     store=True)
+    assert owner.responses.retrieve(created.id).id == created.id
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(created.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.cancel(created.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.create(model="tiny", input="and then?", max_output_tokens=4,
+                               previous_response_id=created.id)
+    streamed = list(owner.responses.create(model="tiny", input="hi", max_output_tokens=4,
+                                           stream=True, store=True))
+    sid = next(e.response.id for e in streamed if e.type == "response.created")
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(sid)
+    recs = [r for r in iter_records(d.logs) if r["path"] == "/v1/responses" and
+            r["status"] == 200]
+    assert recs and all(r["prompt_tokens"] and r["completion_tokens"] is not None for r in recs)
+    refused = [r for r in iter_records(d.logs) if r["error"] == "response_not_found"]
+    assert len(refused) == 4 and all(r["client"] == "stranger" for r in refused)
