@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sovereignd.backends import memory
+from sovereignd.backends import memory, modelfiles
 from sovereignd.config import Config
 
 BYTES_PER_TOKEN = 4
@@ -37,8 +37,8 @@ class Cap:
 
 def cap_for(cfg: Config) -> Cap | None:
     """The cap of the configured model: the smallest of `gateway.max_prompt_tokens`, the
-    server's `--max-model-len` and the model's `max_position_embeddings` (config.json);
-    None when none of them is known."""
+    server's `--max-model-len` and, without one, the model's length as vLLM derives it from
+    its files (`modelfiles.context_length`); None when none of them is known."""
     caps = []
     if cfg.gateway.max_prompt_tokens:
         caps.append(Cap(cfg.gateway.max_prompt_tokens, "gateway.max_prompt_tokens"))
@@ -49,12 +49,9 @@ def cap_for(cfg: Config) -> Cap | None:
     if max_len:
         caps.append(Cap(max_len, "the server's --max-model-len"))
     else:
-        try:
-            position = memory.read_shape(cfg.server.model).max_position
-        except memory.Unestimable:
-            position = None
-        if position:
-            caps.append(Cap(position, "the model's max_position_embeddings"))
+        derived = modelfiles.context_length(cfg.server.model)
+        if derived is not None:
+            caps.append(Cap(derived[0], f"the model's context length ({derived[1]})"))
     return min(caps, key=lambda c: c.tokens) if caps else None
 
 
