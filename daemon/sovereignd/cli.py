@@ -367,6 +367,60 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_cmd_restart)
 
 
+def _duration_arg(text: str, flag: str) -> float:
+    from sovereignd.units import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise SovereigndError(f"{flag}: {exc}") from exc
+
+
+def _cmd_drain(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from sovereignd.gateway import control, drain
+
+    grace = _duration_arg(args.grace, "--grace")
+    print(control.call(cfg, "drain", grace=grace, reason=args.reason)["message"])
+    if args.no_wait:
+        return EX_OK
+    timeout = grace + (_duration_arg(args.timeout, "--timeout") if args.timeout is not None
+                       else cfg.gateway.upstream_timeout)
+    drain.wait_drained(cfg, timeout, print)
+    print("drained: no request in flight and new ones are refused; `sovereignd resume` "
+          "serves again")
+    return EX_OK
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from sovereignd.gateway import control
+
+    print(control.request(cfg, "resume", reason=args.reason))
+    return EX_OK
+
+
+def _add_drain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("drain", help="take this host out of a load balancer for maintenance: "
+                       "/readyz 503 'draining', requests still served for --grace, then refused")
+    _config_arg(p)
+    p.add_argument("--grace", default="30s", metavar="DURATION",
+                   help="how long new requests are still served, for the balancer to notice "
+                        "(default 30s; longer than its health check's inter x fall)")
+    p.add_argument("--reason", default="operator drain", help="recorded in the event log")
+    p.add_argument("--no-wait", action="store_true",
+                   help="return at once instead of waiting for the grace period and the "
+                        "requests in flight to end")
+    p.add_argument("--timeout", metavar="DURATION",
+                   help="how long to wait past the grace period for requests in flight "
+                        "(default gateway.upstream_timeout)")
+    p.set_defaults(handler=_cmd_drain)
+    p = sub.add_parser("resume", help="end a drain: /readyz follows the server's state again")
+    _config_arg(p)
+    p.add_argument("--reason", default="operator resume", help="recorded in the event log")
+    p.set_defaults(handler=_cmd_resume)
+
+
 # --- service files: launchd / systemd ---------------------------------------------------------
 
 
@@ -474,7 +528,8 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
     new = upgrade.Upgrade(cfg, name=args.name or (args.venv.name if args.venv else ""),
                           requirements=args.requirements, prebuilt=args.venv,
                           python=args.python, uninstall=tuple(args.uninstall),
-                          allow_unhashed=args.allow_unhashed, timeout=timeout).run()
+                          allow_unhashed=args.allow_unhashed, timeout=timeout,
+                          drain_grace=_duration_arg(args.drain, "--drain")).run()
     print(f"upgrade: {cfg.server.venv} -> {new}, READY")
     return EX_OK
 
@@ -498,6 +553,9 @@ def _add_upgrade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="remove this package after installing (repeatable; e.g. torchvision)")
     p.add_argument("--timeout", help="how long to wait for READY (default: "
                    "server.start_timeout)")
+    p.add_argument("--drain", default="30s", metavar="DURATION",
+                   help="drain the host first and serve this long while the load balancer "
+                        "moves traffic away (default 30s; 0: no drain)")
     p.set_defaults(handler=_cmd_upgrade)
 
 
@@ -737,7 +795,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sovereignd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run, _add_check, _add_manifest, _add_model, _add_env, _add_baseline,
-                _add_keys, _add_logs, _add_audit, _add_service, _add_firewall, _add_upgrade):
+                _add_keys, _add_logs, _add_audit, _add_service, _add_firewall, _add_upgrade,
+                _add_drain):
         add(sub)
     return parser
 

@@ -17,6 +17,7 @@ from sovereignd import __version__
 from sovereignd.backends import memory, profiles
 from sovereignd.config import Config
 from sovereignd.gateway.control import ControlServer
+from sovereignd.gateway.drain import Drain
 from sovereignd.gateway.endpoints import Gateway
 from sovereignd.gateway.keys import KeyStore, usage_flusher
 from sovereignd.gateway.metrics import Metrics
@@ -85,9 +86,14 @@ async def _main(cfg: Config, allow_root: bool) -> int:
                   events=events)
     proxy.install(gateway.app)
     gateway.admin_check = proxy.admin_check
+    drain = Drain(events.emit, metrics)  # `sovereignd drain` / `resume`
+    gateway.drain = proxy.drain = drain
     gateway.on_refused = proxy.record_refusal
     control = ControlServer(cfg.control_socket, supervisor)
     control.add_action("upgrade", upgrade.event_action(events))  # `sovereignd upgrade` steps
+    for name, action in drain.actions().items():
+        control.add_action(name, action)
+    control.status_parts["drain"] = drain.status
     pending: set[asyncio.Task[None]] = set()
 
     def baseline_accepted(body: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from aiohttp.web_request import BaseRequest
 
 from sovereignd.config import Config, is_loopback
 from sovereignd.errors import SovereigndError
+from sovereignd.gateway.drain import Drain
 from sovereignd.gateway.listener import Listener
 from sovereignd.gateway.metrics import Metrics
 from sovereignd.logs.eventlog import EventLog
@@ -102,6 +103,7 @@ class Gateway:
         self.host, self.port = host, port
         self.loopback = is_loopback(host)
         self.admin_check: AdminCheck | None = None
+        self.drain: Drain | None = None  # set by the daemon: `sovereignd drain` turns /readyz 503
         self.on_refused: RefusalHook | None = None
         self.app = web.Application(client_max_size=cfg.gateway.max_body)
         self.app.on_response_prepare.append(_server_header)
@@ -183,6 +185,11 @@ class Gateway:
             body["degraded"] = dict(sup.degraded)
         if sup.suspect is not None:
             body["suspect"] = sup.suspect
+        drain = self.drain.status() if self.drain is not None else None
+        if drain is not None:  # maintenance: the balancer moves traffic away; still serving
+            body["reason"], body["drain"] = "draining", drain
+            return json_response(body, 503, {"Retry-After": str(max(
+                1, round(self.drain.grace_left() if self.drain is not None else 0)))})
         if sup.serving():
             return json_response(body)
         return json_response(body, 503,
@@ -201,7 +208,10 @@ class Gateway:
         denied = await self._admin(request)
         if denied is not None:
             return denied
-        return json_response(self.supervisor.status())
+        status = self.supervisor.status()
+        if self.drain is not None:
+            status["drain"] = self.drain.status()
+        return json_response(status)
 
     async def metrics_text(self, request: web.Request) -> web.StreamResponse:
         denied = await self._admin(request)

@@ -26,6 +26,7 @@ from aiohttp import HttpVersion11, web
 from sovereignd.backends.profiles import Backend
 from sovereignd.config import Config
 from sovereignd.gateway.auththrottle import AuthFailures
+from sovereignd.gateway.drain import Drain
 from sovereignd.gateway.endpoints import RETRY_AFTER
 from sovereignd.gateway.keys import Client, KeyStore
 from sovereignd.gateway.metrics import Metrics
@@ -201,6 +202,7 @@ class Proxy:
                                         before_connect=self._verify_listener)
         self._target: Target | None = None
         self._log_broken: str | None = None
+        self.drain: Drain | None = None  # set by the daemon; refuses new requests after grace
         self._known_paths = {r.path for r in backend.routes if not r.prefix}
         self._known_prefixes = tuple(r.path for r in backend.routes if r.prefix)
 
@@ -380,6 +382,10 @@ class Proxy:
             raise _Refused(503, f"request records cannot be written ({self._log_broken}); "
                            "refusing to serve unrecorded requests", "server_error",
                            "records_unavailable", headers={"Retry-After": "30"})
+        if self.drain is not None and self.drain.refusing():
+            raise _Refused(503, "this host is drained for maintenance; send the request to "
+                           "another host", "server_unavailable", "draining",
+                           headers={"Retry-After": "30"}, error="draining")
         upstream = self.supervisor.upstream()
         if upstream is None:
             sup = self.supervisor
