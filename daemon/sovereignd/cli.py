@@ -421,6 +421,49 @@ def _add_drain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(handler=_cmd_resume)
 
 
+def _cmd_fleet_haproxy(args: argparse.Namespace) -> int:
+    from sovereignd.fleet import haproxy
+
+    nodes = [haproxy.parse_node(text) for text in args.node]
+    opts = haproxy.Options(
+        listen=args.listen, check_path=args.check_path,
+        check_interval=_duration_arg(args.check_interval, "--check-interval"),
+        fall=args.fall, rise=args.rise, retries=args.retries,
+        request_timeout=_duration_arg(args.request_timeout, "--request-timeout"),
+        stats_socket=args.stats_socket)
+    _emit(haproxy.render(nodes, opts).encode(), args.output)
+    return EX_OK
+
+
+def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("fleet", help="configuration for several hosts behind a load balancer")
+    fsub = p.add_subparsers(dest="fleet_cmd", required=True, metavar="ACTION")
+    h = fsub.add_parser("haproxy", help="an HAProxy configuration that checks each host's "
+                        "/readyz, retries only requests no host acted on, and streams")
+    h.add_argument("--node", action="append", required=True, metavar="[NAME=]HOST:PORT",
+                   help="a host's gateway.listen address (repeat for each host)")
+    h.add_argument("--listen", required=True, metavar="ADDR:PORT",
+                   help="where HAProxy listens for clients")
+    h.add_argument("--check-path", default="/readyz",
+                   help="health check path (default /readyz; /readyz?model=NAME per model)")
+    h.add_argument("--check-interval", default="1s", metavar="DURATION",
+                   help="time between checks of a host (inter; default 1s)")
+    h.add_argument("--fall", type=int, default=2, help="failed checks that take a host out "
+                   "(default 2)")
+    h.add_argument("--rise", type=int, default=2, help="passed checks that bring it back "
+                   "(default 2)")
+    h.add_argument("--retries", type=int, default=3,
+                   help="retries of a request no host acted on (default 3)")
+    h.add_argument("--request-timeout", default="10m", metavar="DURATION",
+                   help="longest silence of a request (timeout server/client; "
+                        "gateway.upstream_timeout, default 10m)")
+    h.add_argument("--stats-socket", metavar="PATH",
+                   help="also open HAProxy's admin socket here (`show servers state`)")
+    h.add_argument("--output", "-o", type=Path, metavar="FILE",
+                   help="write here (atomically) instead of to stdout")
+    h.set_defaults(handler=_cmd_fleet_haproxy)
+
+
 # --- service files: launchd / systemd ---------------------------------------------------------
 
 
@@ -581,6 +624,10 @@ def _cmd_keys_add(args: argparse.Namespace) -> int:
 def _cmd_keys_list(args: argparse.Namespace) -> int:
     cfg = _load(args)
     rows = keys_mod.list_keys(cfg.gateway.keys_file, _usage_path(cfg))
+    fingerprint = keys_mod.set_fingerprint(keys_mod.read_keys(cfg.gateway.keys_file))
+    if args.fingerprint:
+        print(fingerprint)
+        return EX_OK
     if args.json:
         sys.stdout.write(orjson.dumps([r.to_json() for r in rows],
                                       option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -594,6 +641,8 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print(f"\nkeys file fingerprint {fingerprint} ({len(rows)} keys; equal on every host that "
+          "accepts the same keys; a running daemon shows the set it loaded in /status)")
     return EX_OK
 
 
@@ -616,6 +665,8 @@ def _add_keys(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.set_defaults(handler=_cmd_keys_add)
     lst = ksub.add_parser("list", help="list keys (names, fingerprints, use; never the keys)")
     lst.add_argument("--json", action="store_true", help="print JSON")
+    lst.add_argument("--fingerprint", action="store_true",
+                     help="print only the fingerprint of the whole keys file, to compare hosts")
     _config_arg(lst)
     lst.set_defaults(handler=_cmd_keys_list)
     r = ksub.add_parser("revoke", help="revoke a key (kept in the file for the audit trail)")
@@ -796,7 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run, _add_check, _add_manifest, _add_model, _add_env, _add_baseline,
                 _add_keys, _add_logs, _add_audit, _add_service, _add_firewall, _add_upgrade,
-                _add_drain):
+                _add_drain, _add_fleet):
         add(sub)
     return parser
 

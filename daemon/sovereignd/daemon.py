@@ -16,6 +16,7 @@ import uvloop
 from sovereignd import __version__
 from sovereignd.backends import memory, profiles
 from sovereignd.config import Config
+from sovereignd.gateway import alertmetrics
 from sovereignd.gateway.control import ControlServer
 from sovereignd.gateway.drain import Drain
 from sovereignd.gateway.endpoints import Gateway
@@ -79,6 +80,8 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     supervisor.add_gate(memory.gate(memory.Preflight(cfg), events))
     keys = KeyStore(cfg.gateway.keys_file, cfg.state_dir / "keys-usage.json", emit=events.emit)
     keys.load()
+    # Guard results, events, disk space, the keys in effect: for alerts across hosts.
+    alertmetrics.install(metrics, supervisor, events, lambda: keys.fingerprint)
     requests = RequestLog.from_config(cfg, emit=events.emit)
     requests.open()
     gateway = Gateway(cfg, supervisor, metrics, events, nofile=nofile)
@@ -93,7 +96,9 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     control.add_action("upgrade", upgrade.event_action(events))  # `sovereignd upgrade` steps
     for name, action in drain.actions().items():
         control.add_action(name, action)
-    control.status_parts["drain"] = drain.status
+    gateway.status_parts["drain"] = control.status_parts["drain"] = drain.status
+    gateway.status_parts["keys"] = control.status_parts["keys"] = lambda: {
+        "file": str(keys.path), "fingerprint": keys.fingerprint, "active": len(keys.clients())}
     pending: set[asyncio.Task[None]] = set()
 
     def baseline_accepted(body: dict[str, Any]) -> dict[str, Any]:

@@ -104,6 +104,8 @@ class Gateway:
         self.loopback = is_loopback(host)
         self.admin_check: AdminCheck | None = None
         self.drain: Drain | None = None  # set by the daemon: `sovereignd drain` turns /readyz 503
+        # Parts of /status kept outside the supervisor (drain, keys), by their key.
+        self.status_parts: dict[str, Callable[[], Any]] = {}
         self.on_refused: RefusalHook | None = None
         self.app = web.Application(client_max_size=cfg.gateway.max_body)
         self.app.on_response_prepare.append(_server_header)
@@ -209,8 +211,8 @@ class Gateway:
         if denied is not None:
             return denied
         status = self.supervisor.status()
-        if self.drain is not None:
-            status["drain"] = self.drain.status()
+        for name, part in self.status_parts.items():
+            status[name] = part()
         return json_response(status)
 
     async def metrics_text(self, request: web.Request) -> web.StreamResponse:

@@ -35,6 +35,7 @@ from sovereignd.http.upstream import (
     Target,
     UpstreamClient,
     UpstreamConnectError,
+    UpstreamDisconnected,
     UpstreamError,
     UpstreamProtocolError,
 )
@@ -424,6 +425,16 @@ class Proxy:
             up = await self._upstream.request(
                 target, request.method, request.rel_url.raw_path_qs, headers, body,
                 timeout=self.cfg.gateway.upstream_timeout)
+        except UpstreamDisconnected as exc:
+            if not self.supervisor.serving():
+                # The daemon is stopping the server (quarantine, restart): a server that
+                # drains on SIGTERM finishes what it began and closes connections whose
+                # request it had not begun; nothing of the answer was sent: 503, so a load
+                # balancer sends it to another host (ops/fleet/haproxy.cfg retries 503 only).
+                raise _Refused(503, "the model server stopped before it answered; send the "
+                               "request again", "server_unavailable", "server_stopping",
+                               headers={"Retry-After": "1"}, error="server_stopping") from exc
+            raise _upstream_refusal(exc) from exc
         except (TimeoutError, UpstreamError) as exc:
             raise _upstream_refusal(exc) from exc
         except ValueError as exc:  # a character that cannot be forwarded (CR, LF, NUL)
