@@ -256,3 +256,24 @@ def test_a_revoked_key_stops_working_on_every_host_within_the_reload_interval(
              10, what="every host on the revoked set")
     table = run_cli("keys", "list", "--config", cfg).stdout
     assert f"keys file fingerprint {after}" in table
+
+
+def test_the_shipped_haproxy_config_is_what_fleet_haproxy_renders_and_haproxy_accepts(
+        tmp_path: Path) -> None:
+    out = tmp_path / "haproxy.cfg"
+    res = subprocess.run(["bash", str(FLEET / "render.sh")], capture_output=True, text=True,
+                         env={**os.environ, "SOVEREIGND_FLEET_OUTPUT": str(out)}, check=False)
+    assert res.returncode == 0, res.stderr
+    assert out.read_text() == (FLEET / "haproxy.cfg").read_text()
+    check = subprocess.run([need("haproxy"), "-c", "-f", str(out)], capture_output=True,
+                           text=True, check=False)
+    assert check.returncode == 0 and "Configuration file is valid" in check.stdout, check.stderr
+    # Bad input is refused with the flag named, and nothing is written.
+    bad = tmp_path / "bad.cfg"
+    for args, said in ((["--node", "mac1=no-port"], "--node"),
+                       (["--node", "a=127.0.0.1:1", "--node", "a=127.0.0.1:2"], "same name"),
+                       (["--node", "127.0.0.1:1", "--check-path", "readyz now"], "--check-path"),
+                       (["--node", "127.0.0.1:1", "--check-interval", "0s"], "--check-interval")):
+        res = run_cli("fleet", "haproxy", *args, "--listen", "127.0.0.1:8080", "-o", str(bad))
+        assert res.returncode == 1 and said in res.stderr, res.stderr
+        assert not bad.exists()
