@@ -110,6 +110,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         key = run_cli("keys", "add", "alice", "--config", cfg).stdout.strip()
         admin = run_cli("keys", "add", "prometheus", "--admin", "--config", cfg).stdout.strip()
         assert key and admin
+        for name, d in hosts.items():  # each host seals its records; the auditor keeps keys
+            auditor = run_cli("logs", "init-key", "--config", str(d.config_path))
+            assert auditor.returncode == 0, auditor.stderr
+            (root / f"{name}.auditor-key").write_text(auditor.stdout)
         admin_file = root / "prometheus-admin.key"
         admin_file.write_text(admin)
         admin_file.chmod(0o600)
@@ -277,3 +281,71 @@ def test_the_shipped_haproxy_config_is_what_fleet_haproxy_renders_and_haproxy_ac
         res = run_cli("fleet", "haproxy", *args, "--listen", "127.0.0.1:8080", "-o", str(bad))
         assert res.returncode == 1 and said in res.stderr, res.stderr
         assert not bad.exists()
+
+
+def _tamper(export: Path, work: Path) -> int:
+    """Change one answered request's status in the export's request records, and its digest
+    in export.json (as whoever can write the files could): only the seals can tell. Its seq."""
+    import hashlib
+    import tarfile
+
+    work.mkdir()
+    with tarfile.open(export) as tar:
+        tar.extractall(work, filter="data")
+    live = work / "logs" / "requests.log"
+    lines = live.read_bytes().splitlines(keepends=True)
+    i = next(i for i, line in enumerate(lines) if b'"kind":"request"' in line
+             and b'"status":200' in line)
+    seq = int(json.loads(lines[i])["seq"])
+    lines[i] = lines[i].replace(b'"status":200', b'"status":201')
+    live.write_bytes(b"".join(lines))
+    manifest = json.loads((work / "export.json").read_text())
+    manifest["files"]["logs/requests.log"] = hashlib.sha256(live.read_bytes()).hexdigest()
+    (work / "export.json").write_text(json.dumps(manifest))
+    with tarfile.open(export, "w:gz") as tar:
+        for path in sorted(work.rglob("*")):
+            if path.is_file():
+                tar.add(path, path.relative_to(work).as_posix())
+    return seq
+
+
+def test_audit_fleet_over_three_exports_names_the_tampered_record(fleet: Fleet) -> None:
+    load = Load(fleet.haproxy.url, fleet.key, total=30, concurrency=3)
+    load.start()
+    load.join(60)
+    fleet.quarantine_host1()
+    wait_for(lambda: fleet.hosts["host1"].get("/readyz")[1].get("state") == "QUARANTINED", 15,
+             what="host1 QUARANTINED")
+    exports = fleet.root / "exports"
+    exports.mkdir()
+    for name, d in fleet.hosts.items():
+        res = run_cli("audit", "export", "--config", str(d.config_path), "--name", name,
+                      "-o", str(exports / f"{name}.tar.gz"))
+        assert res.returncode == 0, res.stderr
+        assert "audit export written" in res.stderr
+    seq = _tamper(exports / "host2.tar.gz", fleet.root / "tamper")
+    keys = [f"--key-file={n}={fleet.root / f'{n}.auditor-key'}" for n in NAMES]
+    files = [str(exports / f"{n}.tar.gz") for n in NAMES]
+    res = run_cli("audit", "fleet", *files, *keys, "--format", "json")
+    assert res.returncode == 1, res.stderr
+    report = json.loads(res.stdout)
+    assert set(report["not_proven"]) == {"host2"}
+    problem = " ".join(report["not_proven"]["host2"])
+    assert f"seq {seq}" in problem and "edited" in problem
+    summary = report["summary"]
+    assert all(summary[n]["requests"] > 0 and "model" in summary[n]["models"]
+               and "alice" in summary[n]["clients"] for n in NAMES)
+    assert summary["host1"]["incidents"]["quarantined"] >= 1
+    assert summary["host1"]["proven_complete"] and summary["host3"]["proven_complete"]
+    # Without host3's key its seals are not checked: named as not proven, in Markdown too.
+    res = run_cli("audit", "fleet", *files, *keys[:2])
+    assert res.returncode == 1
+    assert "**host3**: seals not checked" in res.stdout and "**host2**: request records" \
+        in res.stdout
+    # Bad input: a file that is not an export, a key for a host with no export.
+    junk = fleet.root / "junk.tar.gz"
+    junk.write_bytes(b"not a tar file")
+    res = run_cli("audit", "fleet", str(junk))
+    assert res.returncode == 1 and "not a readable audit export" in res.stderr
+    res = run_cli("audit", "fleet", files[0], f"--key-file=mars={fleet.root / 'host1.auditor-key'}")
+    assert res.returncode == 1 and "no export is from that host" in res.stderr

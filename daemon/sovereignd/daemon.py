@@ -80,8 +80,14 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     supervisor.add_gate(memory.gate(memory.Preflight(cfg), events))
     keys = KeyStore(cfg.gateway.keys_file, cfg.state_dir / "keys-usage.json", emit=events.emit)
     keys.load()
+
+    def keys_in_effect() -> str:
+        # The set a request would meet now: the file is re-read if it changed (one stat).
+        keys.reload()
+        return keys.fingerprint
+
     # Guard results, events, disk space, the keys in effect: for alerts across hosts.
-    alertmetrics.install(metrics, supervisor, events, lambda: keys.fingerprint)
+    alertmetrics.install(metrics, supervisor, events, keys_in_effect)
     requests = RequestLog.from_config(cfg, emit=events.emit)
     requests.open()
     gateway = Gateway(cfg, supervisor, metrics, events, nofile=nofile)
@@ -98,7 +104,7 @@ async def _main(cfg: Config, allow_root: bool) -> int:
         control.add_action(name, action)
     gateway.status_parts["drain"] = control.status_parts["drain"] = drain.status
     gateway.status_parts["keys"] = control.status_parts["keys"] = lambda: {
-        "file": str(keys.path), "fingerprint": keys.fingerprint, "active": len(keys.clients())}
+        "file": str(keys.path), "fingerprint": keys_in_effect(), "active": len(keys.clients())}
     pending: set[asyncio.Task[None]] = set()
 
     def baseline_accepted(body: dict[str, Any]) -> dict[str, Any]:
