@@ -29,7 +29,37 @@ def need(program: str) -> str:
     return found
 
 
-class HAProxy:
+def stop(proc: subprocess.Popen[bytes] | None, grace: float = 15) -> None:
+    """SIGTERM the process we started, SIGKILL it after `grace` seconds, reap it."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class _Program:
+    """A program of ours on a free loopback port, its output in `log`, stopped by pid."""
+
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def spawn(self, argv: list[str]) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+
+    def close(self) -> None:
+        stop(self.proc)
+
+
+class HAProxy(_Program):
     """`haproxy -db -f CFG` with the admin socket of the config `sovereignd fleet haproxy`
     rendered."""
 
@@ -49,16 +79,9 @@ class HAProxy:
         check = subprocess.run([need("haproxy"), "-c", "-f", str(self.config)],
                                capture_output=True, text=True, check=False)
         assert check.returncode == 0, check.stdout + check.stderr
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([need("haproxy"), "-db", "-f", str(self.config)],
-                                         stdout=out, stderr=subprocess.STDOUT)
+        self.spawn([need("haproxy"), "-db", "-f", str(self.config)])
         wait_for(self.socket.exists, 10, what="HAProxy's admin socket")
 
     def command(self, line: str) -> str:
@@ -82,17 +105,9 @@ class HAProxy:
                 out[row["srv_name"]] = row["srv_op_state"] == "2"
         return out
 
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
-class Prometheus:
+class Prometheus(_Program):
     """`prometheus` with a configuration and data folder of its own on a free loopback port."""
 
     def __init__(self, root: Path, config: dict[str, Any]) -> None:
@@ -102,19 +117,11 @@ class Prometheus:
         self.config = root / "prometheus.yml"
         self.config.write_text(json.dumps(config, indent=2))  # YAML is a superset of JSON
         self.log = root / "prometheus.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [need("prometheus"), f"--config.file={self.config}",
-                 f"--storage.tsdb.path={self.root / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}"],
-                stdout=out, stderr=subprocess.STDOUT)
+        self.spawn([need("prometheus"), f"--config.file={self.config}",
+                    f"--storage.tsdb.path={self.root / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}"])
         wait_for(lambda: http("GET", self.url + "/-/ready", timeout=2)[0] == 200, 30,
                  interval=0.2, what="Prometheus ready")
 
@@ -123,15 +130,6 @@ class Prometheus:
                                + urllib.parse.urlencode(params), timeout=5)
         assert status == 200, body
         return json.loads(body)["data"]
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @dataclass

@@ -22,6 +22,7 @@ from sovereignd.logs.requestlog import iter_records
 from tests.fleet_support import HAProxy, Load, Prometheus, need, wait_until
 from tests.harness import Daemon, http
 from tests.helpers import REPO, run_cli, wait_for
+from tests.test_audit import _approve_weights as approve_weights
 from tests.test_upgrade import fake_venv
 
 FLEET = REPO / "ops" / "fleet"
@@ -57,14 +58,10 @@ def _host(root: Path, name: str, keys: Path) -> tuple[Daemon, dict[str, Any]]:
 
 
 def _approve_weights(d: Daemon) -> Path:
-    weights = d.model / "model.safetensors.bin"
-    weights.write_bytes(os.urandom(64 * 1024))
-    (d.root / "baseline").mkdir()
-    d.cfg["integrity"] = {"manifest": str(d.root / "baseline" / "model.sha256"),
-                          "stat_interval": "200ms"}
+    """host1's weights approved in a manifest (as the audit tests do), stat()ed every 200 ms."""
+    weights = approve_weights(d)
+    d.cfg["integrity"]["stat_interval"] = "200ms"
     d.write_config()
-    res = run_cli("baseline", "--config", str(d.config_path))
-    assert res.returncode == 0, res.stdout + res.stderr
     return weights
 
 
