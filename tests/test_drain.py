@@ -95,3 +95,30 @@ def test_drain_refuses_bad_durations_and_says_when_no_daemon_runs(tmp_path: Path
     assert res.returncode == 1 and "no daemon is running" in res.stderr
     res = run_cli("resume", "--config", str(d.config_path))
     assert res.returncode == 1 and "no daemon is running" in res.stderr
+
+
+def test_a_request_cut_by_a_server_the_daemon_stops_is_a_retryable_503(
+        make_daemon: MakeDaemon) -> None:
+    """A restart whose server will not drain (it ignores SIGTERM and is killed): the request
+    it held gets 503 `server_stopping` with Retry-After -- a balancer sends it elsewhere --
+    not 502, and its record says so."""
+    d = make_daemon(behaviour={"default": {"completion_delay": 30, "ignore_term": True}})
+    key = run_cli("keys", "add", "alice", "--config", str(d.config_path)).stdout.strip()
+    d.start()
+    d.wait_state("READY")
+    answer: list[tuple[int, dict[str, Any]]] = []
+    held = threading.Thread(target=lambda: answer.append(_chat(d, key)))
+    held.start()
+    wait_for(lambda: b"sovereignd_requests_in_flight 1.0" in http(
+        "GET", d.url + "/metrics")[1], 5, what="a request in flight")
+    assert run_cli("restart", "--config", str(d.config_path)).returncode == 0
+    held.join(30)
+    assert answer, "no answer"
+    status, body = answer[0]
+    assert status == 503 and body["error"]["code"] == "server_stopping"
+    wait_for(lambda: any(e.get("killed") for e in d.events("server_stopped")), 10,
+             what="the server killed after its grace")
+    from sovereignd.logs.requestlog import iter_records
+
+    assert [r["error"] for r in iter_records(d.logs) if r["client"] == "alice"] \
+        == ["server_stopping"]

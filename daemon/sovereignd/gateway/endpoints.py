@@ -187,11 +187,11 @@ class Gateway:
             body["degraded"] = dict(sup.degraded)
         if sup.suspect is not None:
             body["suspect"] = sup.suspect
-        drain = self.drain.status() if self.drain is not None else None
-        if drain is not None:  # maintenance: the balancer moves traffic away; still serving
-            body["reason"], body["drain"] = "draining", drain
-            return json_response(body, 503, {"Retry-After": str(max(
-                1, round(self.drain.grace_left() if self.drain is not None else 0)))})
+        if self.drain is not None and self.drain.active:
+            # Maintenance: the balancer moves traffic away while requests are still served.
+            body["reason"], body["drain"] = "draining", self.drain.status()
+            return json_response(body, 503, {
+                "Retry-After": str(max(1, round(self.drain.grace_left())))})
         if sup.serving():
             return json_response(body)
         return json_response(body, 503,
