@@ -36,7 +36,7 @@ class ControlServer:
             "restart": self._restart,
             "reset": self._reset,
         }
-        # Parts of /status kept outside the supervisor (the drain), by their key.
+        # Parts of /status kept outside the supervisor (drain, keys), by their key.
         self.status_parts: dict[str, Callable[[], Any]] = {}
         self.app = web.Application(client_max_size=64 * 1024)
         self.app.router.add_get("/status", self._status)

@@ -430,7 +430,7 @@ class Proxy:
                 # The daemon is stopping the server (quarantine, restart): a server that
                 # drains on SIGTERM finishes what it began and closes connections whose
                 # request it had not begun; nothing of the answer was sent: 503, so a load
-                # balancer sends it to another host (ops/fleet/haproxy.cfg retries 503 only).
+                # balancer sends it to another host (ops/fleet/haproxy.cfg retries 503, never 502).
                 raise _Refused(503, "the model server stopped before it answered; send the "
                                "request again", "server_unavailable", "server_stopping",
                                headers={"Retry-After": "1"}, error="server_stopping") from exc
