@@ -38,18 +38,25 @@ def _actions(report: Any) -> list[str]:
     return found
 
 
-def test_drain_serves_through_the_grace_period_then_refuses_and_resume_restores(
-        make_daemon: MakeDaemon) -> None:
-    d = make_daemon(behaviour={"default": {"completion_delay": 1.0}})
-    res = run_cli("keys", "add", "alice", "--config", str(d.config_path))
-    key = res.stdout.strip()
+def _serving_one_request(make_daemon: MakeDaemon, behaviour: dict[str, Any]
+                         ) -> tuple[Daemon, str, threading.Thread, list[tuple[int, Any]]]:
+    """A READY daemon with client alice and one of her chat requests in flight, in a thread:
+    (daemon, her key, the thread, the list its answer lands in)."""
+    d = make_daemon(behaviour={"default": behaviour})
+    key = run_cli("keys", "add", "alice", "--config", str(d.config_path)).stdout.strip()
     d.start()
     d.wait_state("READY")
-    before: list[tuple[int, dict[str, Any]]] = []
-    slow = threading.Thread(target=lambda: before.append(_chat(d, key)))
-    slow.start()
+    answers: list[tuple[int, Any]] = []
+    thread = threading.Thread(target=lambda: answers.append(_chat(d, key)))
+    thread.start()
     wait_for(lambda: b"sovereignd_requests_in_flight 1.0" in http(
         "GET", d.url + "/metrics")[1], 5, what="a request in flight")
+    return d, key, thread, answers
+
+
+def test_drain_serves_through_the_grace_period_then_refuses_and_resume_restores(
+        make_daemon: MakeDaemon) -> None:
+    d, key, slow, before = _serving_one_request(make_daemon, {"completion_delay": 1.0})
     drain = subprocess.Popen(cli_argv("drain", "--config", str(d.config_path), "--grace", "2s",
                                       "--reason", "kernel update"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
@@ -102,15 +109,8 @@ def test_a_request_cut_by_a_server_the_daemon_stops_is_a_retryable_503(
     """A restart whose server will not drain (it ignores SIGTERM and is killed): the request
     it held gets 503 `server_stopping` with Retry-After -- a balancer sends it elsewhere --
     not 502, and its record says so."""
-    d = make_daemon(behaviour={"default": {"completion_delay": 30, "ignore_term": True}})
-    key = run_cli("keys", "add", "alice", "--config", str(d.config_path)).stdout.strip()
-    d.start()
-    d.wait_state("READY")
-    answer: list[tuple[int, dict[str, Any]]] = []
-    held = threading.Thread(target=lambda: answer.append(_chat(d, key)))
-    held.start()
-    wait_for(lambda: b"sovereignd_requests_in_flight 1.0" in http(
-        "GET", d.url + "/metrics")[1], 5, what="a request in flight")
+    d, _key, held, answer = _serving_one_request(
+        make_daemon, {"completion_delay": 30, "ignore_term": True})
     assert run_cli("restart", "--config", str(d.config_path)).returncode == 0
     held.join(30)
     assert answer, "no answer"
