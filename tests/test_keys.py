@@ -308,3 +308,21 @@ def test_the_key_appears_in_no_file_and_no_event(cfg: Path) -> None:
     for p in files:
         assert key.encode() not in p.read_bytes(), p
     assert key not in repr(events.events)
+
+
+def test_the_keys_set_fingerprint_changes_with_a_scope_or_a_quota(tmp_path: Path) -> None:
+    """Two hosts with the same keys but different model scopes or quotas enforce different
+    things: their fingerprints differ; the file's formatting does not matter."""
+    import dataclasses
+
+    from sovereignd.gateway.quotas import Quota
+
+    path = tmp_path / "keys.json"
+    keys.add_key(path, "alice")
+    entries = keys.read_keys(path)
+    base = keys.set_fingerprint(entries)
+    scoped = [dataclasses.replace(entries[0], models=("chat",))]
+    limited = [dataclasses.replace(entries[0], quota=Quota(tokens_per_day=10))]
+    assert len({base, keys.set_fingerprint(scoped), keys.set_fingerprint(limited)}) == 3
+    path.write_text(json.dumps(json.loads(path.read_text()), indent=8))
+    assert keys.set_fingerprint(keys.read_keys(path)) == base

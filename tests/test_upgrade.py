@@ -66,7 +66,7 @@ def test_a_working_venv_is_switched_in_baselined_and_proven_ready(
     first = d.server_pid()
     new = fake_venv(opt, "new", "2.0")
     res = run_cli("upgrade", "--config", str(d.config_path), "--venv", str(new),
-                  "--timeout", "20s")
+                  "--timeout", "20s", "--drain", "300ms")
     assert res.returncode == 0, res.stdout + res.stderr
     assert (opt / "server-venv").readlink() == Path("server-venvs/new")
     assert (new / "ran").exists()  # the server that answered runs from the new venv
@@ -77,7 +77,11 @@ def test_a_working_venv_is_switched_in_baselined_and_proven_ready(
     assert data.splitlines()[0] == b"fakeserver==2.0" and b"pip==" in data
     companion = frozen.with_name(frozen.name + ".sha256").read_text()
     assert companion == f"{hashlib.sha256(data).hexdigest()}  server-requirements.txt\n"
-    assert steps(d) == ["begin", "build", "baseline", "switch", "restart", "ready", "done"]
+    # Drained first (the balancer moves traffic away), resumed once the new server is READY.
+    assert steps(d) == ["begin", "build", "baseline", "drain", "drained", "switch", "restart",
+                        "ready", "resume", "done"]
+    assert [e["action"] for e in d.events("operator")] == ["drain", "resume"]
+    assert d.get("/readyz")[0] == 200
     switch = next(e for e in d.events("upgrade") if e["step"] == "switch")
     assert switch["previous"] == "server-venvs/old" and switch["to"] == "server-venvs/new"
     assert not list(opt.glob(".server-venv.*"))  # no temporary link left
@@ -90,7 +94,7 @@ def test_a_venv_that_never_becomes_ready_is_rolled_back_and_the_old_one_serves(
     before = frozen.read_bytes(), frozen.with_name(frozen.name + ".sha256").read_bytes()
     broken = fake_venv(opt, "broken", "3.0", works=False)
     res = run_cli("upgrade", "--config", str(d.config_path), "--venv", str(broken),
-                  "--timeout", "20s")
+                  "--timeout", "20s", "--drain", "300ms")
     assert res.returncode == 1
     assert "rolled back to" in res.stderr and "which serves again" in res.stderr
     assert (opt / "server-venv").readlink() == Path("server-venvs/old")
@@ -98,8 +102,9 @@ def test_a_venv_that_never_becomes_ready_is_rolled_back_and_the_old_one_serves(
         == before
     st = d.wait_state("READY")
     assert st["server"]["pid"] != first and (opt / "server-venvs" / "old" / "ran").exists()
-    assert steps(d) == ["begin", "build", "baseline", "switch", "restart", "failed",
-                        "rollback", "restart", "ready", "rolled_back"]
+    assert steps(d) == ["begin", "build", "baseline", "drain", "drained", "switch", "restart",
+                        "failed", "rollback", "restart", "ready", "rolled_back", "resume"]
+    assert d.get("/readyz")[0] == 200  # the old venv serves, and the drain is over
     failed = next(e for e in d.events("upgrade") if e["step"] == "failed")
     assert failed["level"] == "error" and "FATAL" in failed["reason"]
     # The broken venv's failures are in the log between the switch and the rollback.

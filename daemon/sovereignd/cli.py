@@ -369,6 +369,103 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_cmd_restart)
 
 
+def _duration_arg(text: str, flag: str) -> float:
+    from sovereignd.units import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise SovereigndError(f"{flag}: {exc}") from exc
+
+
+def _cmd_drain(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from sovereignd.gateway import control, drain
+
+    grace = _duration_arg(args.grace, "--grace")
+    print(control.call(cfg, "drain", grace=grace, reason=args.reason)["message"])
+    if args.no_wait:
+        return EX_OK
+    timeout = grace + (_duration_arg(args.timeout, "--timeout") if args.timeout is not None
+                       else cfg.gateway.upstream_timeout)
+    drain.wait_drained(cfg, timeout, print)
+    print("drained: no request in flight and new ones are refused; `sovereignd resume` "
+          "serves again")
+    return EX_OK
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from sovereignd.gateway import control
+
+    print(control.request(cfg, "resume", reason=args.reason))
+    return EX_OK
+
+
+def _add_drain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("drain", help="take this host out of a load balancer for maintenance: "
+                       "/readyz 503 'draining', requests still served for --grace, then refused")
+    _config_arg(p)
+    p.add_argument("--grace", default="30s", metavar="DURATION",
+                   help="how long new requests are still served, for the balancer to notice "
+                        "(default 30s; longer than its health check's inter x fall)")
+    p.add_argument("--reason", default="operator drain", help="recorded in the event log")
+    p.add_argument("--no-wait", action="store_true",
+                   help="return at once instead of waiting for the grace period and the "
+                        "requests in flight to end")
+    p.add_argument("--timeout", metavar="DURATION",
+                   help="how long to wait past the grace period for requests in flight "
+                        "(default gateway.upstream_timeout)")
+    p.set_defaults(handler=_cmd_drain)
+    p = sub.add_parser("resume", help="end a drain: /readyz follows the server's state again")
+    _config_arg(p)
+    p.add_argument("--reason", default="operator resume", help="recorded in the event log")
+    p.set_defaults(handler=_cmd_resume)
+
+
+def _cmd_fleet_haproxy(args: argparse.Namespace) -> int:
+    from sovereignd.fleet import haproxy
+
+    nodes = [haproxy.parse_node(text) for text in args.node]
+    opts = haproxy.Options(
+        listen=args.listen, check_path=args.check_path,
+        check_interval=_duration_arg(args.check_interval, "--check-interval"),
+        fall=args.fall, rise=args.rise, retries=args.retries,
+        request_timeout=_duration_arg(args.request_timeout, "--request-timeout"),
+        stats_socket=args.stats_socket)
+    _emit(haproxy.render(nodes, opts).encode(), args.output)
+    return EX_OK
+
+
+def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("fleet", help="configuration for several hosts behind a load balancer")
+    fsub = p.add_subparsers(dest="fleet_cmd", required=True, metavar="ACTION")
+    h = fsub.add_parser("haproxy", help="an HAProxy configuration that checks each host's "
+                        "/readyz, retries only requests no host acted on, and streams")
+    h.add_argument("--node", action="append", required=True, metavar="[NAME=]HOST:PORT",
+                   help="a host's gateway.listen address (repeat for each host)")
+    h.add_argument("--listen", required=True, metavar="ADDR:PORT",
+                   help="where HAProxy listens for clients")
+    h.add_argument("--check-path", default="/readyz",
+                   help="health check path (default /readyz; /readyz?model=NAME per model)")
+    h.add_argument("--check-interval", default="1s", metavar="DURATION",
+                   help="time between checks of a host (inter; default 1s)")
+    h.add_argument("--fall", type=int, default=2, help="failed checks that take a host out "
+                   "(default 2)")
+    h.add_argument("--rise", type=int, default=2, help="passed checks that bring it back "
+                   "(default 2)")
+    h.add_argument("--retries", type=int, default=3,
+                   help="retries of a request no host acted on (default 3)")
+    h.add_argument("--request-timeout", default="10m", metavar="DURATION",
+                   help="longest silence of a request (timeout server/client; "
+                        "gateway.upstream_timeout, default 10m)")
+    h.add_argument("--stats-socket", metavar="PATH",
+                   help="also open HAProxy's admin socket here (`show servers state`)")
+    h.add_argument("--output", "-o", type=Path, metavar="FILE",
+                   help="write here (atomically) instead of to stdout")
+    h.set_defaults(handler=_cmd_fleet_haproxy)
+
+
 # --- service files: launchd / systemd ---------------------------------------------------------
 
 
@@ -476,7 +573,8 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
     new = upgrade.Upgrade(cfg, name=args.name or (args.venv.name if args.venv else ""),
                           requirements=args.requirements, prebuilt=args.venv,
                           python=args.python, uninstall=tuple(args.uninstall),
-                          allow_unhashed=args.allow_unhashed, timeout=timeout).run()
+                          allow_unhashed=args.allow_unhashed, timeout=timeout,
+                          drain_grace=_duration_arg(args.drain, "--drain")).run()
     print(f"upgrade: {cfg.server.venv} -> {new}, READY")
     return EX_OK
 
@@ -500,6 +598,9 @@ def _add_upgrade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="remove this package after installing (repeatable; e.g. torchvision)")
     p.add_argument("--timeout", help="how long to wait for READY (default: "
                    "server.start_timeout)")
+    p.add_argument("--drain", default="30s", metavar="DURATION",
+                   help="drain the host first and serve this long while the load balancer "
+                        "moves traffic away (default 30s; 0: no drain)")
     p.set_defaults(handler=_cmd_upgrade)
 
 
@@ -527,6 +628,10 @@ def _cmd_keys_add(args: argparse.Namespace) -> int:
 def _cmd_keys_list(args: argparse.Namespace) -> int:
     cfg = _load(args)
     rows = keys_mod.list_keys(cfg.gateway.keys_file, _usage_path(cfg))
+    fingerprint = keys_mod.set_fingerprint(keys_mod.read_keys(cfg.gateway.keys_file))
+    if args.fingerprint:
+        print(fingerprint)
+        return EX_OK
     used = keyscope.used_from_records(cfg.logs.dir, [r.name for r in rows if r.state == "active"])
     if args.json:
         sys.stdout.write(orjson.dumps([{**r.to_json(), "used": used.get(r.name)} for r in rows],
@@ -543,6 +648,8 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print(f"\nkeys file fingerprint {fingerprint} ({len(rows)} keys; equal on every host that "
+          "accepts the same keys; a running daemon shows the set it loaded in /status)")
     return EX_OK
 
 
@@ -586,6 +693,8 @@ def _add_keys(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     st.set_defaults(handler=_cmd_keys_set)
     lst = ksub.add_parser("list", help="list keys (names, fingerprints, use; never the keys)")
     lst.add_argument("--json", action="store_true", help="print JSON")
+    lst.add_argument("--fingerprint", action="store_true",
+                     help="print only the fingerprint of the whole keys file, to compare hosts")
     _config_arg(lst)
     lst.set_defaults(handler=_cmd_keys_list)
     r = ksub.add_parser("revoke", help="revoke a key (kept in the file for the audit trail)")
@@ -704,6 +813,8 @@ def _add_logs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
+    if args.config is None:
+        raise SovereigndError("audit needs --config FILE (or: audit export, audit fleet)")
     cfg = _load(args)
     from sovereignd.audit import evidence, render
     from sovereignd.audit.report import build_report
@@ -733,11 +844,102 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return EX_FAIL if report.failed else EX_OK
 
 
+def _period_args(args: argparse.Namespace) -> tuple[float | None, float | None]:
+    from sovereignd.audit import evidence
+
+    since = evidence.parse_date(args.since, "--since") if args.since else None
+    until = evidence.parse_date(args.until, "--until", end_of_day=True) if args.until else None
+    return since, until
+
+
+def _cmd_audit_export(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from sovereignd.audit import export
+
+    since, until = _period_args(args)
+    if args.name is not None and not keys_mod.NAME_PATTERN.fullmatch(args.name):
+        raise SovereigndError(f"--name {args.name!r}: use letters, digits and . _ @ -")
+    done = export.export(cfg, args.output, since, until, name=args.name)
+    head = done.sealing_head or {}
+    print(f"sovereignd: audit export written to {done.path}: {done.members} files, "
+          f"{done.size} bytes; sealing key id {head.get('key_id', 'none')}. Its records are "
+          "verified with this host's verification key: `sovereignd audit fleet FILE... "
+          "--key-file HOST=KEYFILE`", file=sys.stderr)
+    return EX_OK
+
+
+def _host_keys(specs: list[str]) -> dict[str, list[bytes]]:
+    """--key-file HOST=PATH, repeatable: each host's verification key(s), one per line."""
+    out: dict[str, list[bytes]] = {}
+    for spec in specs:
+        host, sep, path = spec.partition("=")
+        if not sep or not host or not path:
+            raise SovereigndError(f"--key-file {spec!r}: expected HOST=FILE")
+        try:
+            texts = Path(path).read_text().split()
+        except OSError as exc:
+            raise SovereigndError(f"--key-file {host}: cannot read {path}: "
+                                  f"{exc.strerror or exc}") from exc
+        try:
+            out.setdefault(host, []).extend(sealing.parse_key(t) for t in texts if t)
+        except ValueError as exc:
+            raise SovereigndError(f"--key-file {host}: bad verification key: {exc}") from exc
+    return out
+
+
+def _cmd_audit_fleet(args: argparse.Namespace) -> int:
+    from sovereignd.audit import fleet
+
+    since, until = _period_args(args)
+    report = fleet.audit_fleet(args.exports, _host_keys(args.key_file), since, until)
+    fmt = args.format or ("json" if args.output is not None
+                          and args.output.suffix.lower() == ".json" else "md")
+    text = fleet.render(report, fmt)
+    if args.output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        from sovereignd.fsutil import atomic_write
+
+        atomic_write(args.output, text.encode(), mode=0o644)
+        print(f"sovereignd: fleet audit written to {args.output}: {report.summary()}",
+              file=sys.stderr)
+    return EX_FAIL if report.failed else EX_OK
+
+
+def _add_audit_fleet(p: argparse.ArgumentParser) -> None:
+    """`audit export` and `audit fleet`, as subcommands of `audit` (plain `audit` still reports
+    on this host)."""
+    asub = p.add_subparsers(dest="audit_cmd", metavar="[export|fleet]")
+    e = asub.add_parser("export", help="pack this host's evidence (logs, checkpoints, "
+                        "baselines, configuration digest, host facts) into one file")
+    _config_arg(e)
+    for q in (e, f := asub.add_parser(
+            "fleet", help="verify several hosts' exports and report on them as one fleet")):
+        q.add_argument("--since", metavar="DATE", help="start of the period (ISO 8601 UTC)")
+        q.add_argument("--until", metavar="DATE", help="end of the period (exclusive)")
+    e.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
+                   help="the export to write (a .tar.gz)")
+    e.add_argument("--name", help="the host's name in the fleet report (default: its host "
+                   "name)")
+    e.set_defaults(handler=_cmd_audit_export)
+    f.add_argument("exports", nargs="+", type=Path, metavar="FILE", help="audit export files")
+    f.add_argument("--key-file", action="append", default=[], metavar="HOST=FILE",
+                   help="a host's verification key(s), one per line (repeat per host; HOST "
+                        "is its name in the export (audit export --name, default the host "
+                        "name) or the export file's name without .gz)")
+    f.add_argument("--format", choices=("md", "json"),
+                   help="md (default) or json (default for a .json output)")
+    f.add_argument("-o", "--output", type=Path, metavar="FILE",
+                   help="write the report here instead of standard output")
+    f.set_defaults(handler=_cmd_audit_fleet)
+
+
 def _add_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "audit", help="compliance report for a period: one PASS/FAIL line per control "
         "with its evidence (exit 1 if a control fails)")
-    _config_arg(p)
+    _config_arg(p, required=False)  # (audit fleet reads exports, not a configuration)
     p.add_argument("--since", metavar="DATE",
                    help="start of the period, ISO 8601 UTC (2026-11-01 or 2026-11-01T08:00Z); "
                         "default: the oldest kept log")
@@ -753,6 +955,7 @@ def _add_audit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="the auditor's verification key(s), one per line (- reads standard "
                         "input): the request records' seals are checked with them")
     p.set_defaults(handler=_cmd_audit, key=None)
+    _add_audit_fleet(p)
 
 
 # --- chat -----------------------------------------------------------------------------------
@@ -802,7 +1005,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run, _add_check, _add_manifest, _add_model, _add_env, _add_baseline,
                 _add_keys, _add_logs, _add_audit, _add_service, _add_firewall, _add_upgrade,
-                _add_chat):
+                _add_drain, _add_fleet, _add_chat):
         add(sub)
     return parser
 

@@ -17,7 +17,9 @@ import uvloop
 from sovereignd import __version__
 from sovereignd.backends import memory, profiles
 from sovereignd.config import Config
+from sovereignd.gateway import alertmetrics
 from sovereignd.gateway.control import ControlServer
+from sovereignd.gateway.drain import Drain
 from sovereignd.gateway.endpoints import Gateway
 from sovereignd.gateway.keys import KeyStore, usage_flusher
 from sovereignd.gateway.metrics import Metrics
@@ -80,6 +82,14 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     supervisor.add_gate(memory.gate(memory.Preflight(cfg), events))
     keys = KeyStore(cfg.gateway.keys_file, cfg.state_dir / "keys-usage.json", emit=events.emit)
     keys.load()
+
+    def keys_in_effect() -> str:
+        # The set a request would meet now: the file is re-read if it changed (one stat).
+        keys.reload()
+        return keys.fingerprint
+
+    # Guard results, events, disk space, the keys in effect: for alerts across hosts.
+    alertmetrics.install(metrics, supervisor, events, keys_in_effect)
     requests = RequestLog.from_config(cfg, emit=events.emit)
     requests.open()
     gateway = Gateway(cfg, supervisor, metrics, events, nofile=nofile)
@@ -89,9 +99,16 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     # Quotas count what the records say: this month's records again, before any request.
     proxy.quotas.load(iter_records(cfg.logs.dir, since=month_start(time.time())))
     gateway.admin_check = proxy.admin_check
+    drain = Drain(events.emit, metrics)  # `sovereignd drain` / `resume`
+    gateway.drain = proxy.drain = drain
     gateway.on_refused = proxy.record_refusal
     control = ControlServer(cfg.control_socket, supervisor)
     control.add_action("upgrade", upgrade.event_action(events))  # `sovereignd upgrade` steps
+    for name, action in drain.actions().items():
+        control.add_action(name, action)
+    gateway.status_parts["drain"] = control.status_parts["drain"] = drain.status
+    gateway.status_parts["keys"] = control.status_parts["keys"] = lambda: {
+        "file": str(keys.path), "fingerprint": keys_in_effect(), "active": len(keys.clients())}
     pending: set[asyncio.Task[None]] = set()
 
     def baseline_accepted(body: dict[str, Any]) -> dict[str, Any]:

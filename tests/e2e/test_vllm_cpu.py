@@ -295,6 +295,36 @@ def test_a_signed_model_serves_and_an_edited_signature_is_never_started(
     wait_new_ready(d, pid)
 
 
+def test_drain_keeps_the_real_server_serving_through_the_grace_then_refuses_and_resumes(
+        vllm_daemon: Daemon) -> None:
+    """`sovereignd drain` on the real server: /readyz 503 "draining"; a stream in flight and a
+    new request in the grace period are answered; after it new ones get 503; resume."""
+    d = vllm_daemon
+    d.wait_state("READY", timeout=READY_TIMEOUT)
+    auth = {"Authorization": f"Bearer {d.client_key}"}
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 8}
+    conn = HTTPConnection("127.0.0.1", d.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions",
+                 body=json.dumps({**chat, "max_tokens": 64, "stream": True}),
+                 headers={**auth, "Content-Type": "application/json"})
+    res = run_cli("drain", "--config", str(d.config_path), "--grace", "3s", "--no-wait")
+    assert res.returncode == 0, res.stderr
+    code, ready = d.get("/readyz")
+    assert code == 503 and ready["reason"] == "draining" and ready["state"] == "READY"
+    assert http("POST", d.url + "/v1/chat/completions", chat, auth, timeout=60)[0] == 200
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read().rstrip().endswith(b"data: [DONE]")
+    conn.close()
+    wait_for(lambda: d.status()["drain"]["refusing"], 10, what="the grace period over")
+    code, body, _ = http("POST", d.url + "/v1/chat/completions", chat, auth, timeout=60)
+    assert code == 503 and json.loads(body)["error"]["code"] == "draining"
+    res = run_cli("resume", "--config", str(d.config_path))
+    assert res.returncode == 0, res.stderr
+    assert d.get("/readyz")[0] == 200
+    assert http("POST", d.url + "/v1/chat/completions", chat, auth, timeout=60)[0] == 200
+
+
 def test_sigterm_stops_the_real_server_and_leaves_nothing(vllm_daemon: Daemon) -> None:
     d = vllm_daemon
     pid = d.wait_state("READY", timeout=READY_TIMEOUT)["server"]["pid"]

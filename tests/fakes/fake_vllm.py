@@ -95,7 +95,27 @@ class Fake:
         self.generated = 0
         self.prompted = 0
         self.running = 0
+        self.in_handlers = 0  # requests whose handler has not returned yet
         self.name = args.served_model_name or args.model
+
+    @web.middleware
+    async def track(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.in_handlers += 1
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        finally:
+            self.in_handlers -= 1
+
+    async def drain(self, _app: web.Application) -> None:
+        """On SIGTERM, before aiohttp closes connections: let the requests in progress end
+        within --shutdown-timeout, as vLLM does. (aiohttp alone can cut a connection whose
+        handler is just ending when its own shutdown begins.)"""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.args.shutdown_timeout or 0.1)
+        while self.in_handlers and loop.time() < deadline:  # noqa: ASYNC110 - a stand-in
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.02)  # the last answers' bytes leave
 
     def authorised(self, request: web.Request) -> bool:
         if not self.key:
@@ -314,7 +334,8 @@ def main() -> None:
     kids = spawn_grandchildren(behaviour)  # left running: the daemon must end the whole group
     time.sleep(float(behaviour.get("startup_delay", 0)))
     fake = Fake(args, behaviour)
-    app = web.Application()
+    app = web.Application(middlewares=[fake.track])
+    app.on_shutdown.append(fake.drain)
     app.router.add_get("/health", fake.health)
     app.router.add_get("/v1/models", fake.models)
     app.router.add_post("/v1/completions", fake.completion)

@@ -36,6 +36,8 @@ class ControlServer:
             "restart": self._restart,
             "reset": self._reset,
         }
+        # Parts of /status kept outside the supervisor (drain, keys), by their key.
+        self.status_parts: dict[str, Callable[[], Any]] = {}
         self.app = web.Application(client_max_size=64 * 1024)
         self.app.router.add_get("/status", self._status)
         self.app.router.add_post("/{action}", self._action)
@@ -66,7 +68,10 @@ class ControlServer:
             self.path.unlink()
 
     async def _status(self, _request: web.Request) -> web.Response:
-        return web.json_response(self.supervisor.status(), dumps=_dumps)
+        status = self.supervisor.status()
+        for name, part in self.status_parts.items():  # e.g. "drain"
+            status[name] = part()
+        return web.json_response(status, dumps=_dumps)
 
     async def _action(self, request: web.Request) -> web.Response:
         name = request.match_info["action"]
@@ -131,6 +136,13 @@ def _call(conn: http.client.HTTPConnection, method: str, path: str,
 
 def request(cfg: Config, action: str, timeout: float = 10.0, **body: Any) -> str:
     """Send an action to the running daemon through the control socket; its message."""
+    result = call(cfg, action, timeout, **body)
+    return str(result.get("message", result))
+
+
+def call(cfg: Config, action: str, timeout: float = 10.0, **body: Any) -> dict[str, Any]:
+    """Send an action to the running daemon through the control socket; its JSON answer.
+    SovereigndError when the daemon cannot be reached or the action says `"ok": false`."""
     conn = _UnixConnection(cfg.control_socket, timeout)
     try:
         result = _call(conn, "POST", f"/{action}", body)
@@ -145,7 +157,9 @@ def request(cfg: Config, action: str, timeout: float = 10.0, **body: Any) -> str
                               "socket of a stopped daemon?)") from exc
     finally:
         conn.close()
-    return str(result.get("message", result))
+    if result.get("ok") is False:
+        raise SovereigndError(f"the daemon refused {action}: {result.get('error')}")
+    return result
 
 
 def fetch_status(cfg: Config, timeout: float = 5.0) -> dict[str, Any]:

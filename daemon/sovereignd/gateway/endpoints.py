@@ -20,6 +20,7 @@ from aiohttp.web_request import BaseRequest
 
 from sovereignd.config import Config, is_loopback
 from sovereignd.errors import SovereigndError
+from sovereignd.gateway.drain import Drain
 from sovereignd.gateway.listener import Listener
 from sovereignd.gateway.metrics import Metrics
 from sovereignd.logs.eventlog import EventLog
@@ -102,6 +103,9 @@ class Gateway:
         self.host, self.port = host, port
         self.loopback = is_loopback(host)
         self.admin_check: AdminCheck | None = None
+        self.drain: Drain | None = None  # set by the daemon: `sovereignd drain` turns /readyz 503
+        # Parts of /status kept outside the supervisor (drain, keys), by their key.
+        self.status_parts: dict[str, Callable[[], Any]] = {}
         self.on_refused: RefusalHook | None = None
         self.app = web.Application(client_max_size=cfg.gateway.max_body)
         self.app.on_response_prepare.append(_server_header)
@@ -183,6 +187,11 @@ class Gateway:
             body["degraded"] = dict(sup.degraded)
         if sup.suspect is not None:
             body["suspect"] = sup.suspect
+        if self.drain is not None and self.drain.active:
+            # Maintenance: the balancer moves traffic away while requests are still served.
+            body["reason"], body["drain"] = "draining", self.drain.status()
+            return json_response(body, 503, {
+                "Retry-After": str(max(1, round(self.drain.grace_left())))})
         if sup.serving():
             return json_response(body)
         return json_response(body, 503,
@@ -201,7 +210,10 @@ class Gateway:
         denied = await self._admin(request)
         if denied is not None:
             return denied
-        return json_response(self.supervisor.status())
+        status = self.supervisor.status()
+        for name, part in self.status_parts.items():
+            status[name] = part()
+        return json_response(status)
 
     async def metrics_text(self, request: web.Request) -> web.StreamResponse:
         denied = await self._admin(request)

@@ -200,6 +200,17 @@ def _parse_document(raw: object) -> list[KeyEntry]:
     return entries
 
 
+def set_fingerprint(entries: list[KeyEntry]) -> str:
+    """A fingerprint of a whole set of keys (16 hex digits): equal on two hosts exactly when
+    they accept the same keys under the same names and roles, with the same revocations, model
+    scopes and quotas, however the files were formatted. `keys list` shows the file's; /status
+    the loaded set's."""
+    canonical = sorted([e.sha256, e.name, e.role, e.created, e.revoked or "",
+                        sorted(e.models) if e.models is not None else None,
+                        e.quota.to_json()] for e in entries)
+    return hashlib.sha256(orjson.dumps(canonical)).hexdigest()[:16]
+
+
 def read_keys(path: Path) -> list[KeyEntry]:
     """The entries of the keys file; an absent file has none."""
     try:
@@ -404,6 +415,7 @@ class _Loaded:
     signature: tuple[int, int, int, int] | None = None
     # One Client per active key, made once per load rather than per request.
     clients: dict[str, Client] = field(default_factory=dict)
+    fingerprint: str = set_fingerprint([])
 
 
 class KeyStore:
@@ -445,10 +457,16 @@ class KeyStore:
         if self.usage_path is not None:
             self._last_used = read_usage(self.usage_path)
         active = sum(1 for e in self._loaded.by_hash.values() if e.active)
-        self._emit("keys.loaded", file=str(self.path), active=active)
+        self._emit("keys.loaded", file=str(self.path), active=active,
+                   fingerprint=self._loaded.fingerprint)
         if active == 0:
             self._emit("keys.none", level="warning", file=str(self.path),
                        hint="every API request gets 401; add a key with `sovereignd keys add`")
+
+    @property
+    def fingerprint(self) -> str:
+        """set_fingerprint of the keys in effect (compare across hosts)."""
+        return self._loaded.fingerprint
 
     def _signature(self) -> tuple[int, int, int, int] | None:
         try:
@@ -463,7 +481,8 @@ class KeyStore:
         clients = {e.sha256: Client(e.name, e.role, e.fingerprint,
                                     None if e.models is None else frozenset(e.models), e.quota)
                    for e in entries if e.active}
-        return _Loaded({e.sha256: e for e in entries}, signature, clients)
+        return _Loaded({e.sha256: e for e in entries}, signature, clients,
+                       set_fingerprint(entries))
 
     def reload(self) -> bool:
         """Re-read the keys file if it changed; on a bad file keep the last good set and log.
@@ -488,7 +507,8 @@ class KeyStore:
                        hint="no key is accepted until the file is restored")
         self._loaded = loaded
         self._emit("keys.reloaded", file=str(self.path),
-                   active=sum(1 for e in loaded.by_hash.values() if e.active))
+                   active=sum(1 for e in loaded.by_hash.values() if e.active),
+                   fingerprint=loaded.fingerprint)
         return True
 
     def check(self, presented: str | None) -> AuthOutcome:

@@ -27,6 +27,7 @@ from sovereignd.backends.profiles import Backend
 from sovereignd.config import Config
 from sovereignd.gateway import anthropic, promptcap, responses, scopes
 from sovereignd.gateway.auththrottle import AuthFailures
+from sovereignd.gateway.drain import Drain
 from sovereignd.gateway.endpoints import RETRY_AFTER
 from sovereignd.gateway.keys import Client, KeyStore
 from sovereignd.gateway.metrics import Metrics
@@ -36,6 +37,7 @@ from sovereignd.http.upstream import (
     Target,
     UpstreamClient,
     UpstreamConnectError,
+    UpstreamDisconnected,
     UpstreamError,
     UpstreamProtocolError,
 )
@@ -223,6 +225,7 @@ class Proxy:
                                         before_connect=self._verify_listener)
         self._target: Target | None = None
         self._log_broken: str | None = None
+        self.drain: Drain | None = None  # set by the daemon; refuses new requests after grace
         self._known_paths = {r.path for r in backend.routes if not r.prefix}
         self._known_prefixes = tuple(r.path for r in backend.routes if r.prefix)
         self.quotas = QuotaBook()  # counted again from the records at start (daemon.py)
@@ -409,6 +412,10 @@ class Proxy:
             raise _Refused(503, f"request records cannot be written ({self._log_broken}); "
                            "refusing to serve unrecorded requests", "server_error",
                            "records_unavailable", headers={"Retry-After": "30"})
+        if self.drain is not None and self.drain.refusing():
+            raise _Refused(503, "this host is drained for maintenance; send the request to "
+                           "another host", "server_unavailable", "draining",
+                           headers={"Retry-After": "30"}, error="draining")
         upstream = self.supervisor.upstream()
         if upstream is None:
             sup = self.supervisor
@@ -450,6 +457,16 @@ class Proxy:
             up = await self._upstream.request(
                 target, request.method, request.rel_url.raw_path_qs, headers, body,
                 timeout=self.cfg.gateway.upstream_timeout)
+        except UpstreamDisconnected as exc:
+            if not self.supervisor.serving():
+                # The daemon is stopping the server (quarantine, restart): a server that
+                # drains on SIGTERM finishes what it began and closes connections whose
+                # request it had not begun; nothing of the answer was sent: 503, so a load
+                # balancer sends it to another host (ops/fleet/haproxy.cfg retries 503, never 502).
+                raise _Refused(503, "the model server stopped before it answered; send the "
+                               "request again", "server_unavailable", "server_stopping",
+                               headers={"Retry-After": "1"}, error="server_stopping") from exc
+            raise _upstream_refusal(exc) from exc
         except (TimeoutError, UpstreamError) as exc:
             raise _upstream_refusal(exc) from exc
         except ValueError as exc:  # a character that cannot be forwarded (CR, LF, NUL)

@@ -31,12 +31,13 @@ from typing import Any, NoReturn
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
 from sovereignd.fsutil import atomic_write
-from sovereignd.gateway import control
+from sovereignd.gateway import control, drain
 from sovereignd.integrity import environment, locks, software
 from sovereignd.logs.eventlog import EventLog
 
-STEPS = frozenset({"begin", "build", "built", "baseline", "switch", "restart", "ready", "done",
-                   "failed", "rollback", "rolled_back", "rollback_failed"})
+STEPS = frozenset({"begin", "build", "built", "baseline", "drain", "drained", "switch",
+                   "restart", "ready", "done", "failed", "rollback", "rolled_back",
+                   "rollback_failed", "resume"})
 _LEVELS = {"failed": "error", "rollback": "warning", "rolled_back": "warning",
            "rollback_failed": "critical"}
 
@@ -173,6 +174,9 @@ class Upgrade:
     #: whatever the index serves for each pin.
     allow_unhashed: bool = False
     timeout: float = 600.0
+    #: Seconds the host keeps serving while drained before the switch (0: no drain), so a
+    #: load balancer moves traffic away first (see gateway.drain).
+    drain_grace: float = drain.DEFAULT_GRACE
     poll: float = 0.25
     say: Callable[[str], None] = print
     log: list[dict[str, Any]] = field(default_factory=list)
@@ -214,16 +218,47 @@ class Upgrade:
             raise UpgradeFailed(f"{why}; nothing was switched") from exc
         link_text = os.path.relpath(target, layout.link.parent) \
             if layout.versions in target.parents else str(target)
+        drained = self._drain()
         switched_at = time.time()
         switch_link(layout.link, link_text)
         self.step("switch", previous=layout.current, to=link_text)
         try:
-            ready = self._restart_and_wait(switched_at, f"upgrade to {self.name}")
-        except UpgradeFailed as exc:
-            self._rollback(layout, saved, str(exc))
+            try:
+                ready = self._restart_and_wait(switched_at, f"upgrade to {self.name}")
+            except UpgradeFailed as exc:
+                self._rollback(layout, saved, str(exc))
+        finally:
+            if drained:
+                self._resume()
         self.step("done", name=self.name, pid=ready["server"]["pid"],
                   seconds=round(time.time() - switched_at, 3))
         return target
+
+    def _drain(self) -> bool:
+        """Drain the host before the restart; True if this upgrade began the drain (and so
+        ends it). A host drained by the operator already stays drained afterwards."""
+        if self.drain_grace <= 0:
+            return False
+        if drain.drain_status(self.cfg).get("drain") is not None:
+            self.step("drain", skipped="the host is drained already; it stays drained")
+            return False
+        control.call(self.cfg, "drain", grace=self.drain_grace,
+                     reason=f"upgrade to {self.name}")
+        self.step("drain", grace_s=self.drain_grace)
+        try:
+            state = drain.wait_drained(self.cfg, self.drain_grace
+                                       + self.cfg.gateway.upstream_timeout, self.say)
+            self.step("drained", in_flight=0, since=str(state.get("since")))
+        except SovereigndError as exc:  # requests still running: the restart ends them
+            self.step("drained", incomplete=str(exc))
+        return True
+
+    def _resume(self) -> None:
+        try:
+            control.call(self.cfg, "resume", reason=f"upgrade to {self.name} ended")
+            self.step("resume")
+        except SovereigndError as exc:
+            self.say(f"upgrade: could not resume (run `sovereignd resume`): {exc}")
 
     def _target(self, layout: Layout) -> Path:
         if self.prebuilt is not None:
