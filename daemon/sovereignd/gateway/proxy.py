@@ -251,6 +251,15 @@ class Proxy:
                              holder=check.impostor, detail=check.detail)
         raise UpstreamConnectError(check.detail)
 
+    def _upstream_failed(self, exc: TimeoutError | UpstreamError,
+                         rec: dict[str, Any]) -> _Refused:
+        """The refusal for a failed exchange; a response the server framed wrongly is also an
+        event naming what was wrong (the parser's reason: no byte of the answer is quoted)."""
+        if isinstance(exc, UpstreamProtocolError):
+            self.events.emit("upstream_bad_response", level="error", detail=str(exc),
+                             request_id=rec["id"], path=rec.get("path"))
+        return _upstream_refusal(exc)
+
     # --- admin check for /status and /metrics on a network listener ---------------------------
 
     async def admin_check(self, request: web.Request) -> web.StreamResponse | None:
@@ -419,7 +428,7 @@ class Proxy:
                 target, request.method, request.rel_url.raw_path_qs, headers, body,
                 timeout=self.cfg.gateway.upstream_timeout)
         except (TimeoutError, UpstreamError) as exc:
-            raise _upstream_refusal(exc) from exc
+            raise self._upstream_failed(exc, rec) from exc
         except ValueError as exc:  # a character that cannot be forwarded (CR, LF, NUL)
             raise _Refused(400, "the request cannot be forwarded", "invalid_request_error",
                            "bad_request") from exc
@@ -437,7 +446,7 @@ class Proxy:
                                           strip_usage=strip_usage, commit=commit)
             payload = await up.read()
         except (TimeoutError, UpstreamError) as exc:
-            raise _upstream_refusal(exc) from exc
+            raise self._upstream_failed(exc, rec) from exc
         finally:
             up.close()  # a no-op once the response is complete; else the server sees us go
         rec["bytes_out"] = len(payload)
@@ -520,7 +529,7 @@ class Proxy:
             rec["error"] = "client_disconnect"
             up.close()  # the server sees the connection go and aborts the generation
         except (TimeoutError, UpstreamError) as exc:
-            rec["error"] = _upstream_refusal(exc).error
+            rec["error"] = self._upstream_failed(exc, rec).error
             # The status line went out long ago: cut the client's connection instead of
             # ending the body, which would tell the client that the stream was whole.
             if request.transport is not None:
