@@ -889,3 +889,88 @@ def test_closed_client_refuses_and_closes_busy_connections() -> None:
                 await get(c, srv.target)
 
     run(main())
+
+
+# --- the supervisor's probes ride the same client ----------------------------------------------
+
+
+CANARY_ANSWER = (b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 14\r\n\r\n'
+                 b'{"choices":[]}')
+
+
+@pytest.mark.parametrize("transport", ["tcp", "uds"])
+def test_probes_go_through_the_upstream_client_each_on_a_new_connection(
+        transport: str, tmp_path: Path) -> None:
+    """/health, the canary (key and JSON body sent) and /metrics: one connection each, so a
+    hung server keeps none between probes, and the TCP port's listener is checked before
+    each of them."""
+    from sovereignd.process.probe import Prober
+
+    checks: list[str] = []
+
+    async def guard() -> None:
+        checks.append("checked")
+
+    async def main() -> None:
+        uds = tmp_path / "vllm.sock" if transport == "uds" else None
+        async with raw(answer(CANARY_ANSWER), uds=uds) as srv:
+            prober = Prober("127.0.0.1", srv.port, str(uds) if uds else None)
+            prober.guard = guard
+            try:
+                health = await prober.health("/health", 5)
+                canary = await prober.canary("/v1/completions", {"prompt": "x"}, "k3y", 5)
+                metrics = await prober.text("/metrics", 5)
+            finally:
+                await prober.close()
+            assert health.ok and health.status == 200 and canary.ok
+            assert metrics == '{"choices":[]}'
+            await until(lambda: srv.gone == 3, what="each probe's connection to close")
+            assert srv.connections == 3
+            assert b"\r\nAuthorization: Bearer k3y\r\n" in srv.requests[1]
+            assert srv.requests[1].endswith(b'\r\n\r\n{"prompt":"x"}')
+            assert b"\r\nContent-Type: application/json\r\n" in srv.requests[1]
+            assert checks == ([] if uds else ["checked"] * 3)  # (a Unix socket is private)
+
+    run(main())
+
+
+def test_an_impostor_on_the_port_gets_no_probe_not_even_for_metrics() -> None:
+    from sovereignd.process.probe import Prober
+
+    holder = {"pid": 4242, "uid": 1001}
+
+    async def impostor() -> tuple[str, dict[str, Any] | None]:
+        return "127.0.0.1:1 is held by a process that is not the server", holder
+
+    async def main() -> None:
+        async with raw(answer(CANARY_ANSWER)) as srv:
+            prober = Prober("127.0.0.1", srv.port)
+            prober.guard = impostor
+            try:
+                health = await prober.health("/health", 5)
+                canary = await prober.canary("/v1/completions", {"prompt": "x"}, "k3y", 5)
+                assert await prober.text("/metrics", 5) is None
+            finally:
+                await prober.close()
+            for result in (health, canary):
+                assert not result.ok and result.impostor == holder
+                assert "not the server" in result.detail
+            assert srv.connections == 0
+
+    run(main())
+
+
+def test_a_misframed_health_answer_fails_the_probe_at_once() -> None:
+    from sovereignd.process.probe import Prober
+
+    async def main() -> None:
+        async with raw(answer(b"HTTP/1.1 200 OK\nContent-Length: 0\n\n")) as srv:
+            prober = Prober("127.0.0.1", srv.port)
+            try:
+                result = await prober.health("/health", 600)
+            finally:
+                await prober.close()
+            assert not result.ok and result.status is None
+            assert result.detail.startswith("UpstreamProtocolError: malformed response head")
+
+    run(main())

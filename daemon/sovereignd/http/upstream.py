@@ -1,10 +1,11 @@
 """A lean HTTP/1.1 client for the gateway's one upstream: the model server, on loopback.
 
 aiohttp's ClientSession cost about 120 µs of the gateway's ~370 µs per request; this client
-does only what the proxy needs, on asyncio Protocols: a keep-alive pool per target (TCP
-host:port, or a Unix socket), the request sent in one write, the response framed by
-Content-Length, chunked transfer-coding or the connection's close, and body bytes handed to
-the caller as they arrive (server-sent events pass event by event).
+does only what the proxy and the supervisor's probes need, on asyncio Protocols: a keep-alive
+pool per target (TCP host:port, or a Unix socket), the request sent in one write, the
+response framed by llhttp (sovereignd.http.parser: Content-Length, chunked transfer-coding or
+the connection's close; malformed and ambiguous answers refused at once), and body bytes
+handed to the caller as they arrive (server-sent events pass event by event).
 
 Reuse. A connection goes back to the pool only when its response was received completely
 (framing done, no byte beyond it), the response was HTTP/1.1 without `Connection: close`,
