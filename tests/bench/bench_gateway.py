@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import http.client
 import json
@@ -407,6 +408,22 @@ def last_record(logs: Path) -> dict[str, Any]:
     return rec
 
 
+def refusals(logs: Path, after_seq: int) -> str:
+    """The gateway's answers other than 200 since record `after_seq`, by status and error
+    (the row's errors say only that wrk saw them; the records say what they were), and the
+    daemon's warnings meanwhile."""
+    from sovereignd.logs.requestlog import iter_records
+
+    seen = collections.Counter(f"{r['status']} {r.get('error') or ''}".strip()
+                               for r in iter_records(logs)
+                               if r.get("seq", 0) > after_seq and r.get("status") != 200)
+    events = collections.Counter(
+        e.get("event") for e in map(json.loads, (logs / "events.log").read_text().splitlines())
+        if e.get("level") in ("warning", "error", "critical"))
+    return (", ".join(f"{k} x{v:,}" for k, v in seen.most_common(5)) or "none recorded") + \
+        (f"; events: {dict(events)}" if events else "")
+
+
 def nginx_daemon(root: Path) -> Daemon:
     template = root / "nginx.conf.in"
     template.write_text(NGINX_CONF.format(root=root, models=MODELS_ANSWER, chat=CHAT_ANSWER,
@@ -646,6 +663,8 @@ def bench_proxies(root: Path, args: argparse.Namespace) -> tuple[list[Run], str]
                         f"included (epoch {last['epoch']})")
             if last.get("seal") is None:
                 raise RuntimeError("the request records are not sealed")
+            if run.errors:
+                run.note += f"; answers other than 200: {refusals(d.logs, before)}"
             runs.append(run)
         # LiteLLM only now, so that its 340 MB and background tasks are not on the gateway
         # core while sovereignd is measured.
