@@ -660,6 +660,110 @@ def test_malformed_responses_are_protocol_errors(response: bytes) -> None:
     run(main())
 
 
+def test_a_bare_lf_between_transfer_encoding_and_content_length_is_refused() -> None:
+    """The hand parser skipped the LF-ended line, Transfer-Encoding with it, and framed the
+    body by Content-Length: "5\r\nhe" passed on as the body of "hello"."""
+    response = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\nContent-Length: 5\r\n\r\n"
+                b"5\r\nhello\r\n0\r\n\r\n")
+
+    async def main() -> None:
+        async with raw(answer(response)) as srv, client() as c:
+            with pytest.raises(UpstreamProtocolError, match="head: Missing expected CR"):
+                await get(c, srv.target)
+            assert c.idle_connections(srv.target) == 0
+
+    run(main())
+
+
+@pytest.mark.parametrize("response", [
+    b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\n\nok",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\nok\n0\n\n",
+], ids=["lf-only-head", "lf-ending-the-head", "lf-only-chunk-lines"])
+def test_lf_only_line_ends_are_refused_at_once_not_waited_on(response: bytes) -> None:
+    """The hand parser looked for CRLF only and waited for the request's deadline (the
+    gateway's upstream_timeout, 600 s); the server here holds the connection open."""
+    async def main() -> None:
+        async with raw(answer(response)) as srv, client() as c:
+            async with asyncio.timeout(10):  # far below the request's own 600 s
+                with pytest.raises(UpstreamProtocolError, match="Missing expected CR"):
+                    await get(c, srv.target, timeout=600)
+
+    run(main())
+
+
+@pytest.mark.parametrize(("response", "reason"), [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+     "Duplicate Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok", "Invalid character in Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"2\r\nok\r\n0\r\n\r\n", "Transfer-Encoding can't be present with Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 7\r\n\r\n"
+     b"2\r\nok\r\n0\r\n\r\n", "Content-Length can't be present with Transfer-Encoding"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"2\r\nok\r\n0\r\n\r\n", "only chunked"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+     "only chunked"),
+    (b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\nok",
+     "Unexpected whitespace after header value"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok", "Invalid header field char"),
+    (b"HTTP/1.1 200 OK\r\nX: a\rb\r\nContent-Length: 2\r\n\r\nok",
+     "Missing expected LF after header value"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+     "Content-Length overflow"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\n",
+     "Chunk size overflow"),
+    (b"HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nok", "HTTP/2.0 is not HTTP/1.x"),
+    (b"HTTP/1.1 200 O\x01K\r\nContent-Length: 2\r\n\r\nok", "reason phrase"),
+], ids=["duplicate-content-length", "content-length-list", "cl-then-te", "te-then-cl",
+        "two-transfer-encodings", "coding-before-chunked", "obs-fold", "space-before-colon",
+        "bare-cr", "length-overflow", "chunk-size-overflow", "http-2", "control-in-reason"])
+def test_smuggling_shapes_are_refused_by_llhttp_or_by_us(response: bytes, reason: str) -> None:
+    """Answers two readers could frame differently (RFC 9112 §6.3, §11.2) are refused with
+    a reason, and the connection is not reused. (The hand parser took the first three and
+    the list "2, 2".)"""
+    async def main() -> None:
+        async with raw(answer(response)) as srv, client() as c:
+            with pytest.raises(UpstreamProtocolError, match=reason):
+                await get(c, srv.target)
+            assert c.idle_connections(srv.target) == 0
+
+    run(main())
+
+
+def test_a_head_that_never_ends_is_refused_once_it_passes_the_limit() -> None:
+    """One header field growing without end, the connection held open: refused as soon as
+    the head is over the limit (llhttp itself has no limit)."""
+    async def endless(_s: Raw, _c: int, _r: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Big: ")
+        for _ in range(40):  # 80 KiB, in pieces
+            writer.write(b"a" * 2048)
+            await writer.drain()
+            await asyncio.sleep(0)
+        return True
+
+    async def main() -> None:
+        async with raw(endless) as srv, client(max_header_bytes=16 * 1024) as c:
+            with pytest.raises(UpstreamProtocolError, match="larger than 16384"):
+                await get(c, srv.target, timeout=600)
+
+    run(main())
+
+
+def test_bytes_beyond_a_head_answer_close_the_connection() -> None:
+    """A HEAD answer has no body (llhttp does not know the method): bytes after its head
+    answer no request."""
+    async def main() -> None:
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+        async with raw(answer(head + b"hello")) as srv, client() as c:
+            assert await get(c, srv.target, method="HEAD") == (200, b"")
+            await until(lambda: c.idle_connections(srv.target) == 0, what="the close")
+            assert await get(c, srv.target, method="HEAD") == (200, b"")
+            assert srv.connections == 2
+
+    run(main())
+
+
 def test_oversized_response_head_is_refused() -> None:
     head = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\nContent-Length: 0\r\n\r\n"
 
@@ -783,5 +887,90 @@ def test_closed_client_refuses_and_closes_busy_connections() -> None:
             await asyncio.wait_for(srv.client_gone.wait(), 5)
             with pytest.raises(UpstreamError, match="closed"):
                 await get(c, srv.target)
+
+    run(main())
+
+
+# --- the supervisor's probes ride the same client ----------------------------------------------
+
+
+CANARY_ANSWER = (b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 14\r\n\r\n'
+                 b'{"choices":[]}')
+
+
+@pytest.mark.parametrize("transport", ["tcp", "uds"])
+def test_probes_go_through_the_upstream_client_each_on_a_new_connection(
+        transport: str, tmp_path: Path) -> None:
+    """/health, the canary (key and JSON body sent) and /metrics: one connection each, so a
+    hung server keeps none between probes, and the TCP port's listener is checked before
+    each of them."""
+    from sovereignd.process.probe import Prober
+
+    checks: list[str] = []
+
+    async def guard() -> None:
+        checks.append("checked")
+
+    async def main() -> None:
+        uds = tmp_path / "vllm.sock" if transport == "uds" else None
+        async with raw(answer(CANARY_ANSWER), uds=uds) as srv:
+            prober = Prober("127.0.0.1", srv.port, str(uds) if uds else None)
+            prober.guard = guard
+            try:
+                health = await prober.health("/health", 5)
+                canary = await prober.canary("/v1/completions", {"prompt": "x"}, "k3y", 5)
+                metrics = await prober.text("/metrics", 5)
+            finally:
+                await prober.close()
+            assert health.ok and health.status == 200 and canary.ok
+            assert metrics == '{"choices":[]}'
+            await until(lambda: srv.gone == 3, what="each probe's connection to close")
+            assert srv.connections == 3
+            assert b"\r\nAuthorization: Bearer k3y\r\n" in srv.requests[1]
+            assert srv.requests[1].endswith(b'\r\n\r\n{"prompt":"x"}')
+            assert b"\r\nContent-Type: application/json\r\n" in srv.requests[1]
+            assert checks == ([] if uds else ["checked"] * 3)  # (a Unix socket is private)
+
+    run(main())
+
+
+def test_an_impostor_on_the_port_gets_no_probe_not_even_for_metrics() -> None:
+    from sovereignd.process.probe import Prober
+
+    holder = {"pid": 4242, "uid": 1001}
+
+    async def impostor() -> tuple[str, dict[str, Any] | None]:
+        return "127.0.0.1:1 is held by a process that is not the server", holder
+
+    async def main() -> None:
+        async with raw(answer(CANARY_ANSWER)) as srv:
+            prober = Prober("127.0.0.1", srv.port)
+            prober.guard = impostor
+            try:
+                health = await prober.health("/health", 5)
+                canary = await prober.canary("/v1/completions", {"prompt": "x"}, "k3y", 5)
+                assert await prober.text("/metrics", 5) is None
+            finally:
+                await prober.close()
+            for result in (health, canary):
+                assert not result.ok and result.impostor == holder
+                assert "not the server" in result.detail
+            assert srv.connections == 0
+
+    run(main())
+
+
+def test_a_misframed_health_answer_fails_the_probe_at_once() -> None:
+    from sovereignd.process.probe import Prober
+
+    async def main() -> None:
+        async with raw(answer(b"HTTP/1.1 200 OK\nContent-Length: 0\n\n")) as srv:
+            prober = Prober("127.0.0.1", srv.port)
+            try:
+                result = await prober.health("/health", 600)
+            finally:
+                await prober.close()
+            assert not result.ok and result.status is None
+            assert result.detail.startswith("UpstreamProtocolError: malformed response head")
 
     run(main())

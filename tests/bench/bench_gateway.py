@@ -17,6 +17,11 @@ and the stand-in to core 1, so "requests/s" is what one core of gateway does. Th
 be shared: each row waits for other programs' load to settle, then says how much remained
 ("other %") and how fast the gateway core ran compared with the other rows ("speed %").
 
+First, without nginx or wrk: the upstream client's own cost per exchange (sovereignd.http:
+the request encoded, the response framed and read), in one process with no socket: a
+transport that discards what is written, the server's bytes fed to the connection as reads.
+`--framing-only` prints just that.
+
 Needs `nginx` and `wrk` on PATH (Debian: apt-get install nginx-light wrk). LiteLLM's venv is
 made at first use in ~/.cache/sovereignd/litellm (several hundred MB from PyPI).
 """
@@ -24,6 +29,8 @@ made at first use in ~/.cache/sovereignd/litellm (several hundred MB from PyPI).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
 import contextlib
 import http.client
 import json
@@ -32,6 +39,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -400,6 +408,22 @@ def last_record(logs: Path) -> dict[str, Any]:
     return rec
 
 
+def refusals(logs: Path, after_seq: int) -> str:
+    """The gateway's answers other than 200 since record `after_seq`, by status and error
+    (the row's errors say only that wrk saw them; the records say what they were), and the
+    daemon's warnings meanwhile."""
+    from sovereignd.logs.requestlog import iter_records
+
+    seen = collections.Counter(f"{r['status']} {r.get('error') or ''}".strip()
+                               for r in iter_records(logs)
+                               if r.get("seq", 0) > after_seq and r.get("status") != 200)
+    events = collections.Counter(
+        e.get("event") for e in map(json.loads, (logs / "events.log").read_text().splitlines())
+        if e.get("level") in ("warning", "error", "critical"))
+    return (", ".join(f"{k} x{v:,}" for k, v in seen.most_common(5)) or "none recorded") + \
+        (f"; events: {dict(events)}" if events else "")
+
+
 def nginx_daemon(root: Path) -> Daemon:
     template = root / "nginx.conf.in"
     template.write_text(NGINX_CONF.format(root=root, models=MODELS_ANSWER, chat=CHAT_ANSWER,
@@ -639,6 +663,8 @@ def bench_proxies(root: Path, args: argparse.Namespace) -> tuple[list[Run], str]
                         f"included (epoch {last['epoch']})")
             if last.get("seal") is None:
                 raise RuntimeError("the request records are not sealed")
+            if run.errors:
+                run.note += f"; answers other than 200: {refusals(d.logs, before)}"
             runs.append(run)
         # LiteLLM only now, so that its 340 MB and background tasks are not on the gateway
         # core while sovereignd is measured.
@@ -668,6 +694,95 @@ def bench_proxies(root: Path, args: argparse.Namespace) -> tuple[list[Run], str]
             litellm.stop()
         d.close()
     return runs, notes
+
+
+class _NullTransport:
+    """Takes the client's writes and discards them (no socket, no server)."""
+
+    def __init__(self) -> None:
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.closing = True
+
+    close = abort
+
+
+# A vLLM (uvicorn) answer to a chat completion, and the same streamed: head, then one read per
+# server-sent event, then the chunked end.
+_JSON_ANSWER = (b"HTTP/1.1 200 OK\r\ndate: Sun, 29 Nov 2026 23:00:00 GMT\r\nserver: uvicorn\r\n"
+                b"content-length: %d\r\ncontent-type: application/json\r\n\r\n%s"
+                % (len(CHAT_ANSWER), CHAT_ANSWER.encode()))
+_SSE_EVENTS = 16
+
+
+def _sse_reads() -> list[bytes]:
+    reads = [b"HTTP/1.1 200 OK\r\ndate: Sun, 29 Nov 2026 23:00:00 GMT\r\nserver: uvicorn\r\n"
+             b"content-type: text/event-stream; charset=utf-8\r\n"
+             b"transfer-encoding: chunked\r\n\r\n"]
+    for i in range(_SSE_EVENTS):
+        event = ('data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","model":"bench",'
+                 f'"choices":[{{"index":0,"delta":{{"content":" tok{i}"}}}}]}}\n\n').encode()
+        reads.append(b"%x\r\n%s\r\n" % (len(event), event))
+    reads.append(b"0\r\n\r\n")
+    return reads
+
+
+async def _framing(rounds: int, reads: list[bytes]) -> float:
+    """Microseconds per exchange: send() on one kept-alive connection, the reads fed, the body
+    read, the connection back in its pool (private parts of sovereignd.http.upstream, which
+    the old hand parser and the llhttp one share)."""
+    from sovereignd.http import upstream
+
+    loop = asyncio.get_running_loop()
+    client = upstream.UpstreamClient()
+    client._loop = loop  # (as request() does)
+    target = upstream.Target("127.0.0.1", 9)
+    pool = upstream._Pool(client, target)
+    with socket.socket() as sock:
+        conn = upstream._Connection(pool, sock, loop)
+        conn.connection_made(_NullTransport())  # type: ignore[arg-type]
+        data = upstream.encode_request(target, "POST", "/v1/chat/completions",
+                                       [("Authorization", "Bearer x"),
+                                        ("Content-Type", "application/json")],
+                                       CHAT_BODY.encode())
+        deadline = loop.time() + 3600
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            resp = conn.send(data, "POST", deadline)
+            for part in reads:
+                conn.data_received(part)
+            await resp.read()
+            pool.idle.pop()  # (it went back to the pool: the response was complete)
+        elapsed = time.perf_counter() - t0
+        await client.close()
+    return elapsed / rounds * 1e6
+
+
+def framing(rounds: int) -> None:
+    """Print the upstream client's cost per exchange (best of 5 runs of `rounds`)."""
+    import uvloop
+
+    for name, reads in (("JSON answer, Content-Length, one read", [_JSON_ANSWER]),
+                        (f"SSE answer, chunked, {_SSE_EVENTS} events, one read each",
+                         _sse_reads())):
+        best = min(uvloop.run(_framing(rounds, reads)) for _ in range(5))
+        print(f"  upstream client per exchange ({name}): {best:.2f} µs")
 
 
 def fmt_ms(v: float) -> str:
@@ -704,10 +819,19 @@ def main() -> None:
     ap.add_argument("--ttft-rounds", type=int, default=200,
                     help="streamed requests each way for time to first token")
     ap.add_argument("--skip-litellm", action="store_true", help="do not measure LiteLLM")
+    ap.add_argument("--framing-rounds", type=int, default=20000,
+                    help="exchanges per run for the upstream client's own cost")
+    ap.add_argument("--framing-only", action="store_true",
+                    help="measure only the upstream client's own cost (no nginx, no wrk)")
     ap.add_argument("--quiet", type=float, default=120.0,
                     help="before each run, wait up to this many seconds for other programs' "
                          "load on the two cores to settle")
     args = ap.parse_args()
+    print(f"upstream client, in process, no socket ({args.framing_rounds} exchanges, best of 5, "
+          "uvloop):", flush=True)
+    framing(args.framing_rounds)
+    if args.framing_only:
+        return
     missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
     if missing:
         sys.exit(f"bench_gateway needs {' and '.join(missing)} on PATH "

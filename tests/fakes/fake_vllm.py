@@ -32,6 +32,9 @@ Behaviour comes from a JSON control file named by FAKE_VLLM_CONTROL, read at eac
     response_headers: dict extra header fields on (non-streamed) completion answers
     completion_delay: float  seconds before a client's non-streamed completion is answered
                            (the canary, max_tokens 1, is answered at once)
+    raw_answer: str        a client's completion (not the canary) is answered with exactly
+                           these bytes (latin-1), which no HTTP library would frame so; the
+                           connection then stays open for raw_hold seconds (default 30)
 Each start appends {"pid", "pgid", "argv", "has_key", "start"} to `<control>.starts`.
 
 Faults on demand, for benchmarks (straight to the server's port, never via the gateway):
@@ -182,6 +185,9 @@ class Fake:
                                                and self.requests > fail_after):
             return web.json_response({"error": {"message": "engine dead", "type": "server"}},
                                      status=500)
+        raw = self.b.get("raw_answer")
+        if raw is not None and body.get("max_tokens") != 1:
+            return await self.raw_answer(request, raw)
         chat = request.path.endswith("/chat/completions")
         if chat and self.b.get("fail_chat"):
             return web.json_response({"error": {"message": self.b["fail_chat"], "code": 400,
@@ -218,6 +224,16 @@ class Fake:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
                       "total_tokens": prompt_tokens + n}, **extra},
             headers=self.b.get("response_headers"))
+
+    async def raw_answer(self, request: web.Request, raw: str) -> web.Response:
+        """A misframed answer, written past aiohttp; the connection is held open, as a server
+        that believes it answered would, then cut."""
+        transport = request.transport
+        assert transport is not None
+        transport.write(raw.encode("latin-1"))
+        await asyncio.sleep(float(self.b.get("raw_hold", 30)))
+        transport.abort()
+        return web.Response()  # (not sent: the connection is gone)
 
     async def stream(self, request: web.Request, body: dict[str, Any], chat: bool, n: int,
                      prompt_tokens: int) -> web.StreamResponse:

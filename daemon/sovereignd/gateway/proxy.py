@@ -280,6 +280,15 @@ class Proxy:
                              holder=check.impostor, detail=check.detail)
         raise UpstreamConnectError(check.detail)
 
+    def _upstream_failed(self, exc: TimeoutError | UpstreamError,
+                         rec: dict[str, Any]) -> _Refused:
+        """The refusal for a failed exchange; a response the server framed wrongly is also an
+        event naming what was wrong (the parser's reason: no byte of the answer is quoted)."""
+        if isinstance(exc, UpstreamProtocolError):
+            self.events.emit("upstream_bad_response", level="error", detail=str(exc),
+                             request_id=rec["id"], path=rec.get("path"))
+        return _upstream_refusal(exc)
+
     # --- admin check for /status and /metrics on a network listener ---------------------------
 
     async def admin_check(self, request: web.Request) -> web.StreamResponse | None:
@@ -468,7 +477,7 @@ class Proxy:
                                headers={"Retry-After": "1"}, error="server_stopping") from exc
             raise _upstream_refusal(exc) from exc
         except (TimeoutError, UpstreamError) as exc:
-            raise _upstream_refusal(exc) from exc
+            raise self._upstream_failed(exc, rec) from exc
         except ValueError as exc:  # a character that cannot be forwarded (CR, LF, NUL)
             raise _Refused(400, "the request cannot be forwarded", "invalid_request_error",
                            "bad_request") from exc
@@ -487,7 +496,7 @@ class Proxy:
                                           client=client)
             payload = await up.read()
         except (TimeoutError, UpstreamError) as exc:
-            raise _upstream_refusal(exc) from exc
+            raise self._upstream_failed(exc, rec) from exc
         finally:
             up.close()  # a no-op once the response is complete; else the server sees us go
         if client.models is not None and request.rel_url.raw_path == "/v1/models" and \
@@ -606,7 +615,7 @@ class Proxy:
             rec["error"] = "client_disconnect"
             up.close()  # the server sees the connection go and aborts the generation
         except (TimeoutError, UpstreamError) as exc:
-            rec["error"] = _upstream_refusal(exc).error
+            rec["error"] = self._upstream_failed(exc, rec).error
             # The status line went out long ago: cut the client's connection instead of
             # ending the body, which would tell the client that the stream was whole.
             if request.transport is not None:

@@ -1,10 +1,11 @@
 """A lean HTTP/1.1 client for the gateway's one upstream: the model server, on loopback.
 
 aiohttp's ClientSession cost about 120 µs of the gateway's ~370 µs per request; this client
-does only what the proxy needs, on asyncio Protocols: a keep-alive pool per target (TCP
-host:port, or a Unix socket), the request sent in one write, the response framed by
-Content-Length, chunked transfer-coding or the connection's close, and body bytes handed to
-the caller as they arrive (server-sent events pass event by event).
+does only what the proxy and the supervisor's probes need, on asyncio Protocols: a keep-alive
+pool per target (TCP host:port, or a Unix socket), the request sent in one write, the
+response framed by llhttp (sovereignd.http.parser: Content-Length, chunked transfer-coding or
+the connection's close; malformed and ambiguous answers refused at once), and body bytes
+handed to the caller as they arrive (server-sent events pass event by event).
 
 Reuse. A connection goes back to the pool only when its response was received completely
 (framing done, no byte beyond it), the response was HTTP/1.1 without `Connection: close`,
@@ -43,48 +44,30 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, cast
 
+from sovereignd.http.errors import (
+    UpstreamConnectError,
+    UpstreamDisconnected,
+    UpstreamError,
+    UpstreamProtocolError,
+)
+from sovereignd.http.parser import HEAD, MAX_HEADERS, UNTIL_CLOSE, ResponseHead, ResponseParser
+
+__all__ = ["IDEMPOTENT", "MAX_HEADERS", "MAX_HEADER_BYTES", "RESERVED", "Response", "Target",
+           "UpstreamClient", "UpstreamConnectError", "UpstreamDisconnected", "UpstreamError",
+           "UpstreamProtocolError", "encode_request"]
+
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Framing and negotiation are this client's business: never taken from the caller.
 RESERVED: Final = frozenset({"host", "content-length", "transfer-encoding", "connection",
                              "keep-alive", "accept-encoding", "te", "trailer", "upgrade",
                              "expect", "proxy-connection"})
 MAX_HEADER_BYTES: Final = 64 * 1024
-MAX_HEADERS: Final = 256
-_MAX_CHUNK_LINE = 4096
 # A consumer that falls this far behind a response pauses reading from the server.
 _HIGH_WATER = 1 << 20
 # A deadline timer may fire this much before its time (the loop's clock resolution).
 _EARLY = 0.001
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-
-_STATUS_LINE = re.compile(r"HTTP/1\.([01]) (\d\d\d)(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
-# One header field line: a token, a colon, the value without surrounding blanks; no control
-# characters but tab. Anchored at line starts, so a line that does not match is skipped and
-# the count of matches falls short of the count of lines.
-_HEADER = re.compile(r"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*"
-                     r"((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?)[ \t]*\r\n", re.M)
 _REQUEST_TARGET = re.compile(r"[^\x00-\x20\x7f]+")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?")
-
-# Parser states.
-_IDLE, _HEAD, _LENGTH, _CHUNK_SIZE_LINE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE = \
-    range(8)
-
-
-class UpstreamError(Exception):
-    """The model server could not be reached, or did not give a usable answer."""
-
-
-class UpstreamConnectError(UpstreamError):
-    """No connection could be made: refused, no such socket file, unreachable."""
-
-
-class UpstreamDisconnected(UpstreamError):
-    """The connection closed or was reset before the response was complete."""
-
-
-class UpstreamProtocolError(UpstreamError):
-    """The server's bytes are not an HTTP/1.x response this client accepts."""
 
 
 class _Unanswered(UpstreamDisconnected):
@@ -254,7 +237,7 @@ class Response:
 
 
 class _Connection(asyncio.Protocol):
-    """One connection to the server and the parser of the responses it carries."""
+    """One connection to the server; its responses are framed by a `ResponseParser`."""
 
     def __init__(self, pool: _Pool, sock: socket.socket,
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -269,11 +252,9 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.resp: Response | None = None
-        self.state = _IDLE
-        self.buf = b""
-        self.remaining = 0
-        self.received = False
+        self.parser = ResponseParser(self, pool.max_header_bytes)
         self.keep_alive = True
+        self.finished = False  # the response ended inside the current data_received
 
     # --- use ------------------------------------------------------------------------------------
 
@@ -302,8 +283,7 @@ class _Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
             self.timer = self.loop.call_at(deadline, self._check_deadline)
-        self.state = _HEAD
-        self.received = False
+        self.parser.expect(head_only=method == "HEAD")
         self.keep_alive = True
         self.transport.write(data)
         return resp
@@ -341,25 +321,15 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self.state == _LENGTH and not self.buf:
-            # The common case: body bytes of a Content-Length response.
-            resp = self.resp
-            assert resp is not None
-            n = len(data)
-            if n < self.remaining:
-                self.remaining -= n
-                resp._feed(data)
-                return
-            if n == self.remaining:
-                self.remaining = 0
-                resp._feed(data)
-                self._complete()
-                return
-        self.buf = self.buf + data if self.buf else data
         try:
-            self._parse()
+            self.parser.feed(data)
         except UpstreamProtocolError as exc:
-            self._fail(exc)
+            self._fail(exc)  # (after a complete response: bytes beyond it; just closes)
+            return
+        if self.finished:
+            # Only now, with every byte of this read parsed: none was left over.
+            self.finished = False
+            self._release()
 
     def eof_received(self) -> bool:
         self._lost(None)
@@ -372,176 +342,34 @@ class _Connection(asyncio.Protocol):
             self.timer = None
         self.pool.forget(self)
 
-    # --- parsing --------------------------------------------------------------------------------
+    # --- ResponseSink: what the parser found ------------------------------------------------------
 
-    def _parse(self) -> None:
-        body: list[bytes] = []
-        while True:
-            state = self.state
-            buf = self.buf
-            if state == _HEAD:
-                self.received = True
-                if not self._head():
-                    return
-            elif state == _LENGTH:
-                take = min(len(buf), self.remaining)
-                body.append(buf[:take])
-                self.buf = buf[take:]
-                self.remaining -= take
-                if not self.remaining:
-                    self._deliver(body)
-                    self._complete()  # closes rather than reuses if bytes are left over
-                    return
-                break
-            elif state == _CHUNK_SIZE_LINE:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_CHUNK_LINE:
-                        raise UpstreamProtocolError("chunk size line too long")
-                    break
-                m = _CHUNK_SIZE.fullmatch(buf, 0, end)
-                if m is None:
-                    raise UpstreamProtocolError(f"bad chunk size line {buf[:min(end, 40)]!r}")
-                self.buf = buf[end + 2:]
-                self.remaining = int(m.group(1), 16)
-                self.state = _CHUNK_DATA if self.remaining else _TRAILERS
-            elif state == _CHUNK_DATA:
-                if not buf:
-                    break
-                take = min(len(buf), self.remaining)
-                body.append(buf[:take])
-                self.buf = buf[take:]
-                self.remaining -= take
-                if not self.remaining:
-                    self.state = _CHUNK_END
-            elif state == _CHUNK_END:
-                if len(buf) < 2:
-                    break
-                if buf[:2] != b"\r\n":
-                    raise UpstreamProtocolError("chunk data not followed by CRLF")
-                self.buf = buf[2:]
-                self.state = _CHUNK_SIZE_LINE
-            elif state == _TRAILERS:
-                # Trailer fields are read and ignored; the section ends with an empty line.
-                if buf.startswith(b"\r\n"):
-                    end = 0
-                else:
-                    end = buf.find(b"\r\n\r\n")
-                    if end < 0:
-                        if len(buf) > self.pool.max_header_bytes:
-                            raise UpstreamProtocolError("trailer section too large")
-                        break
-                    end += 2
-                self.buf = buf[end + 2:]
-                self._deliver(body)
-                self._complete()
-                return
-            elif state == _UNTIL_CLOSE:
-                body.append(buf)
-                self.buf = b""
-                break
-            else:  # _IDLE: the server spoke unasked; the connection's state is unknown
-                self.buf = b""
-                self.abort()
-                return
-        self._deliver(body)
-
-    def _deliver(self, body: list[bytes]) -> None:
-        if not body or self.resp is None:
-            return
-        data = body[0] if len(body) == 1 else b"".join(body)
-        body.clear()
-        if data:
-            self.resp._feed(data)
-
-    def _head(self) -> bool:
-        """Parse a complete status line and header section; False if more bytes are needed."""
-        buf = self.buf
-        limit = self.pool.max_header_bytes
-        end = buf.find(b"\r\n\r\n", 0, limit + 4)
-        if end < 0:
-            if len(buf) >= limit + 4:
-                raise UpstreamProtocolError(f"response head larger than {limit} bytes")
-            if not buf.startswith(b"HTTP/"[:len(buf)]):
-                raise UpstreamProtocolError(f"not an HTTP response: {buf[:40]!r}")
-            return False
-        text = buf[:end + 2].decode("utf-8", "surrogateescape")
-        self.buf = buf[end + 4:]
-        line_end = text.index("\r\n")
-        m = _STATUS_LINE.fullmatch(text, 0, line_end)
-        if m is None:
-            raise UpstreamProtocolError(f"bad status line {text[:min(line_end, 60)]!r}")
-        status = int(m.group(2))
-        if not 100 <= status <= 599:
-            raise UpstreamProtocolError(f"bad status code {status}")
-        headers = _HEADER.findall(text, line_end + 2)
-        if len(headers) != text.count("\r\n", line_end + 2):
-            raise UpstreamProtocolError("malformed header field")
-        if len(headers) > MAX_HEADERS:
-            raise UpstreamProtocolError(f"more than {MAX_HEADERS} header fields")
-        if status < 200:
-            if status == 101:
-                raise UpstreamProtocolError("101 Switching Protocols was not asked for")
-            return True  # 100 Continue, 103 Early Hints: interim; the final response follows
+    def head_received(self, head: ResponseHead) -> None:
         resp = self.resp
         assert resp is not None
-        version = 10 + int(m.group(1))
-        length: int | None = None
-        chunked = False
-        keep_alive = version == 11
-        for name, value in headers:
-            low = name.lower()
-            if low == "content-length":
-                n = _content_length(value)
-                if length is not None and length != n:
-                    raise UpstreamProtocolError("conflicting Content-Length fields")
-                length = n
-            elif low == "transfer-encoding":
-                if value.strip().lower() != "chunked" or chunked:
-                    raise UpstreamProtocolError(f"unsupported Transfer-Encoding {value!r}")
-                chunked = True
-            # (HTTP/1.0 keep-alive is not worth its ambiguity: such responses close.)
-            elif low == "connection" and "close" in value.lower() and "close" in [
-                    t.strip() for t in value.lower().split(",")]:
-                keep_alive = False
-        resp.status, resp.reason, resp.version = status, m.group(3) or "", version
-        resp.headers = headers
-        resp.content_length = length
-        if chunked and length is not None:
-            keep_alive = False  # RFC 9112 §6.3: chunked wins, and the connection must close
-            resp.content_length = None
-        self.keep_alive = keep_alive
-        if resp.method == "HEAD" or status in (204, 304):
-            self.state = _IDLE
+        resp.status, resp.reason, resp.version = head.status, head.reason, head.version
+        resp.headers = head.headers
+        resp.content_length = head.content_length
+        self.keep_alive = head.keep_alive
+        if not resp._head.done():
+            resp._head.set_result(None)
+
+    def body_received(self, data: bytes) -> None:
+        if self.resp is not None:
+            self.resp._feed(data)
+
+    def message_complete(self) -> None:
+        resp, self.resp = self.resp, None
+        if resp is not None:
             resp._end(None)
-            self._complete()
-            return False
-        if chunked:
-            self.state = _CHUNK_SIZE_LINE
-        elif length is not None:
-            self.state = _LENGTH
-            self.remaining = length
-        else:
-            self.state = _UNTIL_CLOSE
-            self.keep_alive = False
-        head = resp._head
-        if not head.done():
-            head.set_result(None)
-        if self.state == _LENGTH and not length:
-            self._complete()
-            return False
-        return True
+        self.finished = True
 
     # --- ends -----------------------------------------------------------------------------------
 
-    def _complete(self) -> None:
+    def _release(self) -> None:
         """The response has fully arrived: hand the connection back, or close it."""
-        resp, self.resp = self.resp, None
-        self.state = _IDLE
-        if resp is not None:
-            resp._end(None)
         transport = self.transport
-        if (self.keep_alive and not self.closed and not self.buf and transport is not None
+        if (self.keep_alive and not self.closed and transport is not None
                 and not transport.get_write_buffer_size()):
             self.pool.release(self)
         else:
@@ -549,8 +377,7 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, exc: BaseException) -> None:
         resp, self.resp = self.resp, None
-        self.state = _IDLE
-        self.buf = b""
+        self.finished = False
         if resp is not None:
             resp._end(exc)
         self.abort()
@@ -558,25 +385,26 @@ class _Connection(asyncio.Protocol):
     def _lost(self, exc: Exception | None) -> None:
         """The server closed (exc None) or reset the connection."""
         was_closed, self.closed = self.closed, True
-        if self.resp is None:
+        resp = self.resp
+        if resp is None:
             return
-        state = self.state
-        if state == _UNTIL_CLOSE and exc is None:
-            if self.buf:
-                self.resp._feed(self.buf)
-                self.buf = b""
-            self._complete()  # the close delimits this body
+        state = self.parser.state
+        if state == UNTIL_CLOSE and exc is None:
+            self.message_complete()  # the close delimits this body
+            self.finished = False
+            self.abort()
         elif was_closed:
             self._fail(UpstreamDisconnected("the connection was closed"))
-        elif state == _HEAD and not self.received:
+        elif state == HEAD and not self.parser.received:
             self._fail(_Unanswered("the server closed the connection without answering"
                                    + (f" ({exc})" if exc else "")))
-        elif state == _HEAD:
+        elif state == HEAD:
             self._fail(UpstreamDisconnected("the server closed the connection in the middle "
                                             "of the response head"))
         else:
-            detail = (f" ({self.remaining} of {self.resp.content_length} bytes missing)"
-                      if state == _LENGTH else "")
+            missing = self.parser.remaining
+            detail = (f" ({missing} of {resp.content_length} bytes missing)"
+                      if resp.content_length is not None else "")
             self._fail(UpstreamDisconnected(f"the server closed the connection in the middle "
                                             f"of the response body{detail}"
                                             + (f": {exc}" if exc else "")))
@@ -769,15 +597,6 @@ class UpstreamClient:
                 conn.abort()
         self._pools.clear()
         await asyncio.sleep(0)  # let the transports finish closing
-
-
-def _content_length(value: str) -> int:
-    if value.isdigit() and value.isascii():
-        return int(value)
-    values = {v.strip() for v in value.split(",")}  # "5, 5" is allowed (RFC 9110 §8.6)
-    if len(values) != 1 or not (v := values.pop()).isdigit() or not v.isascii():
-        raise UpstreamProtocolError(f"bad Content-Length {value!r}")
-    return int(v)
 
 
 def encode_request(target: Target, method: str, path: str,

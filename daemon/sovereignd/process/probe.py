@@ -6,13 +6,14 @@ completion proves the server works.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
+import orjson
+
+from sovereignd.http.upstream import Target, UpstreamClient, UpstreamConnectError, UpstreamError
 
 
 @dataclass(frozen=True)
@@ -31,38 +32,41 @@ class ProbeResult:
 ListenerGuard = Callable[[], Awaitable[tuple[str, dict[str, Any] | None] | None]]
 
 
+class _Impostor(UpstreamConnectError):
+    """The port's listener is not the server: no connection was made."""
+
+    def __init__(self, detail: str, holder: dict[str, Any] | None) -> None:
+        super().__init__(detail)
+        self.holder = holder
+
+
 class Prober:
-    """HTTP client for the server's own port (or Unix socket), used only by the supervisor."""
+    """The supervisor's requests to the server's own port (or Unix socket), on the same
+    HTTP client as the gateway's traffic (sovereignd.http.upstream)."""
 
     def __init__(self, host: str, port: int, uds: str | None = None) -> None:
-        self._host, self._port, self._uds = host, port, uds
-        self._session: aiohttp.ClientSession | None = None
-        # Set by the supervisor for TCP: the port is checked before every probe's connection
-        # (force_close: each probe connects anew), so an impostor is never sent a request.
+        self._target = Target(host, port, uds)
+        # max_idle 0: every probe connects anew, so a hung server holds no pooled connection
+        # between probes, and (for TCP) the port's listener is checked before each one.
+        self._client: UpstreamClient | None = None
+        # Set by the supervisor for TCP: an impostor is never sent a request.
         self.guard: ListenerGuard | None = None
 
-    @property
-    def base_url(self) -> str:
-        if self._uds:
-            return "http://localhost"
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self._port}"
+    def _upstream(self) -> UpstreamClient:
+        if self._client is None or self._client.closed:
+            self._client = UpstreamClient(max_idle=0, before_connect=self._check_listener)
+        return self._client
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector: aiohttp.BaseConnector
-            if self._uds:
-                connector = aiohttp.UnixConnector(path=self._uds, force_close=True)
-            else:
-                connector = aiohttp.TCPConnector(force_close=True)
-            # force_close: a hung server must not hold a pooled connection between probes.
-            self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
-        return self._session
+    async def _check_listener(self, _target: Target) -> None:
+        if self.guard is not None:
+            refused = await self.guard()
+            if refused is not None:
+                raise _Impostor(*refused)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     async def health(self, path: str, timeout: float) -> ProbeResult:
         return await self._request("health", "GET", path, None, None, timeout)
@@ -70,12 +74,12 @@ class Prober:
     async def text(self, path: str, timeout: float) -> str | None:
         """GET `path` (e.g. the server's Prometheus `/metrics`): its text, None on any failure."""
         try:
-            async with asyncio.timeout(timeout):
-                async with self._client().get(self.base_url + path) as resp:
-                    if resp.status != 200:
-                        return None
-                    return (await resp.read()).decode("utf-8", "replace")
-        except (TimeoutError, aiohttp.ClientError):
+            async with await self._upstream().request(self._target, "GET", path,
+                                                      timeout=timeout) as resp:
+                if resp.status != 200:
+                    return None
+                return (await resp.read()).decode("utf-8", "replace")
+        except (TimeoutError, UpstreamError):
             return None
 
     async def canary(self, path: str, body: dict[str, Any], key: str,
@@ -86,23 +90,23 @@ class Prober:
                        body: dict[str, Any] | None, key: str | None,
                        timeout: float) -> ProbeResult:
         t0 = time.monotonic()
-        if self.guard is not None and not self._uds:
-            refused = await self.guard()
-            if refused is not None:
-                detail, impostor = refused
-                return ProbeResult(kind, False, time.monotonic() - t0, detail,
-                                   impostor=impostor)
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        headers = [("Authorization", f"Bearer {key}")] if key else []
+        data = b""
+        if body is not None:
+            data = orjson.dumps(body)
+            headers.append(("Content-Type", "application/json"))
         try:
-            async with asyncio.timeout(timeout):
-                async with self._client().request(method, self.base_url + path, json=body,
-                                                  headers=headers) as resp:
-                    payload = await resp.read()
-                    status = resp.status
+            async with await self._upstream().request(self._target, method, path, headers,
+                                                      data, timeout=timeout) as resp:
+                payload = await resp.read()
+                status = resp.status
+        except _Impostor as exc:
+            return ProbeResult(kind, False, time.monotonic() - t0, str(exc),
+                               impostor=exc.holder)
         except TimeoutError:
             return ProbeResult(kind, False, time.monotonic() - t0,
                                f"no answer within {timeout:g}s")
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             return ProbeResult(kind, False, time.monotonic() - t0,
                                f"{type(exc).__name__}: {exc}"[:300])
         elapsed = time.monotonic() - t0
