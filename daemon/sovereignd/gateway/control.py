@@ -20,6 +20,7 @@ from aiohttp import web
 
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
+from sovereignd.supervision.models import Models
 from sovereignd.supervision.supervisor import Request, Supervisor
 from sovereignd.textsafe import escape
 
@@ -29,7 +30,7 @@ Action = Callable[[dict[str, Any]], dict[str, Any]]
 class ControlServer:
     """Serves the control socket inside the daemon."""
 
-    def __init__(self, path: Path, supervisor: Supervisor) -> None:
+    def __init__(self, path: Path, supervisor: Supervisor | Models) -> None:
         self.path = path
         self.supervisor = supervisor
         self.actions: dict[str, Action] = {

@@ -25,6 +25,7 @@ from sovereignd.gateway.metrics import Metrics
 from sovereignd.logs.eventlog import EventLog
 from sovereignd.logs.summary import Summarised
 from sovereignd.service.fdlimit import connection_budget
+from sovereignd.supervision.models import Models, NotServed
 from sovereignd.supervision.states import State
 from sovereignd.supervision.supervisor import Supervisor
 
@@ -103,6 +104,7 @@ class Gateway:
         self.loopback = is_loopback(host)
         self.admin_check: AdminCheck | None = None
         self.on_refused: RefusalHook | None = None
+        self.models: Models | None = None  # several models: /readyz and /status cover each
         self.app = web.Application(client_max_size=cfg.gateway.max_body)
         self.app.on_response_prepare.append(_server_header)
         self.app.router.add_get("/healthz", self.healthz)
@@ -176,7 +178,18 @@ class Gateway:
     async def healthz(self, _request: web.Request) -> web.Response:
         return json_response({"status": "ok"})
 
-    async def readyz(self, _request: web.Request) -> web.Response:
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.models is not None:
+            # Every `start: always` model READY, or ?model=NAME for one.
+            try:
+                ready, answer, state = self.models.readiness(request.query.get("model"))
+            except NotServed as exc:
+                return json_response({"error": {"message": exc.message, "type":
+                                                "invalid_request_error", "param": "model",
+                                                "code": exc.code}}, exc.status)
+            if ready:
+                return json_response(answer)
+            return json_response(answer, 503, {"Retry-After": str(RETRY_AFTER.get(state, 10))})
         sup = self.supervisor
         body: dict[str, Any] = {"state": sup.state.value, "reason": sup.reason}
         if sup.degraded:
@@ -201,6 +214,8 @@ class Gateway:
         denied = await self._admin(request)
         if denied is not None:
             return denied
+        if self.models is not None:
+            return json_response(self.models.status())
         return json_response(self.supervisor.status())
 
     async def metrics_text(self, request: web.Request) -> web.StreamResponse:

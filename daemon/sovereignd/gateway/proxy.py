@@ -29,6 +29,7 @@ from sovereignd.gateway.auththrottle import AuthFailures
 from sovereignd.gateway.endpoints import RETRY_AFTER
 from sovereignd.gateway.keys import Client, KeyStore
 from sovereignd.gateway.metrics import Metrics
+from sovereignd.gateway.routing import NotServed, Router
 from sovereignd.http.upstream import Response as UpstreamResponse
 from sovereignd.http.upstream import (
     Target,
@@ -199,7 +200,9 @@ class Proxy:
         self._auth_events = Summarised(events.emit, "auth_failed", g.auth_event_interval)
         self._upstream = UpstreamClient(connect_timeout=CONNECT_TIMEOUT,
                                         before_connect=self._verify_listener)
-        self._target: Target | None = None
+        self._targets: dict[str, Target] = {}  # by model: each server's pool stays its own
+        self._owners: dict[Target, Supervisor] = {}  # whose listener to check per target
+        self.router: Router | None = None  # routing by `model` (set by the daemon)
         self._log_broken: str | None = None
         self._known_paths = {r.path for r in backend.routes if not r.prefix}
         self._known_prefixes = tuple(r.path for r in backend.routes if r.prefix)
@@ -243,7 +246,7 @@ class Proxy:
     async def _verify_listener(self, target: Target) -> None:
         """Before every new TCP connection to the server: the port's listener must be the
         server the daemon started; an impostor is never sent a request (nor the key)."""
-        check = await self.supervisor.verify_listener()
+        check = await self._owners.get(target, self.supervisor).verify_listener()
         if check.owned:
             return
         if check.impostor is not None:
@@ -328,6 +331,7 @@ class Proxy:
         finally:
             if client is not None:  # only set once the limits admitted the request
                 self.limits.release(client.name)
+            self._release_model(request)
             self.metrics.requests_in_flight -= 1
             if not recorded:  # the answer did not end (cancelled, cut): record what happened
                 rec["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
@@ -380,18 +384,24 @@ class Proxy:
             raise _Refused(503, f"request records cannot be written ({self._log_broken}); "
                            "refusing to serve unrecorded requests", "server_error",
                            "records_unavailable", headers={"Retry-After": "30"})
-        upstream = self.supervisor.upstream()
-        if upstream is None:
-            sup = self.supervisor
-            raise _Refused(503, f"the model server is not ready ({sup.state}: {sup.reason})",
-                           "server_unavailable", "not_ready",
-                           headers={"Retry-After": str(RETRY_AFTER.get(sup.state, 10))},
-                           error=f"not_ready_{sup.state.value.lower()}")
         body = await self._read_body(request)
         rec["bytes_in"] = len(body)
         strip_usage = False
         if body and request.method == "POST":
             body, strip_usage = self._inspect_body(body, rec)
+        if self.router is not None and self.router.lists_models and request.method == "GET" \
+                and request.rel_url.raw_path == "/v1/models":
+            payload = orjson.dumps(self.router.model_list())
+            rec["status"], rec["bytes_out"] = 200, len(payload)
+            return web.Response(body=payload, content_type="application/json")
+        sup = await self._route(request, rec)
+        upstream = sup.upstream()
+        if upstream is None:
+            raise _Refused(503, f"the model server is not ready ({sup.state}: {sup.reason})",
+                           "server_unavailable", "not_ready",
+                           headers={"Retry-After": str(RETRY_AFTER.get(sup.state, 10))},
+                           error=f"not_ready_{sup.state.value.lower()}")
+        self._owners[upstream.target] = sup
         try:
             # In the chain before the server sees the request: a crash from here on leaves
             # this start open, and the next start closes it as incomplete.
@@ -410,10 +420,12 @@ class Proxy:
         if request.remote:
             headers.append(("X-Forwarded-For", request.remote))
         target = upstream.target
-        if target != self._target:
-            if self._target is not None:
-                self._upstream.drop(self._target)  # the server moved: its old pool goes
-            self._target = target
+        old = self._targets.get(rec["model"] or "")
+        if target != old:
+            if old is not None:
+                self._upstream.drop(old)  # the server moved: its old pool goes
+                self._owners.pop(old, None)
+            self._targets[rec["model"] or ""] = target
         try:
             up = await self._upstream.request(
                 target, request.method, request.rel_url.raw_path_qs, headers, body,
@@ -426,6 +438,7 @@ class Proxy:
         try:
             rec["ttfb_ms"] = round((time.perf_counter() - t0) * 1000, 3)
             self.metrics.upstream_progress = time.monotonic()  # the stall watch's evidence
+            _model_progress(request)
             rec["status"] = up.status
             named_up = {t.strip().lower() for k, v in up.headers if k.lower() == "connection"
                         for t in v.split(",")}
@@ -444,6 +457,35 @@ class Proxy:
         self._usage_from_json(payload, rec)
         self._body_fields(rec, body, payload)
         return web.Response(body=payload, status=up.status, headers=out_headers)
+
+    async def _route(self, request: web.Request, rec: dict[str, Any]) -> Supervisor:
+        """The supervisor of the model the request names (on_demand: started, waited for);
+        404 for an unknown model, 400 for none when several are served."""
+        if self.router is None:
+            return self.supervisor
+        try:
+            model = await self.router.acquire(rec["model"])
+        except NotServed as exc:
+            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+            raise _Refused(exc.status, exc.message, "invalid_request_error" if exc.status < 500
+                           else "server_unavailable", exc.code, headers=headers) from exc
+        rec["model"] = model.name
+        request["model_slot"] = model
+        own = self.router.metrics_of(model, self.metrics)
+        if own is not None:
+            own.requests_in_flight += 1
+            request["model_metrics"] = own
+        assert model.supervisor is not None  # acquire() starts an on_demand model
+        return model.supervisor
+
+    def _release_model(self, request: web.Request) -> None:
+        model = request.get("model_slot")
+        if model is None or self.router is None:
+            return
+        self.router.release(model)
+        own = request.get("model_metrics")
+        if own is not None:
+            own.requests_in_flight -= 1
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.cfg.gateway.max_body
@@ -499,6 +541,7 @@ class Proxy:
         try:
             async for chunk in up:
                 self.metrics.upstream_progress = time.monotonic()  # the stall watch's evidence
+                _model_progress(request)
                 data = final + sse.feed(chunk, time.perf_counter())
                 data, final = _split_final(data)
                 if data:
@@ -539,7 +582,8 @@ class Proxy:
             return
         usage = data.get("usage") if isinstance(data, dict) else None
         if isinstance(usage, dict):
-            rec["prompt_tokens"] = usage.get("prompt_tokens")
+            # Rerank answers carry total_tokens only (vLLM 0.32 /v1/rerank): all of it input.
+            rec["prompt_tokens"] = usage.get("prompt_tokens", usage.get("total_tokens"))
             rec["completion_tokens"] = usage.get("completion_tokens")
         if rec["model"] is None and isinstance(data, dict) and isinstance(data.get("model"), str):
             rec["model"] = data["model"]
@@ -594,6 +638,13 @@ class Proxy:
             self.events.emit("requests_recordable", level="warning",
                              reason="request records can be written again")
             self._log_broken = None
+
+
+def _model_progress(request: web.Request) -> None:
+    """A byte from the server: progress for the stall watch of the request's model."""
+    own = request.get("model_metrics")
+    if own is not None:
+        own.upstream_progress = time.monotonic()
 
 
 def _split_final(data: bytes) -> tuple[bytes, bytes]:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sovereignd.backends import memory, modelfiles, profiles, serverargs
+from sovereignd.backends import memory, modelfiles, profiles, serverargs, tasks
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
 from sovereignd.integrity import environment, manifest, signing, software
@@ -101,6 +101,10 @@ def _check_model_files(cfg: Config, report: Report) -> None:
     elif cfg.server.completions_only:
         report.add(OK, "chat template", "none; server.completions_only is set (chat requests "
                    "will answer 400)")
+    elif tasks.is_pooling(model, args, cfg.server.backend):
+        report.add(OK, "chat template", "none needed: a pooling model ("
+                   f"{tasks.task_of(model, args, cfg.server.backend)}), readiness is proven "
+                   "by its own request")
     else:
         report.add(FAIL, "chat template", "none (tokenizer_config.json has no chat_template, "
                    "no chat_template.jinja, no --chat-template): every chat request would "
