@@ -233,3 +233,27 @@ def test_a_pooling_model_is_proven_by_an_embedding(tmp_path: Path) -> None:
     assert path == "/v1/embeddings" and body == {"model": "m", "input": "ping"}
     cfg = load(tmp_path, {**BASE, "server": {"model": "m"}})
     assert profiles.for_config(cfg).canary(cfg)[0] == "/v1/chat/completions"
+
+
+def test_the_service_stop_timeout_covers_the_longest_drain_of_all_models(
+        tmp_path: Path) -> None:
+    from sovereignd.service.spec import STOP_MARGIN, stop_timeout
+
+    cfg = load(tmp_path, {**BASE, "models": {
+        "a": {"server": {"model": "m", "port": 8101, "drain": "5s", "stop_grace": "10s"}},
+        "b": {"server": {"model": "m", "port": 8102, "drain": "60s", "stop_grace": "90s"}}}})
+    assert stop_timeout(cfg) == 150 + STOP_MARGIN
+
+
+def test_status_for_a_human_shows_each_model() -> None:
+    from sovereignd.gateway.control import render_status
+
+    one = {"state": "READY", "reason": "canary completion answered", "since": "t",
+           "model": {"name": "chat", "path": "/m"}, "server": None, "restarts": 0,
+           "failures_in_window": 0, "version": "0.1.0", "backend": "vllm"}
+    text = render_status({"state": "FATAL", "reason": "not READY: embed", "version": "0.1.0",
+                          "models": {"chat": {**one, "start": "always"},
+                                     "embed": {**one, "state": "FATAL", "start": "on_demand",
+                                               "model": {"name": "embed", "path": "/e"}}}})
+    assert "model chat (start: always):" in text and "model embed (start: on_demand):" in text
+    assert "  state:     FATAL" in text and text.startswith("state:     FATAL")

@@ -623,7 +623,8 @@ class Proxy:
         self.metrics.count_request(
             rec["path"] if status != 404 else "other", status, rec["client"] or "-",
             latency_ms=rec["latency_ms"], ttft_ms=rec["ttft_ms"],
-            prompt_tokens=rec["prompt_tokens"], completion_tokens=rec["completion_tokens"])
+            prompt_tokens=rec["prompt_tokens"], completion_tokens=rec["completion_tokens"],
+            model=rec["model"] if status != 404 and rec["model"] else "-")
         try:
             seq = self.log.record(rec)
         except RequestLogError as exc:

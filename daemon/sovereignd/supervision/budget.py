@@ -16,15 +16,16 @@ from collections.abc import Callable
 from typing import Any
 
 from sovereignd.backends import memory
+from sovereignd.config import Config
 from sovereignd.supervision.models import Model, Models
 from sovereignd.supervision.states import State
 from sovereignd.supervision.supervisor import Blocked, Gate
 
 
-def need_of(model: Model) -> int | None:
-    """Bytes the model's server needs by the preflight's estimate; None if not estimated
-    (not the vLLM CPU build, check off, or a shape the estimate cannot read)."""
-    verdict = memory.Preflight(model.cfg).evaluate()
+def need_of(cfg: Config) -> int | None:
+    """Bytes the server of a model's configuration view needs by the preflight's estimate;
+    None if not estimated (not the vLLM CPU build, check off, a shape it cannot read)."""
+    verdict = memory.Preflight(cfg).evaluate()
     if verdict is None:
         return None
     n = verdict.numbers
@@ -49,13 +50,13 @@ async def make_room(models: Models, model: Model) -> tuple[str, dict[str, Any]] 
     on_demand ones, least recently used first); else the refusal and its numbers."""
     if not models.cfg.memory.check or not models.several:
         return None
-    need = await asyncio.to_thread(need_of, model)
+    need = await asyncio.to_thread(need_of, model.cfg)
     if need is None:
         return None
     limit, source = await asyncio.to_thread(_limit, models)
     while True:
         started = [m for m in models.models.values() if m is not model and m.task is not None]
-        needs = {m.name: await asyncio.to_thread(need_of, m) for m in started}
+        needs = {m.name: await asyncio.to_thread(need_of, m.cfg) for m in started}
         total = need + sum(v or 0 for v in needs.values())
         if total <= limit:
             return None

@@ -169,6 +169,8 @@ class Models:
     def _launch(self, model: Model, why: str) -> None:
         model.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)  # its own folder
         sup = model.supervisor or self._create(model)
+        # The first STOPPED -> STARTING says why (the supervisor's default: "daemon started").
+        sup._start_reason = why  # set before run(), read by its first start
         self.events.emit("model_start", model=model.name, reason=why)
         for guard in model.guards:
             guard.start()
