@@ -129,7 +129,9 @@ def test_an_on_demand_model_starts_on_its_first_request_and_stops_when_idle(
     """Not started with the daemon (/readyz 200 without it); the first request starts it and
     is answered; after idle_stop without requests its server is stopped."""
     d = make_daemon()
-    several(d, embed={"start": "on_demand", "idle_stop": "2s", "start_wait": "20s"})
+    # It starts slower than idle_stop: the request waiting for it keeps it from being idle.
+    several(d, embed={"start": "on_demand", "idle_stop": "2s", "start_wait": "20s"},
+            embed_behaviour={"default": {"startup_delay": 3}})
     key = add_key(d)
     d.start()
     wait_for(lambda: model_state(d, "chat") == "READY", 20, what="chat READY")

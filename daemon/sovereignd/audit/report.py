@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sovereignd import __version__
+from sovereignd.audit import models as audit_models
 from sovereignd.audit.evidence import (
     UNAUTHENTICATED,
     AuditError,
@@ -295,6 +296,8 @@ def build_report(cfg: Config, since: float | None = None, until: float | None = 
         _incidents_control(inputs, incidents),
         _changes_control(inputs, incidents),
     ]
+    if len(cfg.models) > 1:
+        controls.append(_models_control(inputs, stats))
     charts = {
         "requests_per_day": _daily(period, {d: t["requests"] for d, t in
                                             stats["by_day"].items()}),
@@ -1322,6 +1325,20 @@ def _incidents_control(i: _Inputs, data: dict[str, Any]) -> Control:
         c.finding = ", ".join(parts) + " in the period"
     else:
         c.finding = "no restart, FATAL period or quarantine in the period"
+    return c
+
+
+def _models_control(i: _Inputs, stats: dict[str, Any]) -> Control:
+    """With several models: each one's weights checks, incidents and requests."""
+    c = Control("models", SECTIONS[6], "Each model: weights, incidents, requests", PASS, "")
+    rows, troubled = audit_models.model_rows(i.cfg, i.history, i.period, stats["by_model"])
+    c.table("by_model", "By model", audit_models.COLUMNS).rows.extend(rows)
+    c.fact("models", "Models", len(rows))
+    if troubled:
+        c.verdict = WARN
+        c.finding = f"{troubled} of {len(rows)} model(s) were quarantined or FATAL in the period"
+    else:
+        c.finding = f"{len(rows)} models; none quarantined or FATAL in the period"
     return c
 
 

@@ -235,6 +235,15 @@ class Models:
         model = self.get(name)
         if model is None:
             raise self._unknown(name)
+        model.in_flight += 1  # from now: a request waiting for a start is not idleness
+        try:
+            await self._admit(model)
+        except BaseException:
+            self.release(model)
+            raise
+        return model
+
+    async def _admit(self, model: Model) -> None:
         model.last_used = self.clock()
         if model.task is None and model.spec.start == "on_demand" and not self._stopping:
             refused = await self.admit(model) if self.admit is not None else None
@@ -246,11 +255,11 @@ class Models:
             if model.task is None:  # (the wait above may have let another request start it)
                 self._launch(model, "on demand: a request named the model")
         sup = model.supervisor
-        if sup is not None and not sup.serving() and model.spec.start == "on_demand":
+        if sup is None:  # an on_demand model while the daemon stops
+            raise NotServed(503, f"the model {model.name} is not running: {model.reason}",
+                            "not_ready", retry_after=10)
+        if not sup.serving() and model.spec.start == "on_demand":
             await self._wait_serving(model, sup)
-        model.in_flight += 1
-        model.last_used = self.clock()
-        return model
 
     def release(self, model: Model) -> None:
         model.in_flight -= 1
@@ -258,7 +267,8 @@ class Models:
 
     async def _wait_serving(self, model: Model, sup: Supervisor) -> None:
         deadline = self.clock() + model.spec.start_wait
-        while not sup.serving() and sup.state not in PARKED and self.clock() < deadline:
+        while (not sup.serving() and sup.state not in PARKED and self.clock() < deadline
+               and model.supervisor is sup and model.task is not None):
             model.changed.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(deadline - self.clock()):
