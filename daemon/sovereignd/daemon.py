@@ -112,6 +112,7 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     proxy = Proxy(cfg, supervisor, backend, keys=keys, log=requests, metrics=metrics,
                   events=events)
     proxy.router = Router(models)
+    proxy.serve_backends([m.backend for m in models.models.values()])
     proxy.install(gateway.app)
     gateway.admin_check = proxy.admin_check
     gateway.on_refused = proxy.record_refusal

@@ -18,7 +18,7 @@ import pytest
 
 from sovereignd.logs.requestlog import iter_records
 from tests.e2e.conftest import running, vllm_overrides
-from tests.harness import Daemon, group_processes, http
+from tests.harness import Daemon, free_port, group_processes, http
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(600)
@@ -35,9 +35,10 @@ def write_manifest(model: Path, manifest: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def models_daemon(tmp_path_factory: pytest.TempPathFactory,
-                  vllm_ready: tuple[Path, Path]) -> Iterator[Daemon]:
+def models_daemon(tmp_path_factory: pytest.TempPathFactory, vllm_ready: tuple[Path, Path],
+                  mlx_ready: tuple[Path, Path]) -> Iterator[Daemon]:
     venv, shared_model = vllm_ready
+    mlx_venv = mlx_ready[0]
     root = tmp_path_factory.mktemp("models")
     chat_model = root / "chat-model"  # a private copy: the tier tampers with its weights
     shutil.copytree(shared_model, chat_model)
@@ -53,7 +54,12 @@ def models_daemon(tmp_path_factory: pytest.TempPathFactory,
         "chat": {"server": chat_server,
                  "integrity": {"manifest": str(root / "chat.sha256"), "stat_interval": "1s"}},
         "embed": {"server": embed_server, "start": "on_demand",
-                  "idle_stop": f"{IDLE_STOP}s", "start_wait": "4m"}}
+                  "idle_stop": f"{IDLE_STOP}s", "start_wait": "4m"},
+        "mlx": {"server": {"backend": "vllm-mlx", "port": free_port(),
+                           "command": [str(mlx_venv / "bin" / "vllm-mlx"), "serve"],
+                           "venv": str(mlx_venv), "model": str(shared_model),
+                           "start_timeout": "2m", "stop_grace": "10s", "drain": "2s"},
+                "start": "on_demand", "start_wait": "2m"}}
     d.write_config()
     yield from running(d, "e2e-models")
 
@@ -80,7 +86,8 @@ def test_the_always_model_is_ready_and_the_on_demand_one_waits(models_daemon: Da
     assert code == 401  # the list is behind the client key like the rest of /v1
     status, raw, _ = http("GET", d.url + "/v1/models", None,
                           {"Authorization": f"Bearer {d.client_key}"})
-    assert status == 200 and [m["id"] for m in json.loads(raw)["data"]] == ["chat", "embed"]
+    assert status == 200
+    assert [m["id"] for m in json.loads(raw)["data"]] == ["chat", "embed", "mlx"]
     status, body = call(d, "/v1/chat/completions", {
         "model": "chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2})
     assert status == 200 and body["usage"]["completion_tokens"] >= 1
@@ -139,3 +146,14 @@ def test_the_idle_on_demand_model_is_stopped(models_daemon: Daemon) -> None:
     stop = [e for e in d.events("model_stop") if e["model"] == "embed"][-1]
     assert "idle" in stop["reason"]
     wait_for(lambda: group_processes(pid) == [], 30, what="the embed server's processes gone")
+
+
+def test_a_vllm_mlx_model_serves_beside_the_vllm_cpu_ones(models_daemon: Daemon) -> None:
+    """The other backend as one of the models: started by its first chat request."""
+    d = models_daemon
+    status, body = call(d, "/v1/chat/completions", {
+        "model": "mlx", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2},
+        timeout=150)
+    assert status == 200 and body["choices"], body
+    st = model_status(d, "mlx")
+    assert st["state"] == "READY" and st["backend"] == "vllm-mlx"

@@ -204,8 +204,20 @@ class Proxy:
         self._owners: dict[Target, Supervisor] = {}  # whose listener to check per target
         self.router: Router | None = None  # routing by `model` (set by the daemon)
         self._log_broken: str | None = None
+        self._backends: tuple[Backend, ...] = (backend,)
         self._known_paths = {r.path for r in backend.routes if not r.prefix}
         self._known_prefixes = tuple(r.path for r in backend.routes if r.prefix)
+
+    def serve_backends(self, backends: list[Backend]) -> None:
+        """Several models: the routes of every model's backend pass the allow-list (each
+        request is checked again against its own model's backend once routed)."""
+        self._backends = tuple(backends)
+        routes = [r for b in backends for r in b.routes]
+        self._known_paths = {r.path for r in routes if not r.prefix}
+        self._known_prefixes = tuple(dict.fromkeys(r.path for r in routes if r.prefix))
+
+    def _allowed(self, method: str, path: str) -> bool:
+        return any(b.allowed(method, path) for b in self._backends)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -231,7 +243,7 @@ class Proxy:
             self._record_early(request.remote, 417, "expect_unsupported", request.method,
                                raw[:MAX_RECORDED_PATH])
             raise web.HTTPExpectationFailed(text="only Expect: 100-continue is understood")
-        if not (safe_path(raw) and self.backend.allowed(request.method, raw)):
+        if not (safe_path(raw) and self._allowed(request.method, raw)):
             return
         outcome = self.keys.check(_bearer(request))
         request["auth_outcome"] = outcome  # checked once: the handler reuses it
@@ -346,7 +358,7 @@ class Proxy:
         if not known:
             raise _Refused(404, f"Unknown route {raw}", "invalid_request_error",
                            "unknown_route", error="not_found")
-        if not self.backend.allowed(request.method, request.rel_url.raw_path):
+        if not self._allowed(request.method, request.rel_url.raw_path):
             raise _Refused(405, f"Method {request.method} not allowed on {raw}",
                            "invalid_request_error", "method_not_allowed")
         outcome = request.get("auth_outcome") or self.keys.check(_bearer(request))
@@ -463,6 +475,12 @@ class Proxy:
         404 for an unknown model, 400 for none when several are served."""
         if self.router is None:
             return self.supervisor
+        named = self.router.models.get(rec["model"])
+        if named is not None and not named.backend.allowed(request.method,
+                                                           request.rel_url.raw_path):
+            raise _Refused(404, f"Unknown route {rec['path']} for the model {named.name} "
+                           f"({named.backend.name})", "invalid_request_error", "unknown_route",
+                           error="not_found")
         try:
             model = await self.router.acquire(rec["model"])
         except NotServed as exc:

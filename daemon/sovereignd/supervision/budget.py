@@ -60,8 +60,9 @@ async def make_room(models: Models, model: Model) -> tuple[str, dict[str, Any]] 
         total = need + sum(v or 0 for v in needs.values())
         if total <= limit:
             return None
-        idle = sorted((m for m in started if m.spec.start == "on_demand" and not m.in_flight),
-                      key=lambda m: m.last_used)
+        # Stopping a model frees memory only where its need is known.
+        idle = sorted((m for m in started if m.spec.start == "on_demand" and not m.in_flight
+                       and needs.get(m.name)), key=lambda m: m.last_used)
         if not idle:
             break
         await models.stop_model(idle[0], f"memory budget: making room for {model.name}")
