@@ -124,6 +124,7 @@ class Models:
         self._build = build
         self._stopping = False
         self._shutdown = asyncio.Event()
+        self._launched = asyncio.Event()  # wakes run() to watch a newly started model
         # Asked before an on_demand model is started by a request: None, or why it cannot
         # start now and the numbers (the memory budget).
         self.admit: Callable[[Model], Awaitable[tuple[str, dict[str, Any]] | None]] | None = None
@@ -176,6 +177,7 @@ class Models:
             guard.start()
         model.task = asyncio.get_running_loop().create_task(sup.run(), name=f"model:{model.name}")
         model.task.add_done_callback(lambda _t: model.changed.set())
+        self._launched.set()
 
     async def run(self) -> None:
         """Run the `start: always` models (and on_demand ones as requests come) until
@@ -187,11 +189,15 @@ class Models:
         try:
             while not self._shutdown.is_set():
                 tasks = [m.task for m in self.models.values() if m.task is not None]
+                self._launched.clear()
                 stop = asyncio.create_task(self._shutdown.wait())
-                done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+                launched = asyncio.create_task(self._launched.wait())
+                done, _ = await asyncio.wait([stop, launched, *tasks],
+                                             return_when=asyncio.FIRST_COMPLETED)
                 stop.cancel()
+                launched.cancel()
                 for task in done:
-                    exc = task.exception() if task is not stop else None
+                    exc = task.exception() if task not in (stop, launched) else None
                     if exc is not None:  # a bug in one supervisor: stop them all, report it
                         self.request(Request.SHUTDOWN, "a model's supervisor failed")
                         await self._stop_all()
