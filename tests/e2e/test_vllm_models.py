@@ -21,7 +21,7 @@ from tests.e2e.conftest import running, vllm_overrides
 from tests.harness import Daemon, free_port, group_processes, http
 from tests.helpers import wait_for
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
 
 READY_TIMEOUT = 300
 IDLE_STOP = 20
@@ -54,12 +54,12 @@ def models_daemon(tmp_path_factory: pytest.TempPathFactory, vllm_ready: tuple[Pa
         "chat": {"server": chat_server,
                  "integrity": {"manifest": str(root / "chat.sha256"), "stat_interval": "1s"}},
         "embed": {"server": embed_server, "start": "on_demand",
-                  "idle_stop": f"{IDLE_STOP}s", "start_wait": "4m"},
+                  "idle_stop": f"{IDLE_STOP}s", "start_wait": "10m"},
         "mlx": {"server": {"backend": "vllm-mlx", "port": free_port(),
                            "command": [str(mlx_venv / "bin" / "vllm-mlx"), "serve"],
                            "venv": str(mlx_venv), "model": str(shared_model),
                            "start_timeout": "2m", "stop_grace": "10s", "drain": "2s"},
-                "start": "on_demand", "start_wait": "2m"}}
+                "start": "on_demand", "start_wait": "5m"}}
     d.write_config()
     yield from running(d, "e2e-models")
 
@@ -99,7 +99,7 @@ def test_the_first_embedding_request_starts_the_pooling_model(models_daemon: Dae
     d = models_daemon
     t0 = time.monotonic()
     status, body = call(d, "/v1/embeddings", {"model": "embed", "input": "hello world"},
-                        timeout=300)
+                        timeout=660)
     assert status == 200, body
     print(f"on_demand first request (start included): {time.monotonic() - t0:.1f}s")
     assert len(body["data"][0]["embedding"]) > 10 and body["usage"]["prompt_tokens"] > 0
@@ -153,7 +153,7 @@ def test_a_vllm_mlx_model_serves_beside_the_vllm_cpu_ones(models_daemon: Daemon)
     d = models_daemon
     status, body = call(d, "/v1/chat/completions", {
         "model": "mlx", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2},
-        timeout=150)
+        timeout=330)
     assert status == 200 and body["choices"], body
     st = model_status(d, "mlx")
     assert st["state"] == "READY" and st["backend"] == "vllm-mlx"

@@ -487,7 +487,8 @@ class Proxy:
             headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
             raise _Refused(exc.status, exc.message, "invalid_request_error" if exc.status < 500
                            else "server_unavailable", exc.code, headers=headers) from exc
-        rec["model"] = model.name
+        if self.router.lists_models:
+            rec["model"] = model.name
         request["model_slot"] = model
         own = self.router.metrics_of(model, self.metrics)
         if own is not None:

@@ -151,10 +151,11 @@ class Models:
         return next(iter(self.models.values()))
 
     def get(self, name: str | None) -> Model | None:
-        """The model a request names; with one model, a request that names none gets it."""
-        if name is None:
-            return self.first() if not self.several else None
-        return self.models.get(name)
+        """The model a request names. With one model every request goes to it, whatever it
+        names: its server answers an unknown name itself, as before several models."""
+        if not self.several:
+            return self.first()
+        return self.models.get(name) if name is not None else None
 
     def supervisors(self) -> list[Supervisor]:
         return [m.supervisor for m in self.models.values() if m.supervisor is not None]
