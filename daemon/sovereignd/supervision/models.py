@@ -103,12 +103,11 @@ class Model:
 class NotServed(Exception):
     """A request for a model that cannot be served now: the answer's status and sentence."""
 
-    def __init__(self, status: int, message: str, code: str, *, retry_after: int | None = None,
-                 details: dict[str, Any] | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str, *,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
         self.retry_after = retry_after
-        self.details = details or {}
 
 
 class Models:
@@ -156,9 +155,6 @@ class Models:
         if not self.several:
             return self.first()
         return self.models.get(name) if name is not None else None
-
-    def supervisors(self) -> list[Supervisor]:
-        return [m.supervisor for m in self.models.values() if m.supervisor is not None]
 
     # --- life -------------------------------------------------------------------------------
 
@@ -257,8 +253,7 @@ class Models:
             if refused is not None:
                 self.events.emit("on_demand_refused", level="warning", model=model.name,
                                  reason=refused[0], **refused[1])
-                raise NotServed(503, refused[0], "insufficient_memory", retry_after=30,
-                                details=refused[1])
+                raise NotServed(503, refused[0], "insufficient_memory", retry_after=30)
             if model.task is None:  # (the wait above may have let another request start it)
                 self._launch(model, "on demand: a request named the model")
         sup = model.supervisor
