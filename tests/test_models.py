@@ -336,3 +336,29 @@ def test_a_route_only_another_models_backend_serves_is_404_for_this_model(
     status, body, _ = post(d, key, "/v1/messages", {**CHAT, "model": "chat"})
     assert status == 404 and body["error"]["code"] == "unknown_route"
     assert post(d, key, "/v1/chat/completions", {**CHAT, "model": "mlx"})[0] == 200
+
+
+def test_the_audit_counts_each_models_weights_checks_incidents_and_requests(
+        tmp_path: Path) -> None:
+    import time
+
+    from sovereignd.audit import models as audit_models
+    from sovereignd.audit.evidence import EventHistory, Period
+
+    cfg = load(tmp_path, {**BASE, "models": {
+        "chat": {"server": {"model": "m", "port": 8101}},
+        "embed": {"server": {"model": "m", "port": 8102}, "start": "on_demand"}}})
+    ts = "2026-11-29T12:00:00.000Z"
+    events = [
+        {"ts": ts, "event": "integrity_verified", "model": "chat"},
+        {"ts": ts, "event": "integrity_drift", "model": "chat"},
+        {"ts": ts, "event": "state", "model": "chat", "from": "READY", "to": "QUARANTINED"},
+        {"ts": ts, "event": "state", "model": "embed", "from": "BACKOFF", "to": "STARTING"},
+        {"ts": ts, "event": "state", "from": "READY", "to": "FATAL"},  # no model: not counted
+    ]
+    history = EventHistory(events, [], 0, ts)
+    rows, troubled = audit_models.model_rows(
+        cfg, history, Period(None, time.time()), {"embed": {"requests": 7, "errors": 1}})
+    assert rows == [["chat", "always", 1, 1, 1, 0, 0, 0, 0],
+                    ["embed", "on_demand", 0, 0, 0, 0, 1, 7, 1]]
+    assert troubled == 1
