@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import ipaddress
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -491,6 +492,52 @@ class MemorySection:
         "Memory the server needs beyond weights and KV cache (runtime, activations, compiled "
         "graphs, its helper processes). Unset: 2GiB on the CPU build, 1GiB on Metal.",
         _opt_size, None)
+    budget: int | None = setting(
+        "With several models: the memory all started models may need together (each as the "
+        "preflight estimates it); an on_demand model that does not fit stops idle on_demand "
+        "models, least recently used first, or is refused. Unset: the memory of the machine "
+        "(the NUMA node vLLM's CPU build reads, or the cgroup limit).", _opt_size, None)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """One model of several (under `models: NAME:`): when it runs, beside its own server,
+    integrity and environment sections (every key of the top-level sections of those names)."""
+
+    start: str = setting(
+        "always: started with the daemon, and /readyz waits for it; on_demand: started by the "
+        "first request that names it.", _choice("always", "on_demand"), "always", "always")
+    idle_stop: float = setting(
+        "on_demand: stop the server after this long without a request (0 = never).",
+        _duration(), 0.0, "10m")
+    start_wait: float = setting(
+        "on_demand: how long the request that starts the model waits for READY; after that "
+        "it is answered 503 with Retry-After.", _duration(), 120.0)
+
+
+# The sections a model under `models:` has of its own (the rest stay the daemon's).
+MODEL_SECTIONS: dict[str, type] = {"server": ServerSection, "integrity": IntegritySection,
+                                   "environment": EnvironmentSection}
+# A model's name as clients send it; ORG/NAME allowed (its folders use ORG--NAME).
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*(/[A-Za-z0-9][A-Za-z0-9._:-]*)?")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One served model: its client-facing name, when it runs, and its own sections."""
+
+    name: str
+    start: str
+    idle_stop: float
+    start_wait: float
+    server: ServerSection
+    integrity: IntegritySection
+    environment: EnvironmentSection
+
+    @property
+    def folder(self) -> str:
+        """The model's folder name under the state folder (ORG/NAME -> ORG--NAME)."""
+        return self.name.replace("/", "--")
 
 
 SECTIONS: dict[str, type] = {
@@ -553,6 +600,8 @@ class Config:
     logs: LogsSection
     requests: RequestsSection
     memory: MemorySection
+    # Every served model by name: one for the single `server:` form, else `models:` in order.
+    models: dict[str, ModelSpec] = field(default_factory=dict)
 
     @property
     def state_dir(self) -> Path:
@@ -757,15 +806,96 @@ def loads(data: bytes, source: Path) -> Config:
     ctx = _Context(base_dir=source.resolve().parent)
     problems: list[ConfigProblem] = []
     for key in raw:
-        if key not in SECTIONS:
+        if key not in SECTIONS and key != "models":
             problems.append(ConfigProblem(str(key), "unknown section"
-                                          + _suggest(str(key), list(SECTIONS))))
+                                          + _suggest(str(key), [*SECTIONS, "models"])))
+    several = raw.get("models") is not None
     sections = {name: _load_section(cls, raw.get(name), name, ctx, problems)
-                for name, cls in SECTIONS.items()}
-    problems.extend(_cross_checks(sections))
+                for name, cls in SECTIONS.items() if not (several and name in MODEL_SECTIONS)}
+    if several:
+        models = _load_models(raw, ctx, sections, problems)
+        first = next(iter(models.values()), None)
+        for name in MODEL_SECTIONS:  # the first model's, for code that reads one model
+            sections[name] = getattr(first, name) if first is not None else None
+    else:
+        problems.extend(_cross_checks(sections))
+        models = _single_model(sections)
     if problems or any(v is None for v in sections.values()):
         raise ConfigError(where, problems)
-    return Config(source=source.resolve(), digest=hashlib.sha256(data).hexdigest(), **sections)
+    return Config(source=source.resolve(), digest=hashlib.sha256(data).hexdigest(),
+                  models=models, **sections)
+
+
+def _single_model(sections: dict[str, Any]) -> dict[str, ModelSpec]:
+    """The top-level `server:` form as one model, named by its served_model_name."""
+    s = sections["server"]
+    if s is None or sections["integrity"] is None or sections["environment"] is None:
+        return {}
+    name = s.served_model_name or modelfiles.served_name(s.model)
+    return {name: ModelSpec(name, "always", 0.0, 0.0, s, sections["integrity"],
+                            sections["environment"])}
+
+
+def _load_models(raw: dict[str, Any], ctx: _Context, sections: dict[str, Any],
+                 problems: list[ConfigProblem]) -> dict[str, ModelSpec]:
+    """`models: NAME: {server, integrity, environment, start, idle_stop, start_wait}`;
+    each model's problems are reported under models.NAME."""
+    for name in MODEL_SECTIONS:
+        if raw.get(name) is not None:
+            problems.append(ConfigProblem(name, f"with models: set {name} per model "
+                                          f"(models.NAME.{name}), not at the top level"))
+    raw_models = raw["models"]
+    if not isinstance(raw_models, dict) or not raw_models:
+        problems.append(ConfigProblem("models", "expected a mapping of model names to their "
+                                      f"settings, got {raw_models!r}"))
+        return {}
+    models: dict[str, ModelSpec] = {}
+    own = {f.name for f in dataclasses.fields(ModelSection)}
+    for name, m in raw_models.items():
+        at = f"models.{name}"
+        if not isinstance(name, str) or _MODEL_NAME.fullmatch(name) is None:
+            problems.append(ConfigProblem(at, "a model name is letters, digits and . _ : - "
+                                          "(ORG/NAME allowed), as clients send it in `model`"))
+            continue
+        if not isinstance(m, dict):
+            problems.append(ConfigProblem(at, f"expected a mapping of settings, got {m!r}"))
+            continue
+        for key in m:
+            if key not in own and key not in MODEL_SECTIONS:
+                problems.append(ConfigProblem(f"{at}.{key}", "unknown key" + _suggest(
+                    str(key), [*own, *MODEL_SECTIONS])))
+        spec = _load_section(ModelSection, {k: v for k, v in m.items() if k in own}, at, ctx,
+                             problems)
+        parts = {sec: _load_section(cls, m.get(sec), f"{at}.{sec}", ctx, problems)
+                 for sec, cls in MODEL_SECTIONS.items()}
+        server = parts["server"]
+        if server is not None and server.served_model_name not in (None, name):
+            problems.append(ConfigProblem(f"{at}.server.served_model_name", f"the model's "
+                                          f"name is its key under models ({name!r}); remove "
+                                          "this key"))
+        checked = {**sections, **parts}
+        for p in _cross_checks(checked):
+            key = p.path if not p.path.startswith(tuple(MODEL_SECTIONS)) else f"{at}.{p.path}"
+            if all(key != q.path or p.message != q.message for q in problems):
+                problems.append(ConfigProblem(key, p.message))
+        if spec is None or any(v is None for v in parts.values()):
+            continue
+        models[name] = ModelSpec(name, spec.start, spec.idle_stop, spec.start_wait,
+                                 dataclasses.replace(server, served_model_name=name),
+                                 parts["integrity"], parts["environment"])
+    ports: dict[int, str] = {}
+    for name, spec in models.items():
+        s = spec.server
+        tcp = s.uds is None and (s.transport == "tcp" or (
+            s.transport == "auto" and s.backend not in UDS_BACKENDS))
+        if not tcp:
+            continue
+        if s.port in ports:
+            problems.append(ConfigProblem(f"models.{name}.server.port", f"{s.port} is also the "
+                                          f"port of model {ports[s.port]!r}; give each model "
+                                          "its own"))
+        ports.setdefault(s.port, name)
+    return models
 
 
 # ---------------------------------------------------------------------------------------------
@@ -814,13 +944,26 @@ def example_yaml() -> str:
             else:
                 out.append(f"  # {f.name}: {_format_default(f)}")
         out.append("")
+    out.append("# models:  # Several models behind the one gateway, instead of the top-level "
+               "server, integrity")
+    out.append("#          # and environment sections (which then are set per model).")
+    out.append("#   NAME:  # the name clients send as `model` (the served model name)")
+    out.append("#     server: {model: /path/to/model-dir, ...}  # every key of the server section")
+    out.append("#     integrity: {manifest: /path/to/model-dir/CHECKSUMS.sha256}  # this model's")
+    out.append("#     environment: {frozen: /path/to/requirements-frozen.txt}  # its server venv")
+    for f in dataclasses.fields(ModelSection):
+        out.extend(f"#     # {line}" for line in _wrap(f.metadata["doc"], 90))
+        out.append(f"#     {f.name}: {_format_default(f)}")
+    out.append("")
     return "\n".join(out)
 
 
 def describe() -> list[tuple[str, str, str]]:
     """Every setting as (key path, default, description), for `sovereignd config describe`."""
     return [(f"{name}.{f.name}", _format_default(f), f.metadata["doc"])
-            for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+            for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)] + [
+        (f"models.NAME.{f.name}", _format_default(f), f.metadata["doc"])
+        for f in dataclasses.fields(ModelSection)]
 
 
 def _wrap(text: str, width: int) -> list[str]:

@@ -17,7 +17,7 @@ import uvloop
 from sovereignd import __version__
 from sovereignd.backends import memory, profiles
 from sovereignd.config import Config
-from sovereignd.gateway import alertmetrics
+from sovereignd.gateway import alertmetrics, modelmetrics
 from sovereignd.gateway.control import ControlServer
 from sovereignd.gateway.drain import Drain
 from sovereignd.gateway.endpoints import Gateway
@@ -25,6 +25,7 @@ from sovereignd.gateway.keys import KeyStore, usage_flusher
 from sovereignd.gateway.metrics import Metrics
 from sovereignd.gateway.proxy import Proxy
 from sovereignd.gateway.quotas import month_start
+from sovereignd.gateway.routing import Router
 from sovereignd.integrity import monitor, selfcheck
 from sovereignd.logs import recordspace
 from sovereignd.logs.eventlog import EventLog
@@ -33,6 +34,8 @@ from sovereignd.logs.libraries import route_library_logs
 from sovereignd.logs.requestlog import RequestLog, iter_records, maintain
 from sovereignd.logs.serveroutput import ServerOutput
 from sovereignd.service import fdlimit, guardrails, upgrade
+from sovereignd.supervision import budget
+from sovereignd.supervision.models import Model, Models
 from sovereignd.supervision.supervisor import Request, Supervisor
 
 
@@ -65,21 +68,44 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     events.on_write_failure = metrics.event_log_failures.inc
     backend = profiles.for_config(cfg)
     metrics.set_info(backend.name)
-    output = ServerOutput(RotatingFile(cfg.logs.dir / "server.log", cfg.logs.max_bytes,
-                                       cfg.logs.keep, mode=0o640),
-                          cfg.server.output_buffer, backend.content_line,
-                          cfg.server.content_lines)
-    supervisor = Supervisor(cfg, backend, events, metrics, output=output)
+    outputs: list[ServerOutput] = []
+
+    def output_for(view: Config, model_backend: profiles.Backend) -> ServerOutput:
+        # One server.log per model (server.NAME.log when there are several).
+        name = "server.log" if len(cfg.models) <= 1 else \
+            f"server.{next(iter(view.models.values())).folder}.log"
+        out = ServerOutput(RotatingFile(cfg.logs.dir / name, cfg.logs.max_bytes, cfg.logs.keep,
+                                        mode=0o640), view.server.output_buffer,
+                           model_backend.content_line, view.server.content_lines)
+        outputs.append(out)
+        return out
+
+    def build(model: Model) -> tuple[Supervisor, list[Any]]:
+        sup = Supervisor(model.cfg, model.backend, model.events, model.metrics,
+                         output=model.output)
+        # Gates run in order before every start: drifted files quarantine before memory is
+        # judged.
+        guards: list[Any] = monitor.guards_for(model.cfg, sup, model.events)
+        guards += selfcheck.guards_for(model.cfg, sup, model.events)  # the daemon's own code
+        sup.add_gate(memory.gate(memory.Preflight(model.cfg), model.events))
+        sup.add_gate(budget.gate_for(lambda: models, model))
+        return sup, guards
+
+    models = Models(cfg, events, metrics, build, output_for=output_for)
+    if models.several:
+        modelmetrics.merge(metrics, {n: m.metrics for n, m in models.models.items()})
+    models.admit = lambda model: budget.make_room(models, model)
+    first = models.first()
+    # The gateway and the proxy reach every model through `models`; this one (the first
+    # model's, or a bare one for an on_demand first model) only fills their single-model slot.
+    supervisor = first.supervisor or Supervisor(first.cfg, first.backend, first.events,
+                                                first.metrics, output=first.output)
     loop = asyncio.get_running_loop()
-    # Handlers only record the request; the supervisor's loop acts on it (also a SIGTERM that
+    # Handlers only record the request; the supervisors' loops act on it (also a SIGTERM that
     # arrives while the rest is still being set up: run() then stops at once, cleanly, and the
     # request log, opened below, is closed as after any clean stop).
-    loop.add_signal_handler(signal.SIGTERM, supervisor.request, Request.SHUTDOWN, "SIGTERM")
-    loop.add_signal_handler(signal.SIGINT, supervisor.request, Request.SHUTDOWN, "SIGINT")
-    # Gates run in order before every start: drifted files quarantine before memory is judged.
-    watchers = monitor.guards_for(cfg, supervisor, events)
-    watchers += selfcheck.guards_for(cfg, supervisor, events)  # the daemon's own code
-    supervisor.add_gate(memory.gate(memory.Preflight(cfg), events))
+    loop.add_signal_handler(signal.SIGTERM, models.request, Request.SHUTDOWN, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, models.request, Request.SHUTDOWN, "SIGINT")
     keys = KeyStore(cfg.gateway.keys_file, cfg.state_dir / "keys-usage.json", emit=events.emit)
     keys.load()
 
@@ -93,8 +119,11 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     requests = RequestLog.from_config(cfg, emit=events.emit)
     requests.open()
     gateway = Gateway(cfg, supervisor, metrics, events, nofile=nofile)
+    gateway.models = models
     proxy = Proxy(cfg, supervisor, backend, keys=keys, log=requests, metrics=metrics,
                   events=events)
+    proxy.router = Router(models)
+    proxy.serve_backends([m.backend for m in models.models.values()])
     proxy.install(gateway.app)
     # Quotas count what the records say: this month's records again, before any request.
     proxy.quotas.load(iter_records(cfg.logs.dir, since=month_start(time.time())))
@@ -102,7 +131,7 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     drain = Drain(events.emit, metrics)  # `sovereignd drain` / `resume`
     gateway.drain = proxy.drain = drain
     gateway.on_refused = proxy.record_refusal
-    control = ControlServer(cfg.control_socket, supervisor)
+    control = ControlServer(cfg.control_socket, models)
     control.add_action("upgrade", upgrade.event_action(events))  # `sovereignd upgrade` steps
     for name, action in drain.actions().items():
         control.add_action(name, action)
@@ -114,12 +143,15 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     def baseline_accepted(body: dict[str, Any]) -> dict[str, Any]:
         # `sovereignd baseline --accept` wrote new baselines: reload, verify, leave quarantine.
         reason = str(body.get("reason") or "operator accepted a new baseline")
-        task = asyncio.get_running_loop().create_task(
-            monitor.accept(watchers, supervisor, events, reason))
-        pending.add(task)
-        task.add_done_callback(pending.discard)
+        for model in models.models.values():
+            if model.supervisor is None:
+                continue  # an on_demand model verifies its baselines when it starts
+            task = asyncio.get_running_loop().create_task(
+                monitor.accept(model.guards, model.supervisor, model.events, reason))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
         return {"ok": True, "message": f"baseline accepted; re-verifying (state was "
-                                       f"{supervisor.state})"}
+                                       f"{models.state})"}
 
     control.add_action("baseline-accepted", baseline_accepted)
 
@@ -127,7 +159,7 @@ async def _main(cfg: Config, allow_root: bool) -> int:
         # SIGHUP: re-read the client keys, and leave FATAL / re-check a quarantine.
         with contextlib.suppress(Exception):  # a bad file is logged by the store; keep the set
             keys.reload()
-        supervisor.request(Request.RESET, "SIGHUP")
+        models.request(Request.RESET, "SIGHUP")
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     stop_background = asyncio.Event()
@@ -151,20 +183,17 @@ async def _main(cfg: Config, allow_root: bool) -> int:
                             "reserved": cfg.daemon.reserved_fds,
                             "max_connections": gateway.max_connections,
                             "max_connections_per_address": gateway.max_per_address})
-        for watcher in watchers:
-            watcher.start()
-        await supervisor.run()
+        await models.run()  # starts each model's guards, then its supervisor
     finally:
-        for watcher in watchers:
-            await watcher.stop()
         await control.stop()
         await gateway.stop()
         await proxy.close()
         stop_background.set()
         await asyncio.gather(*background, return_exceptions=True)
         events.emit("requests.checkpoint", **requests.close().fields(), final=True)
-        events.emit("daemon_stop", pid=os.getpid(), state=supervisor.state.value)
+        events.emit("daemon_stop", pid=os.getpid(), state=models.state.value)
         unroute_logs()
         events.close()
-        output.close()
+        for output in outputs:
+            output.close()
     return 0

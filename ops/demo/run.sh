@@ -31,6 +31,9 @@ sovereignd demo — configuration $cfg
   a request   curl -s http://127.0.0.1:8000/v1/chat/completions \\
                 -H "Authorization: Bearer \$(cat $demo/client.key)" -H 'Content-Type: application/json' \\
                 -d '{"model":"tiny","messages":[{"role":"user","content":"hello"}],"max_tokens":16}'
+  embeddings  curl -s http://127.0.0.1:8000/v1/embeddings \\
+                -H "Authorization: Bearer \$(cat $demo/client.key)" -H 'Content-Type: application/json' \\
+                -d '{"model":"tiny-embed","input":"hello"}'   (the first request starts it: ~1 min)
   records     $sovereignd logs verify --config $cfg --key-file $demo/auditor.key
   status      $sovereignd status --config $cfg
   metrics     curl -s http://127.0.0.1:8000/metrics

@@ -109,30 +109,49 @@ write_demo_config() {
   local allow_root=false
   [ "$(id -u)" = 0 ] && allow_root=true
   cat > "$cfg" <<YAML
-# The built-in demo: a real vLLM (CPU build) serving a tiny generated model.
+# The built-in demo: a real vLLM (CPU build) serving a tiny generated model twice: as a
+# chat model (tiny, started with the daemon) and, through vLLM's pooling runner, as an
+# embedding model (tiny-embed, started by its first request, stopped after 10 idle minutes).
 daemon:
   # The demo runs as whoever starts it; a production install runs as its own account.
   allow_root: $allow_root
-server:
-  command: [$server_venv/bin/python, -m, vllm.entrypoints.openai.api_server]
-  venv: $server_venv
-  model: $model
-  served_model_name: tiny
-  port: 8001
-  args: [--gpu-memory-utilization, "0.3", --max-model-len, "512"]
-  env: {VLLM_CPU_KVCACHE_SPACE: "1"}
-  start_timeout: 5m
-  drain: 5s
-  stop_grace: 15s
+models:
+  tiny:
+    server:
+      command: [$server_venv/bin/python, -m, vllm.entrypoints.openai.api_server]
+      venv: $server_venv
+      model: $model
+      args: [--gpu-memory-utilization, "0.3", --max-model-len, "512"]
+      env: {VLLM_CPU_KVCACHE_SPACE: "1"}
+      start_timeout: 5m
+      drain: 5s
+      stop_grace: 15s
+    integrity:
+      manifest: $demo/baseline/model.sha256
+    environment:
+      frozen: $demo/baseline/server-requirements.txt
+  tiny-embed:
+    server:
+      command: [$server_venv/bin/python, -m, vllm.entrypoints.openai.api_server]
+      venv: $server_venv
+      model: $model
+      args: [--gpu-memory-utilization, "0.3", --max-model-len, "512",
+             --runner, pooling, --convert, embed]
+      env: {VLLM_CPU_KVCACHE_SPACE: "1"}
+      start_timeout: 5m
+      drain: 5s
+      stop_grace: 15s
+    integrity:  # the same weights, approved by the same manifest
+      manifest: $demo/baseline/model.sha256
+    environment:
+      frozen: $demo/baseline/server-requirements.txt
+    start: on_demand
+    idle_stop: 10m
 gateway:
   listen: 127.0.0.1:8000
 health:
   interval: 5s
   canary_timeout: 60s
-integrity:
-  manifest: $demo/baseline/model.sha256
-environment:
-  frozen: $demo/baseline/server-requirements.txt
 logs:
   dir: $demo/logs
 YAML

@@ -177,6 +177,9 @@ class Fake:
     async def completion(self, request: web.Request) -> web.StreamResponse:
         if not self.authorised(request):
             return self.unauthorised()
+        if self.args.runner == "pooling" or self.args.convert == "embed":
+            # As vLLM 0.32 with --runner pooling --convert embed: no generation routes.
+            return web.json_response({"detail": "Not Found"}, status=404)
         self.count()
         await self.maybe_hang()
         body = await request.json()
@@ -286,6 +289,8 @@ class Fake:
         if not self.authorised(request):
             return self.unauthorised()
         self.count()
+        if self.b.get("fail_embeddings"):
+            return web.json_response({"error": {"message": "fails as told"}}, status=500)
         return web.json_response({"object": "list", "model": self.name, "data": [
             {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
             "usage": {"prompt_tokens": 3, "total_tokens": 3}})
@@ -328,6 +333,8 @@ def main() -> None:
     p.add_argument("--uds")
     p.add_argument("--shutdown-timeout", type=float, default=0)
     p.add_argument("--api-key")
+    p.add_argument("--runner")
+    p.add_argument("--convert")
     args, _unknown = p.parse_known_args()
     args.model = args.model or args.model_pos
     behaviour, start, control = load_behaviour()

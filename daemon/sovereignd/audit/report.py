@@ -34,6 +34,7 @@ from sovereignd.audit.controls.incidents import (
     public_incidents,
 )
 from sovereignd.audit.controls.integrity import integrity_control
+from sovereignd.audit.controls.models import models_control
 from sovereignd.audit.controls.posture import egress_control, posture_control
 from sovereignd.audit.controls.requests import activity_control, chain_control, records_control
 from sovereignd.audit.controls.software import environment_control, self_control
@@ -103,6 +104,8 @@ def build_report(cfg: Config, since: float | None = None, until: float | None = 
         incidents_control(inputs, incidents),
         changes_control(inputs, incidents),
     ]
+    if len(cfg.models) > 1:
+        controls.append(models_control(inputs, stats))
     charts = {
         "requests_per_day": _daily(period, {d: t["requests"] for d, t in
                                             stats["by_day"].items()}),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sovereignd.backends import tasks
 from sovereignd.config import Config
 from sovereignd.process import serversocket
 from sovereignd.process.failures import COMMON_PATTERNS, METAL_OOM, FailurePattern, pattern
@@ -70,6 +71,11 @@ class Backend:
         # (gateway/responses.py), so GET and cancel by id pass only for their owner.
         _route("/v1/responses", "POST"),
         _route("/v1/responses/", "GET", "POST", prefix=True),
+        # Pooling models' scoring routes (vLLM 0.32 serves both spellings).
+        _route("/v1/rerank", "POST"),
+        _route("/v1/score", "POST"),
+        _route("/rerank", "POST"),
+        _route("/score", "POST"),
     )
     memory_flags: tuple[str, ...] = ("--max-model-len", "--gpu-memory-utilization",
                                       "--kv-cache-memory-bytes")
@@ -209,7 +215,13 @@ class Backend:
     def canary(self, cfg: Config) -> tuple[str, dict[str, Any]]:
         """Path and JSON body of a one-token completion that proves the engine works: a chat
         completion (a chat model without a chat template answers 400 to every chat request,
-        so it must not be READY), or a plain completion with server.completions_only."""
+        so it must not be READY), or a plain completion with server.completions_only; for a
+        pooling model (`tasks`) a one-input embedding, or a classification."""
+        task = tasks.task_of(cfg.server.model, cfg.server.args, self.name)
+        if task == tasks.EMBED:
+            return "/v1/embeddings", {"model": cfg.model_name, "input": "ping"}
+        if task == tasks.CLASSIFY:
+            return "/classify", {"model": cfg.model_name, "input": ["ping"]}
         if not cfg.server.completions_only:
             return "/v1/chat/completions", {
                 "model": cfg.model_name, "messages": [{"role": "user", "content": "ping"}],
@@ -258,7 +270,8 @@ class VllmMlxBackend(Backend):
     # Inference only. Not passed: /v1/responses and /v1/mcp/* (they can run MCP tools on the
     # server), /v1/cache* and /v1/status (administration), /v1/audio/* and /v1/rerank (not
     # what this deployment serves; their usage is not recorded), /docs and /openapi.json.
-    routes = tuple(r for r in Backend.routes if not r.path.startswith("/v1/responses"))
+    routes = tuple(r for r in Backend.routes if not r.path.startswith("/v1/responses")
+                   and r.path not in ("/v1/rerank", "/v1/score", "/rerank", "/score"))
     patterns = (
         pattern("model-missing",
                 r"(Failed to download '.*' after \d+ attempts|Repo id must be in the form|"

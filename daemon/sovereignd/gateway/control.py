@@ -20,6 +20,7 @@ from aiohttp import web
 
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
+from sovereignd.supervision.models import Models
 from sovereignd.supervision.supervisor import Request, Supervisor
 from sovereignd.textsafe import escape
 
@@ -29,7 +30,7 @@ Action = Callable[[dict[str, Any]], dict[str, Any]]
 class ControlServer:
     """Serves the control socket inside the daemon."""
 
-    def __init__(self, path: Path, supervisor: Supervisor) -> None:
+    def __init__(self, path: Path, supervisor: Supervisor | Models) -> None:
         self.path = path
         self.supervisor = supervisor
         self.actions: dict[str, Action] = {
@@ -188,7 +189,20 @@ def status_json(status: dict[str, Any]) -> str:
 
 
 def render_status(st: dict[str, Any]) -> str:
-    """/status for a human: the state first, then what explains it."""
+    """/status for a human: the state first, then what explains it; with several models,
+    the state of them together, then each model's own block."""
+    models = st.get("models") or {}
+    if len(models) <= 1:
+        return "\n".join(escape(line) for line in _model_lines(st))
+    lines = [f"state:     {st.get('state')}", f"reason:    {st.get('reason')}"]
+    for name, model in models.items():
+        lines.append(f"model {name} (start: {model.get('start')}):")
+        lines.extend("  " + line for line in _model_lines(model)[:-1])
+    lines.append(f"version:   sovereignd {st.get('version')}")
+    return "\n".join(escape(line) for line in lines)  # reasons may quote server output
+
+
+def _model_lines(st: dict[str, Any]) -> list[str]:
     lines = [f"state:     {st.get('state')}  (since {st.get('since')})",
              f"reason:    {st.get('reason')}"]
     model = st.get("model") or {}
@@ -215,4 +229,4 @@ def render_status(st: dict[str, Any]) -> str:
             if st[name].get("python"):
                 lines.append(f"{'':<13}interpreter {st[name]['python']}")
     lines.append(f"version:   sovereignd {st.get('version')} ({st.get('backend')})")
-    return "\n".join(escape(line) for line in lines)  # reasons may quote server output
+    return lines

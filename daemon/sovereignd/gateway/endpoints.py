@@ -26,6 +26,7 @@ from sovereignd.gateway.metrics import Metrics
 from sovereignd.logs.eventlog import EventLog
 from sovereignd.logs.summary import Summarised
 from sovereignd.service.fdlimit import connection_budget
+from sovereignd.supervision.models import Models, NotServed
 from sovereignd.supervision.states import State
 from sovereignd.supervision.supervisor import Supervisor
 
@@ -107,6 +108,7 @@ class Gateway:
         # Parts of /status kept outside the supervisor (drain, keys), by their key.
         self.status_parts: dict[str, Callable[[], Any]] = {}
         self.on_refused: RefusalHook | None = None
+        self.models: Models | None = None  # several models: /readyz and /status cover each
         self.app = web.Application(client_max_size=cfg.gateway.max_body)
         self.app.on_response_prepare.append(_server_header)
         self.app.router.add_get("/healthz", self.healthz)
@@ -180,7 +182,20 @@ class Gateway:
     async def healthz(self, _request: web.Request) -> web.Response:
         return json_response({"status": "ok"})
 
-    async def readyz(self, _request: web.Request) -> web.Response:
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.models is not None:
+            # Every `start: always` model READY, or ?model=NAME for one.
+            try:
+                ready, answer, state = self.models.readiness(request.query.get("model"))
+            except NotServed as exc:
+                return json_response({"error": {"message": exc.message, "type":
+                                                "invalid_request_error", "param": "model",
+                                                "code": exc.code}}, exc.status)
+            if self.drain is not None and self.drain.active:
+                return self._draining(answer)
+            if ready:
+                return json_response(answer)
+            return json_response(answer, 503, {"Retry-After": str(RETRY_AFTER.get(state, 10))})
         sup = self.supervisor
         body: dict[str, Any] = {"state": sup.state.value, "reason": sup.reason}
         if sup.degraded:
@@ -188,14 +203,18 @@ class Gateway:
         if sup.suspect is not None:
             body["suspect"] = sup.suspect
         if self.drain is not None and self.drain.active:
-            # Maintenance: the balancer moves traffic away while requests are still served.
-            body["reason"], body["drain"] = "draining", self.drain.status()
-            return json_response(body, 503, {
-                "Retry-After": str(max(1, round(self.drain.grace_left())))})
+            return self._draining(body)
         if sup.serving():
             return json_response(body)
         return json_response(body, 503,
                              {"Retry-After": str(RETRY_AFTER.get(sup.state, 10))})
+
+    def _draining(self, body: dict[str, Any]) -> web.Response:
+        """Maintenance: the balancer moves traffic away while requests are still served."""
+        assert self.drain is not None
+        body = {**body, "reason": "draining", "drain": self.drain.status()}
+        return json_response(body, 503, {
+            "Retry-After": str(max(1, round(self.drain.grace_left())))})
 
     async def _admin(self, request: web.Request) -> web.StreamResponse | None:
         # On a network listener, /status and /metrics describe the host: admin keys only.
@@ -210,7 +229,7 @@ class Gateway:
         denied = await self._admin(request)
         if denied is not None:
             return denied
-        status = self.supervisor.status()
+        status = self.models.status() if self.models is not None else self.supervisor.status()
         for name, part in self.status_parts.items():
             status[name] = part()
         return json_response(status)

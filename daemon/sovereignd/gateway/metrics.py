@@ -69,7 +69,7 @@ class Metrics:
         self.upstream_progress = 0.0
         # The gateway's requests.
         self.requests = Counter("sovereignd_requests", "Requests through the gateway",
-                                ["route", "status", "client"], registry=r)
+                                ["route", "status", "client", "model"], registry=r)
         self.request_latency = Histogram("sovereignd_request_latency_seconds",
                                          "Request start to last byte", ["route"],
                                          buckets=LATENCY_BUCKETS, registry=r)
@@ -77,7 +77,7 @@ class Metrics:
                               "Request start to first streamed token", ["route"],
                               buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("sovereignd_tokens", "Tokens reported by the server",
-                              ["client", "kind"], registry=r)
+                              ["client", "kind", "model"], registry=r)
         self.in_flight = Gauge("sovereignd_requests_in_flight", "Requests being served",
                                registry=r)
         # The gateway counts in this plain integer; the gauge reads it when scraped.
@@ -106,17 +106,19 @@ class Metrics:
         self.server_up.set(1 if new is State.READY else 0)
 
     def count_request(self, route: str, status: int, client: str, *, latency_ms: float | None,
-                      ttft_ms: float | None, prompt_tokens: Any, completion_tokens: Any) -> None:
-        """One finished gateway request: its count, latency, time to first token, tokens."""
-        self._requests(route, str(status), client).inc()
+                      ttft_ms: float | None, prompt_tokens: Any, completion_tokens: Any,
+                      model: str = "-") -> None:
+        """One finished gateway request: its count, latency, time to first token, tokens
+        (`model`: the served model it named, "-" for none)."""
+        self._requests(route, str(status), client, model).inc()
         if latency_ms is not None:
             self._latency(route).observe(latency_ms / 1000)
         if ttft_ms is not None:
             self._ttft(route).observe(ttft_ms / 1000)
         if isinstance(prompt_tokens, int) and prompt_tokens > 0:
-            self._tokens(client, "prompt").inc(prompt_tokens)
+            self._tokens(client, "prompt", model).inc(prompt_tokens)
         if isinstance(completion_tokens, int) and completion_tokens > 0:
-            self._tokens(client, "completion").inc(completion_tokens)
+            self._tokens(client, "completion", model).inc(completion_tokens)
 
     def set_record_space(self, used: int, free: int) -> None:
         self.request_log_bytes.set(used)

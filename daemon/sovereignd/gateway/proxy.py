@@ -32,6 +32,7 @@ from sovereignd.gateway.endpoints import RETRY_AFTER
 from sovereignd.gateway.keys import Client, KeyStore
 from sovereignd.gateway.metrics import Metrics
 from sovereignd.gateway.quotas import QuotaBook, QuotaCollector
+from sovereignd.gateway.routing import NotServed, Router
 from sovereignd.http.upstream import Response as UpstreamResponse
 from sovereignd.http.upstream import (
     Target,
@@ -223,15 +224,29 @@ class Proxy:
         self._auth_events = Summarised(events.emit, "auth_failed", g.auth_event_interval)
         self._upstream = UpstreamClient(connect_timeout=CONNECT_TIMEOUT,
                                         before_connect=self._verify_listener)
-        self._target: Target | None = None
+        self._targets: dict[str, Target] = {}  # by model: each server's pool stays its own
+        self._owners: dict[Target, Supervisor] = {}  # whose listener to check per target
+        self.router: Router | None = None  # routing by `model` (set by the daemon)
         self._log_broken: str | None = None
         self.drain: Drain | None = None  # set by the daemon; refuses new requests after grace
+        self._backends: tuple[Backend, ...] = (backend,)
         self._known_paths = {r.path for r in backend.routes if not r.prefix}
         self._known_prefixes = tuple(r.path for r in backend.routes if r.prefix)
         self.quotas = QuotaBook()  # counted again from the records at start (daemon.py)
         self.owners = responses.Owners()
         metrics.registry.register(QuotaCollector(self.quotas, keys.clients))
-        self._cap = promptcap.cap_for(cfg)
+        self._caps: dict[int, promptcap.Cap | None] = {}  # by the model's config view
+
+    def serve_backends(self, backends: list[Backend]) -> None:
+        """Several models: the routes of every model's backend pass the allow-list (each
+        request is checked again against its own model's backend once routed)."""
+        self._backends = tuple(backends)
+        routes = [r for b in backends for r in b.routes]
+        self._known_paths = {r.path for r in routes if not r.prefix}
+        self._known_prefixes = tuple(dict.fromkeys(r.path for r in routes if r.prefix))
+
+    def _allowed(self, method: str, path: str) -> bool:
+        return any(b.allowed(method, path) for b in self._backends)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -257,7 +272,7 @@ class Proxy:
             self._record_early(request.remote, 417, "expect_unsupported", request.method,
                                raw[:MAX_RECORDED_PATH])
             raise web.HTTPExpectationFailed(text="only Expect: 100-continue is understood")
-        if not (safe_path(raw) and self.backend.allowed(request.method, raw)):
+        if not (safe_path(raw) and self._allowed(request.method, raw)):
             return
         outcome = self.keys.check(_presented_key(request))
         request["auth_outcome"] = outcome  # checked once: the handler reuses it
@@ -272,7 +287,7 @@ class Proxy:
     async def _verify_listener(self, target: Target) -> None:
         """Before every new TCP connection to the server: the port's listener must be the
         server the daemon started; an impostor is never sent a request (nor the key)."""
-        check = await self.supervisor.verify_listener()
+        check = await self._owners.get(target, self.supervisor).verify_listener()
         if check.owned:
             return
         if check.impostor is not None:
@@ -368,6 +383,7 @@ class Proxy:
         finally:
             if client is not None:  # only set once the limits admitted the request
                 self.limits.release(client.name)
+            self._release_model(request)
             self.metrics.requests_in_flight -= 1
             if not recorded:  # the answer did not end (cancelled, cut): record what happened
                 rec["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
@@ -382,7 +398,7 @@ class Proxy:
         if not known:
             raise _Refused(404, f"Unknown route {raw}", "invalid_request_error",
                            "unknown_route", error="not_found")
-        if not self.backend.allowed(request.method, request.rel_url.raw_path):
+        if not self._allowed(request.method, request.rel_url.raw_path):
             raise _Refused(405, f"Method {request.method} not allowed on {raw}",
                            "invalid_request_error", "method_not_allowed")
         outcome = request.get("auth_outcome") or self.keys.check(_presented_key(request))
@@ -425,20 +441,36 @@ class Proxy:
             raise _Refused(503, "this host is drained for maintenance; send the request to "
                            "another host", "server_unavailable", "draining",
                            headers={"Retry-After": "30"}, error="draining")
-        upstream = self.supervisor.upstream()
-        if upstream is None:
-            sup = self.supervisor
-            raise _Refused(503, f"the model server is not ready ({sup.state}: {sup.reason})",
-                           "server_unavailable", "not_ready",
-                           headers={"Retry-After": str(RETRY_AFTER.get(sup.state, 10))},
-                           error=f"not_ready_{sup.state.value.lower()}")
         body = await self._read_body(request)
         rec["bytes_in"] = len(body)
         strip_usage = False
         data: dict[str, Any] | None = None
         if body and request.method == "POST":
             body, strip_usage, data = self._inspect_body(body, rec)
+        # Scope and quota before routing: a key may not start an on_demand model it may not use.
         self._admit(client, rec, data)
+        if self.router is not None and self.router.lists_models and request.method == "GET" \
+                and request.rel_url.raw_path == "/v1/models":
+            payload = orjson.dumps(self.router.model_list(client.models))
+            rec["status"], rec["bytes_out"] = 200, len(payload)
+            return web.Response(body=payload, content_type="application/json")
+        if data is not None and not rec["path"].endswith("/count_tokens"):  # counts, no output
+            # Judged by the named model's own length, before an on_demand model is started.
+            target_model = (self.router.models.get(rec["model"]) if self.router is not None
+                            else None)
+            model_cfg = target_model.cfg if target_model is not None else self.cfg
+            too_long = promptcap.refusal(self._cap_of(model_cfg), data)
+            if too_long is not None:
+                raise _Refused(400, too_long, "invalid_request_error", "context_length_exceeded",
+                               error="prompt_too_long")
+        sup = await self._route(request, rec)
+        upstream = sup.upstream()
+        if upstream is None:
+            raise _Refused(503, f"the model server is not ready ({sup.state}: {sup.reason})",
+                           "server_unavailable", "not_ready",
+                           headers={"Retry-After": str(RETRY_AFTER.get(sup.state, 10))},
+                           error=f"not_ready_{sup.state.value.lower()}")
+        self._owners[upstream.target] = sup
         try:
             # In the chain before the server sees the request: a crash from here on leaves
             # this start open, and the next start closes it as incomplete.
@@ -458,10 +490,12 @@ class Proxy:
         if request.remote:
             headers.append(("X-Forwarded-For", request.remote))
         target = upstream.target
-        if target != self._target:
-            if self._target is not None:
-                self._upstream.drop(self._target)  # the server moved: its old pool goes
-            self._target = target
+        old = self._targets.get(rec["model"] or "")
+        if target != old:
+            if old is not None:
+                self._upstream.drop(old)  # the server moved: its old pool goes
+                self._owners.pop(old, None)
+            self._targets[rec["model"] or ""] = target
         try:
             up = await self._upstream.request(
                 target, request.method, request.rel_url.raw_path_qs, headers, body,
@@ -484,6 +518,7 @@ class Proxy:
         try:
             rec["ttfb_ms"] = round((time.perf_counter() - t0) * 1000, 3)
             self.metrics.upstream_progress = time.monotonic()  # the stall watch's evidence
+            _model_progress(request)
             rec["status"] = up.status
             named_up = {t.strip().lower() for k, v in up.headers if k.lower() == "connection"
                         for t in v.split(",")}
@@ -508,6 +543,42 @@ class Proxy:
         self._usage_from_json(payload, rec)
         self._body_fields(rec, body, payload)
         return web.Response(body=payload, status=up.status, headers=out_headers)
+
+    async def _route(self, request: web.Request, rec: dict[str, Any]) -> Supervisor:
+        """The supervisor of the model the request names (on_demand: started, waited for);
+        404 for an unknown model, 400 for none when several are served."""
+        if self.router is None:
+            return self.supervisor
+        named = self.router.models.get(rec["model"])
+        if named is not None and not named.backend.allowed(request.method,
+                                                           request.rel_url.raw_path):
+            raise _Refused(404, f"Unknown route {rec['path']} for the model {named.name} "
+                           f"({named.backend.name})", "invalid_request_error", "unknown_route",
+                           error="not_found")
+        try:
+            model = await self.router.acquire(rec["model"])
+        except NotServed as exc:
+            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+            raise _Refused(exc.status, exc.message, "invalid_request_error" if exc.status < 500
+                           else "server_unavailable", exc.code, headers=headers) from exc
+        if self.router.lists_models:
+            rec["model"] = model.name
+        request["model_slot"] = model
+        own = self.router.metrics_of(model, self.metrics)
+        if own is not None:
+            own.requests_in_flight += 1
+            request["model_metrics"] = own
+        assert model.supervisor is not None  # acquire() starts an on_demand model
+        return model.supervisor
+
+    def _release_model(self, request: web.Request) -> None:
+        model = request.get("model_slot")
+        if model is None or self.router is None:
+            return
+        self.router.release(model)
+        own = request.get("model_metrics")
+        if own is not None:
+            own.requests_in_flight -= 1
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.cfg.gateway.max_body
@@ -551,8 +622,8 @@ class Proxy:
         return orjson.dumps(data), True, data
 
     def _admit(self, client: Client, rec: dict[str, Any], data: dict[str, Any] | None) -> None:
-        """The key's scope, its quotas and the prompt cap, checked before the server sees
-        the request; _Refused (403, 429, 400) otherwise."""
+        """The key's scope and its quotas (and a stored response's owner), checked before the
+        request is routed; _Refused (403, 429, 404) otherwise."""
         if client.models is not None and data is not None:
             model = rec["model"] if rec["model"] is not None else self.cfg.model_name
             if not scopes.allows(client.models, model):
@@ -571,11 +642,13 @@ class Proxy:
             if not_found is not None:
                 raise _Refused(404, not_found, "invalid_request_error", "not_found",
                                error="response_not_found")
-        if data is not None and not rec["path"].endswith("/count_tokens"):  # counts, no output
-            too_long = promptcap.refusal(self._cap, data)
-            if too_long is not None:
-                raise _Refused(400, too_long, "invalid_request_error", "context_length_exceeded",
-                               error="prompt_too_long")
+
+    def _cap_of(self, model_cfg: Config) -> promptcap.Cap | None:
+        """The prompt cap of the routed model (its own args and files), worked out once."""
+        key = id(model_cfg)
+        if key not in self._caps:
+            self._caps[key] = promptcap.cap_for(model_cfg)
+        return self._caps[key]
 
     async def _stream(self, request: web.Request, up: UpstreamResponse,
                       headers: list[tuple[str, str]], rec: dict[str, Any], *, t0: float,
@@ -592,6 +665,7 @@ class Proxy:
         try:
             async for chunk in up:
                 self.metrics.upstream_progress = time.monotonic()  # the stall watch's evidence
+                _model_progress(request)
                 data = final + sse.feed(chunk, time.perf_counter())
                 if sse.response_id is not None:  # bound before the client can learn the id
                     self.owners.bind(client.name, sse.response_id)
@@ -634,7 +708,10 @@ class Proxy:
             return
         usage = anthropic.usage_of(data) if isinstance(data, dict) else None
         if isinstance(usage, dict):
+            # Rerank answers carry total_tokens only (vLLM 0.32 /v1/rerank): all of it input.
             rec["prompt_tokens"], rec["completion_tokens"] = anthropic.token_counts(usage)
+            if rec["prompt_tokens"] is None:
+                rec["prompt_tokens"] = usage.get("total_tokens")
         if rec["model"] is None and isinstance(data, dict) and isinstance(data.get("model"), str):
             rec["model"] = data["model"]
 
@@ -673,7 +750,8 @@ class Proxy:
         self.metrics.count_request(
             rec["path"] if status != 404 else "other", status, rec["client"] or "-",
             latency_ms=rec["latency_ms"], ttft_ms=rec["ttft_ms"],
-            prompt_tokens=rec["prompt_tokens"], completion_tokens=rec["completion_tokens"])
+            prompt_tokens=rec["prompt_tokens"], completion_tokens=rec["completion_tokens"],
+            model=rec["model"] if status != 404 and rec["model"] else "-")
         if rec["client"] is not None and rec.get("start_seq") is not None:
             self.quotas.count_tokens(rec["client"], rec)
         try:
@@ -690,6 +768,13 @@ class Proxy:
             self.events.emit("requests_recordable", level="warning",
                              reason="request records can be written again")
             self._log_broken = None
+
+
+def _model_progress(request: web.Request) -> None:
+    """A byte from the server: progress for the stall watch of the request's model."""
+    own = request.get("model_metrics")
+    if own is not None:
+        own.upstream_progress = time.monotonic()
 
 
 def _split_final(data: bytes) -> tuple[bytes, bytes]:

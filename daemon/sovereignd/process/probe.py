@@ -113,6 +113,7 @@ class Prober:
         if status != 200:
             text = payload[:200].decode("utf-8", "replace")
             return ProbeResult(kind, False, elapsed, f"HTTP {status}: {text}", status)
-        if kind == "canary" and b'"choices"' not in payload:
-            return ProbeResult(kind, False, elapsed, "answer has no choices", status)
+        # A generation answers `choices`; a pooling model's embedding or classification `data`.
+        if kind == "canary" and b'"choices"' not in payload and b'"data"' not in payload:
+            return ProbeResult(kind, False, elapsed, "answer has no choices (nor data)", status)
         return ProbeResult(kind, True, elapsed, "", status)

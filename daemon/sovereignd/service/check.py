@@ -9,11 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sovereignd.backends import memory, modelfiles, profiles, serverargs
+from sovereignd.backends import memory, modelfiles, profiles, serverargs, tasks
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
 from sovereignd.integrity import environment, manifest, signing, software
 from sovereignd.service import guardrails
+from sovereignd.supervision import budget
+from sovereignd.supervision.models import model_config
 from sovereignd.units import format_duration
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -58,6 +60,9 @@ class Report:
                  f"{c.integrity.manifest or c.integrity.signature or 'not configured'}",
                  f"  environment  {c.environment.frozen or 'not configured'}",
                  f"  logs         {c.logs.dir}", ""]
+        if len(c.models) > 1:
+            lines[2:4] = ["  models       " + ", ".join(
+                f"{n} ({m.start}, {m.server.backend})" for n, m in c.models.items())]
         width = max((len(w) for _, w, _ in self.items), default=0)
         for level, what, detail in self.items:
             lines.append(f"  [{level:>4}] {what:<{width}}  {detail}".rstrip())
@@ -66,21 +71,51 @@ class Report:
 
 
 def run_checks(cfg: Config) -> Report:
-    """Everything that can be known before starting, each with a verdict."""
+    """Everything that can be known before starting, each with a verdict; with several
+    models, each model's checks on its own view, named by the model."""
     report = Report(cfg)
+    if len(cfg.models) <= 1:
+        _model_checks(cfg, report)
+        _check_dirs(cfg, report)
+        return report
+    for name, spec in cfg.models.items():
+        own = Report(model_config(cfg, spec))
+        _model_checks(own.cfg, own)
+        report.items += [(level, f"{name}: {what}", detail) for level, what, detail in own.items]
+    _check_dirs(cfg, report)
+    _check_budget(cfg, report)
+    return report
+
+
+def _model_checks(cfg: Config, report: Report) -> None:
     _check_model(cfg, report)
     _check_model_files(cfg, report)
     _check_command(cfg, report)
     _check_server_args(cfg, report)
     _check_ports(cfg, report)
-    _check_dirs(cfg, report)
     _check_backend(cfg, report)
     _check_guards(cfg, report)
     _check_context_length(cfg, report)
     _check_memory(cfg, report)
     _check_baselines(cfg, report)
     _check_software(cfg, report)
-    return report
+
+
+def _check_budget(cfg: Config, report: Report) -> None:
+    """The `start: always` models together against the memory budget (each as estimated)."""
+    if not cfg.memory.check:
+        return
+    needs = {name: budget.need_of(model_config(cfg, spec)) for name, spec in cfg.models.items()
+             if spec.start == "always"}
+    known = {n: v for n, v in needs.items() if v is not None}
+    limit, source = (cfg.memory.budget, "memory.budget") if cfg.memory.budget is not None \
+        else (memory.read_host_memory().total, memory.read_host_memory().source)
+    total = sum(known.values())
+    what = (f"start: always models need {memory.size(total)} together ("
+            + ", ".join(f"{n} {memory.size(v)}" for n, v in known.items())
+            + f"; not estimated: {', '.join(n for n in needs if n not in known) or 'none'}) "
+            f"of {memory.size(limit)} ({source})")
+    report.add(OK if total <= limit else FAIL, "memory budget", what)
 
 
 def _check_model(cfg: Config, report: Report) -> None:
@@ -106,6 +141,10 @@ def _check_model_files(cfg: Config, report: Report) -> None:
     elif cfg.server.completions_only:
         report.add(OK, "chat template", "none; server.completions_only is set (chat requests "
                    "will answer 400)")
+    elif tasks.is_pooling(model, args, cfg.server.backend):
+        report.add(OK, "chat template", "none needed: a pooling model ("
+                   f"{tasks.task_of(model, args, cfg.server.backend)}), readiness is proven "
+                   "by its own request")
     else:
         report.add(FAIL, "chat template", "none (tokenizer_config.json has no chat_template, "
                    "no chat_template.jinja, no --chat-template): every chat request would "

@@ -19,8 +19,10 @@ STOP_MARGIN = 15.0
 
 def stop_timeout(cfg: Config) -> int:
     """Seconds launchd (ExitTimeOut) and systemd (TimeoutStopSec) wait after SIGTERM before
-    they SIGKILL the daemon: server.stop_grace + server.drain + STOP_MARGIN, rounded up."""
-    return math.ceil(cfg.server.stop_grace + cfg.server.drain + STOP_MARGIN)
+    they SIGKILL the daemon: server.stop_grace + server.drain + STOP_MARGIN, rounded up; with
+    several models (stopped together) the longest of theirs."""
+    servers = [m.server for m in cfg.models.values()] or [cfg.server]
+    return math.ceil(max(s.stop_grace + s.drain for s in servers) + STOP_MARGIN)
 
 
 def default_program() -> Path:
