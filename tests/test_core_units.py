@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from sovereignd import config
-from sovereignd.backends.profiles import BACKENDS, Backend
+from sovereignd.backends.registry import BACKENDS
+from sovereignd.backends.vllm import Backend
 from sovereignd.gateway.metrics import Metrics
 from sovereignd.logs.eventlog import EventLog
 from sovereignd.logs.files import RotatingFile, rotated_files

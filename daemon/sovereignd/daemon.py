@@ -14,7 +14,7 @@ from typing import Any
 import uvloop
 
 from sovereignd import __version__
-from sovereignd.backends import memory, profiles
+from sovereignd.backends import memory, registry
 from sovereignd.config import Config
 from sovereignd.gateway.control import ControlServer
 from sovereignd.gateway.endpoints import Gateway
@@ -59,7 +59,7 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     unroute_logs = route_library_logs(events.emit)  # no plain-text line on stderr
     metrics = Metrics()
     events.on_write_failure = metrics.event_log_failures.inc
-    backend = profiles.for_config(cfg)
+    backend = registry.for_config(cfg)
     metrics.set_info(backend.name)
     output = ServerOutput(RotatingFile(cfg.logs.dir / "server.log", cfg.logs.max_bytes,
                                        cfg.logs.keep, mode=0o640),

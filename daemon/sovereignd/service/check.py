@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sovereignd.backends import memory, modelfiles, profiles, serverargs
+from sovereignd.backends import memory, modelfiles, registry, serverargs
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
 from sovereignd.integrity import environment, manifest, signing, software
@@ -111,7 +111,7 @@ def _check_model_files(cfg: Config, report: Report) -> None:
 def _check_server_args(cfg: Config, report: Report) -> None:
     """server.args through the server's own parser, in the server venv (no model loaded)."""
     s = cfg.server
-    backend = profiles.for_config(cfg)
+    backend = registry.for_config(cfg)
     python = serverargs.server_python(s.command, s.venv)
     argv = backend.argv(cfg, serverargs.PLACEHOLDER_KEY)
     base = argv[: len(argv) - len(s.args)]
@@ -198,7 +198,7 @@ def _check_dirs(cfg: Config, report: Report) -> None:
 
 
 def _check_backend(cfg: Config, report: Report) -> None:
-    backend = profiles.for_config(cfg)
+    backend = registry.for_config(cfg)
     if backend.key_in_argv:
         report.add(WARN, "internal key", f"{backend.name} takes its key only as --api-key: it "
                    "is visible to local users in `ps` while the server runs")
