@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from sovereignd.backends.vllm import Backend
+from sovereignd.backends.base import Backend
+from sovereignd.backends.vllm import VllmBackend
 from sovereignd.backends.vllm_mlx import VllmMlxBackend
 from sovereignd.config import Config
 
-BACKENDS: dict[str, Backend] = {"vllm": Backend(), "vllm-mlx": VllmMlxBackend()}
+BACKENDS: dict[str, Backend] = {"vllm": VllmBackend(), "vllm-mlx": VllmMlxBackend()}
 
 
 def for_config(cfg: Config) -> Backend:

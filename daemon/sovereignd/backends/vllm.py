@@ -1,31 +1,23 @@
-"""The vLLM profile (`vllm serve`, also with the vllm-metal plugin).
-
-A profile says how the argument vector is built, how the internal key reaches the server,
-which path answers health, what the canary request is, which API routes the gateway may
-pass, which start-up messages are fatal, and whether the server logs request content.
-Adding a server means adding a profile module beside this one, not editing the supervisor.
-"""
+"""The vLLM profile (`vllm serve`, also with the vllm-metal plugin)."""
 
 from __future__ import annotations
 
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
-from sovereignd.backends.base import OFFLINE_ENV, REDACTED, Route, _route
+from sovereignd.backends.base import OFFLINE_ENV, Backend
 from sovereignd.config import Config
 from sovereignd.process import serversocket
 from sovereignd.process.failures import COMMON_PATTERNS, METAL_OOM, FailurePattern, pattern
 
 
-class Backend:
-    """The vLLM profile (`vllm serve`, also with the vllm-metal plugin); others override."""
+class VllmBackend(Backend):
+    """The vLLM profile (`vllm serve`, also with the vllm-metal plugin)."""
 
     name = "vllm"
     key_in_argv = False
     logs_content = False
-    health_path = "/health"
     # vLLM's request logger (vllm/entrypoints/serve/utils/request_logger.py, vllm 0.32) with
     # --enable-log-requests / --enable-log-outputs: `Request ID JSON body: {...}` and
     # `Request ID details: prompt: '...'` at DEBUG, `Generated response ID: output: '...'` at
@@ -34,14 +26,7 @@ class Backend:
     content_line: re.Pattern[str] | None = re.compile(
         r"(Request \S+ (?:JSON body|details):|"
         r"Generated response \S+.*?(?:: output:| details: output_token_ids:))\s*")
-    # Flags (canonical spelling) that make the server log request content.
     content_flags: tuple[str, ...] = ("--enable-log-requests", "--enable-log-outputs")
-    routes: tuple[Route, ...] = (
-        _route("/v1/chat/completions", "POST"),
-        _route("/v1/completions", "POST"),
-        _route("/v1/embeddings", "POST"),
-        _route("/v1/models", "GET"),
-    )
     memory_flags: tuple[str, ...] = ("--max-model-len", "--gpu-memory-utilization",
                                       "--kv-cache-memory-bytes")
     patterns: tuple[FailurePattern, ...] = (
@@ -176,33 +161,3 @@ class Backend:
         env.update(cfg.server.env)
         env["VLLM_API_KEY"] = key
         return env
-
-    def canary(self, cfg: Config) -> tuple[str, dict[str, Any]]:
-        """Path and JSON body of a one-token completion that proves the engine works: a chat
-        completion (a chat model without a chat template answers 400 to every chat request,
-        so it must not be READY), or a plain completion with server.completions_only."""
-        if not cfg.server.completions_only:
-            return "/v1/chat/completions", {
-                "model": cfg.model_name, "messages": [{"role": "user", "content": "ping"}],
-                "max_tokens": 1, "temperature": 0}
-        return "/v1/completions", {"model": cfg.model_name, "prompt": "ping", "max_tokens": 1,
-                                   "temperature": 0}
-
-    def redact_argv(self, argv: list[str]) -> list[str]:
-        """The argument vector with any secret replaced, for logs and /status."""
-        out, hide = [], False
-        for arg in argv:
-            if hide:
-                out.append(REDACTED)
-                hide = False
-            elif arg in ("--api-key", "--api_key"):
-                out.append(arg)
-                hide = True
-            elif arg.startswith(("--api-key=", "--api_key=")):
-                out.append(arg.split("=", 1)[0] + "=" + REDACTED)
-            else:
-                out.append(arg)
-        return out
-
-    def allowed(self, method: str, path: str) -> bool:
-        return any(r.matches(method, path) for r in self.routes)

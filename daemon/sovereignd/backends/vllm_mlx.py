@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sovereignd.backends.base import OFFLINE_ENV, _route
-from sovereignd.backends.vllm import Backend
+from sovereignd.backends.base import OFFLINE_ENV, Backend, _route
 from sovereignd.config import Config
 from sovereignd.process.failures import COMMON_PATTERNS, METAL_OOM, pattern
 

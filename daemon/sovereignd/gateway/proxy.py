@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 from aiohttp import HttpVersion11, web
 
-from sovereignd.backends.vllm import Backend
+from sovereignd.backends.base import Backend
 from sovereignd.config import Config
 from sovereignd.gateway.auththrottle import AuthFailures
 from sovereignd.gateway.endpoints import RETRY_AFTER
