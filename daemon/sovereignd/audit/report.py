@@ -48,7 +48,7 @@ from sovereignd.gateway import keys as keys_mod
 from sovereignd.integrity import environment, hashing, software
 from sovereignd.logs import sealing, verify
 from sovereignd.logs.files import utc_timestamp
-from sovereignd.logs.requestlog import iter_records
+from sovereignd.logs.records import iter_records
 from sovereignd.service import guardrails, hostfacts
 from sovereignd.units import format_size
 
