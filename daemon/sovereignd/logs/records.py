@@ -58,7 +58,8 @@ def parse_rotated_name(path: Path) -> Segment | None:
     return Segment(path, start.timestamp(), int(m.group(2)), int(m.group(3)))
 
 
-def _size_of(path: Path) -> int:
+def size_of(path: Path) -> int:
+    """A file's size in bytes; 0 if it is gone (retention or compression removed it)."""
     try:
         return path.stat().st_size
     except FileNotFoundError:
@@ -115,22 +116,14 @@ def read_ledger(logs_dir: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def _first_line(path: Path) -> bytes:
+def first_line(path: Path) -> bytes:
+    """The first line of a log file (its opening marker), without the newline."""
     with open_lines(path) as f:
         return f.readline().rstrip(b"\n")
 
 
-def _last_line(path: Path) -> bytes:
-    """The last complete line of a (rotated, therefore complete) file."""
-    last = b""
-    with open_lines(path) as f:
-        for line in f:
-            if line.endswith(b"\n"):
-                last = line
-    return last.rstrip(b"\n")
-
-
-def _line_with_key_id(data: bytes) -> bytes | None:
+def last_marker_line(data: bytes) -> bytes | None:
+    """The last marker line (the last line with a "key_id") in a file's bytes, or None."""
     # Markers carry "key_id"; a request's string values cannot contain the bare key
     # (JSON escapes their quotes), so the last occurrence is in the last marker.
     at = data.rfind(b'"key_id":')
@@ -147,7 +140,7 @@ def iter_records(logs_dir: Path, since: float | None = None, until: float | None
 
     `since`/`until` are POSIX seconds compared with each record's `ts`; files whose time range
     lies wholly outside are not opened. `kinds=None` yields markers too. This reads; it does not
-    verify (use `logverify.verify_logs` for that). A torn last line is skipped.
+    verify (use `verify.verify_logs` for that). A torn last line is skipped.
     """
     files: list[tuple[Path, float]] = [(s.path, s.start) for s in list_segments(logs_dir)]
     live = logs_dir / LIVE_NAME

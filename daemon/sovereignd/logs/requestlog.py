@@ -116,13 +116,13 @@ from sovereignd.logs.records import (
     LEDGER_NAME,
     LIVE_NAME,
     Segment,
-    _first_line,
-    _line_with_key_id,
-    _size_of,
+    first_line,
+    last_marker_line,
     list_segments,
     open_lines,
     read_ledger,
     rotated_name,
+    size_of,
 )
 
 BODY_MODES = ("none", "hash", "full")
@@ -455,7 +455,7 @@ class RequestLog:
         head.last_kind = str(last.get("kind"))
         epoch = last.get("epoch")
         head.epoch = last.get("next_epoch") if head.last_kind == "epoch" else epoch
-        marker = _line_with_key_id(source_data)
+        marker = last_marker_line(source_data)
         if marker is not None:
             head.key_id = self._parse(marker, source, "last marker").get("key_id")
         return head
@@ -778,7 +778,7 @@ class RequestLog:
         segments = list_segments(self.logs_dir)
         # The newest rotated file always stays: with it, the log can be continued and checked.
         excess = len(segments) - self.keep_files if self.keep_files else 0
-        total = sum(_size_of(seg.path) for seg in segments) if self.max_total_bytes else 0
+        total = sum(size_of(seg.path) for seg in segments) if self.max_total_bytes else 0
         for i, seg in enumerate(segments[:-1]):
             nxt = segments[i + 1]
             too_many = i < excess
@@ -788,12 +788,12 @@ class RequestLog:
             if not (too_many or too_old or too_big) or seg.path in self._compressing \
                     or nxt.path in self._compressing:
                 break
-            total -= _size_of(seg.path)
+            total -= size_of(seg.path)
             self._retire(seg, nxt, "keep_files" if too_many else "max_age" if too_old
                          else "max_total_bytes", now)
 
     def _retire(self, seg: Segment, nxt: Segment, reason: str, now: float) -> None:
-        first = orjson.loads(_first_line(nxt.path))
+        first = orjson.loads(first_line(nxt.path))
         entry = {"ts": self._ts.format(now), "file": seg.name, "first": seg.first,
                  "last": seg.last, "reason": reason, "next_prev": first.get("prev"),
                  "next_epoch": first.get("epoch"), "key_id": first.get("key_id")}
