@@ -45,7 +45,8 @@ from sovereignd.audit.evidence import (
 from sovereignd.config import Config, is_loopback
 from sovereignd.errors import FrozenFileError, ManifestError, SovereigndError
 from sovereignd.gateway import keys as keys_mod
-from sovereignd.integrity import environment, hashing, software
+from sovereignd.integrity import hashing, software
+from sovereignd.integrity.frozen import check_companion, parse_frozen
 from sovereignd.logs import sealing, verify
 from sovereignd.logs.files import utc_timestamp
 from sovereignd.logs.records import iter_records
@@ -889,9 +890,9 @@ def _environment_control(i: _Inputs) -> Control:
         c.fact("frozen_sha256", "Frozen file SHA-256 (now)", digest)
         # The daemon's own readers: what they refuse at start, the audit fails.
         try:
-            frozen = environment.parse_frozen(data, str(env.frozen))
+            frozen = parse_frozen(data, str(env.frozen))
             c.fact("packages", "Packages listed", len(frozen.requirements))
-            environment.check_companion(env.frozen, data)
+            check_companion(env.frozen, data)
         except FrozenFileError as exc:
             c.fact("companion_matches", "Approved by its .sha256 companion", False)
             problems.append((FAIL, str(exc)))

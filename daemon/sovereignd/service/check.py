@@ -12,7 +12,8 @@ from pathlib import Path
 from sovereignd.backends import memory, modelfiles, registry, serverargs
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
-from sovereignd.integrity import environment, manifest, signing, software
+from sovereignd.integrity import manifest, signing, software
+from sovereignd.integrity.frozen import read_frozen
 from sovereignd.service import guardrails
 from sovereignd.units import format_duration
 
@@ -268,7 +269,7 @@ def _check_baselines(cfg: Config, report: Report) -> None:
         report.add(FAIL, "software baseline", "environment.frozen needs server.venv")
     else:
         try:
-            reqs = environment.read_frozen(frozen)
+            reqs = read_frozen(frozen)
             report.add(OK, "software baseline", f"{frozen}: {len(reqs.requirements)} packages, "
                        ".sha256 companion matches")
         except (SovereigndError, OSError) as exc:
