@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from sovereignd.integrity.frozen import (
     render_companion,
 )
 from sovereignd.integrity.record import verify_records
-from sovereignd.integrity.venv import freeze
+from sovereignd.integrity.venv import freeze, installed_distributions
 from tests.helpers import run_cli
 from tests.venvtools import PyEnv, pip, site_packages
 
@@ -129,6 +130,89 @@ def test_malformed_frozen_lines_name_the_line(text: str, line: int, message: str
         parse_frozen(text, "req.txt")
     assert caught.value.line == line
     assert f"req.txt, line {line}:" in str(caught.value)
+
+
+def test_a_version_too_long_for_int_is_a_line_error_not_a_crash() -> None:
+    """packaging raises int()'s ValueError for a number over 4,300 digits (the hand-written
+    parser before it let that escape as a traceback): an error naming the line instead."""
+    text = "ok==1\nhuge==" + "1" * 5000 + "\n"
+    message = r"\(5000 chars\)' is not a PEP 440 version"
+    with pytest.raises(FrozenFileError, match=message) as caught:
+        parse_frozen(text, "req.txt")
+    assert caught.value.line == 2 and len(str(caught.value)) < 300
+    assert normalize_version("1" * 5000) is None
+    (req,) = parse_frozen("huge===" + "1" * 5000 + "\n").requirements
+    assert req.pin is Pin.ARBITRARY
+
+
+# --- reading metadata (importlib.metadata) ------------------------------------------------------
+
+
+def _bare_venv(tmp_path: Path) -> Path:
+    """A venv as this module reads it: pyvenv.cfg and an empty site-packages, nothing to run."""
+    venv = tmp_path / "bare"
+    (venv / "lib" / "python3.11" / "site-packages").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\nversion = 3.11.7\n")
+    return venv
+
+
+def _dist(venv: Path, folder: str, metadata: bytes | None) -> Path:
+    info = site_packages(venv) / folder
+    info.mkdir()
+    if metadata is not None:
+        (info / "METADATA").write_bytes(metadata)
+    return info
+
+
+def test_metadata_is_read_whatever_its_description_bytes(tmp_path: Path) -> None:
+    """A Latin-1 description (old packages) or a header-only file: the name and version count."""
+    venv = _bare_venv(tmp_path)
+    _dist(venv, "latin-2.0.dist-info",
+          b"Metadata-Version: 2.1\nName: Latin\nVersion: 2.0.RC1\n\nCaf\xe9 cr\xe8me\n")
+    _dist(venv, "plain-1.0.dist-info", b"Name: plain\nVersion: 1.0")
+    assert freeze(venv) == "Latin==2.0rc1\nplain==1.0\n"
+
+
+def test_metadata_without_a_name_or_version_is_not_a_distribution(tmp_path: Path) -> None:
+    venv = _bare_venv(tmp_path)
+    _dist(venv, "empty-1.0.dist-info", None)
+    _dist(venv, "noversion-1.0.dist-info", b"Metadata-Version: 2.1\nName: noversion\n")
+    _dist(venv, "blank-1.0.dist-info", b"Name:  \nVersion: 1.0\n")
+    _dist(venv, "ok-1.0.dist-info", b"Name: ok\nVersion: 1.0\n")
+    assert freeze(venv) == "ok==1.0\n"
+
+
+def test_an_installed_version_too_long_for_int_is_frozen_with_three_equals(
+        tmp_path: Path) -> None:
+    venv = _bare_venv(tmp_path)
+    _dist(venv, "huge-1.dist-info", b"Name: huge\nVersion: " + b"1" * 5000 + b"\n")
+    frozen = freeze(venv)
+    assert frozen == "huge===" + "1" * 5000 + "\n"
+    assert environment.compare(parse_frozen(frozen), venv).ok
+
+
+def test_a_package_installed_in_the_same_mtime_tick_is_seen(tmp_path: Path) -> None:
+    """importlib.metadata.distributions(path=...) would serve its cached listing while the
+    folder's mtime is unchanged; the venv is listed afresh on every read."""
+    venv = _bare_venv(tmp_path)
+    site = site_packages(venv)
+    _dist(venv, "first-1.0.dist-info", b"Name: first\nVersion: 1.0\n")
+    assert freeze(venv) == "first==1.0\n"
+    stat = site.stat()
+    _dist(venv, "second-2.0.dist-info", b"Name: second\nVersion: 2.0\n")
+    os.utime(site, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as if in the same tick
+    assert freeze(venv) == "first==1.0\nsecond==2.0\n"
+
+
+def test_shadowed_duplicates_are_returned_only_when_asked(tmp_path: Path) -> None:
+    """A half-finished upgrade leaves two metadata folders of one name: the first by folder
+    name is the installed one; include_shadowed returns both (RECORD checking covers both)."""
+    venv = _bare_venv(tmp_path)
+    _dist(venv, "dup-1.0.dist-info", b"Name: dup\nVersion: 1.0\n")
+    _dist(venv, "dup-2.0.dist-info", b"Name: Dup\nVersion: 2.0\n")
+    assert [d.version for d in installed_distributions(venv)] == ["1.0"]
+    assert [d.version for d in installed_distributions(venv, include_shadowed=True)] == [
+        "1.0", "2.0"]
 
 
 # --- the .sha256 companion ------------------------------------------------------------------------

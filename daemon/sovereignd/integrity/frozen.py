@@ -13,57 +13,33 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
 from sovereignd.errors import FrozenFileError, ManifestError
 from sovereignd.integrity.manifest import format_sum_line, parse_sum_lines
 
 # ---------------------------------------------------------------------------------------------
 # Names and versions (PEP 503, PEP 440)
 
-_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
-
-# The version grammar of PEP 440 (Appendix B), as packaging implements it.
-_VERSION = re.compile(
-    r"""^\s*v?
-    (?:(?P<epoch>[0-9]+)!)?
-    (?P<release>[0-9]+(?:\.[0-9]+)*)
-    (?P<pre>[-_.]?(?P<pre_l>alpha|a|beta|b|preview|pre|c|rc)[-_.]?(?P<pre_n>[0-9]+)?)?
-    (?P<post>(?:-(?P<post_n1>[0-9]+))|(?:[-_.]?(?P<post_l>post|rev|r)[-_.]?(?P<post_n2>[0-9]+)?))?
-    (?P<dev>[-_.]?(?P<dev_l>dev)[-_.]?(?P<dev_n>[0-9]+)?)?
-    (?:\+(?P<local>[a-z0-9]+(?:[-_.][a-z0-9]+)*))?
-    \s*$""",
-    re.VERBOSE | re.IGNORECASE,
-)
-_PRE = {"alpha": "a", "a": "a", "beta": "b", "b": "b", "c": "rc", "rc": "rc", "pre": "rc",
-        "preview": "rc"}
-
 
 def canonical_name(name: str) -> str:
-    """PEP 503 normalised project name: runs of `-_.` become `-`, lower case."""
-    return re.sub(r"[-_.]+", "-", name).lower()
+    """PEP 503 normalised project name: runs of `-_.` become `-`, lower case
+    (`packaging.utils.canonicalize_name`)."""
+    return str(canonicalize_name(name))
 
 
 def normalize_version(text: str) -> str | None:
-    """The PEP 440 normal form of a version (as `str(packaging.version.Version(text))`), or None.
+    """The PEP 440 normal form of a version (`str(packaging.version.Version(text))`), or None
+    where packaging refuses it: not PEP 440, or a number over Python's limit for int() of
+    4,300 digits (packaging raises the ValueError of int(), not InvalidVersion).
 
     pip freeze writes this form: `1.0.0.RC1` in METADATA is frozen as `1.0.0rc1`.
     """
-    m = _VERSION.match(text)
-    if m is None:
+    try:
+        return str(Version(text))
+    except ValueError:  # InvalidVersion is a ValueError
         return None
-    out = ""
-    if m["epoch"] and int(m["epoch"]):
-        out += f"{int(m['epoch'])}!"
-    out += ".".join(str(int(part)) for part in m["release"].split("."))
-    if m["pre"]:
-        out += f"{_PRE[m['pre_l'].lower()]}{int(m['pre_n'] or 0)}"
-    if m["post"]:
-        out += f".post{int(m['post_n1'] or m['post_n2'] or 0)}"
-    if m["dev"]:
-        out += f".dev{int(m['dev_n'] or 0)}"
-    if m["local"]:
-        parts = re.split(r"[-_.]", m["local"])
-        out += "+" + ".".join(str(int(p)) if p.isdigit() else p.lower() for p in parts)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,8 +198,9 @@ def _parse_line(line: str, lineno: int, source: str,
         return Requirement(name=m["name"], pin=Pin.ARBITRARY, value=version, line=lineno)
     normal = normalize_version(version)
     if normal is None:
-        raise bad(f"{version!r} is not a PEP 440 version (pip freeze writes such versions "
-                  "with ===)")
+        shown = version if len(version) <= 80 else version[:60] + f"... ({len(version)} chars)"
+        raise bad(f"{shown!r} is not a PEP 440 version that packaging can read (pip freeze "
+                  "writes other versions with ===)")
     return Requirement(name=m["name"], pin=Pin.VERSION, value=normal, line=lineno)
 
 

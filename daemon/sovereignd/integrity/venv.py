@@ -14,6 +14,8 @@ only, as pip sees them when `include-system-site-packages = false` (the default)
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
 import os
 import re
@@ -21,7 +23,6 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
-from email.parser import HeaderParser
 from pathlib import Path
 from typing import Any
 
@@ -135,47 +136,64 @@ def venv_python(venv: Path) -> tuple[int, int] | None:
     return None
 
 
-def _read_metadata(info_dir: Path) -> tuple[str, str] | None:
-    """(Name, Version) from METADATA or PKG-INFO; None when unreadable or incomplete."""
-    candidates = ([info_dir] if info_dir.is_file()
-                  else [info_dir / "METADATA", info_dir / "PKG-INFO"])
-    for path in candidates:
+class _InfoDir(importlib.metadata.Distribution):
+    """importlib.metadata's reader of one `*.dist-info` / `*.egg-info` folder (or egg-info
+    file), as `importlib.metadata.Distribution.at` makes it, except that bytes that are not
+    UTF-8 read as U+FFFD instead of raising: an old package's Latin-1 description must not
+    hide its name and version."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def read_text(self, filename: str | os.PathLike[str]) -> str | None:
+        # filename "" is the path itself: importlib.metadata reads an egg-info file that way.
         try:
-            with path.open("r", encoding="utf-8", errors="replace") as f:
-                head = []
-                for line in f:  # headers end at the first blank line; skip the long description
-                    if not line.strip():
-                        break
-                    head.append(line)
+            return (self._path / filename).read_text(encoding="utf-8", errors="replace")
         except OSError:
-            continue
-        headers = HeaderParser().parsestr("".join(head))
-        name, version = headers.get("Name"), headers.get("Version")
-        if name and version:
-            return str(name).strip(), str(version).strip()
-    return None
+            return None
+
+    def locate_file(self, path: str | os.PathLike[str]) -> Path:
+        return self._path.parent / path
 
 
-def _read_json(path: Path) -> Mapping[str, Any] | None:
+def _read_dist(info_dir: Path, site: Path, editable: str | None = None) -> Distribution | None:
+    """The distribution a metadata folder describes; None when it has no Name or Version."""
+    dist = _InfoDir(info_dir)
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        meta = dist.metadata
+    except TypeError:  # no METADATA, PKG-INFO nor egg-info file: 3.11 parses None
         return None
-    return value if isinstance(value, dict) else None
+    # get_all, not meta[...]: a missing header is None in 3.11 and a DeprecationWarning in 3.12.
+    name, version = (str((meta.get_all(key) or [""])[0]).strip() for key in ("Name", "Version"))
+    if not (name and version):
+        return None
+    direct = None
+    if info_dir.is_dir():
+        with contextlib.suppress(ValueError):
+            value = json.loads(dist.read_text("direct_url.json") or "null")
+            direct = value if isinstance(value, dict) else None
+    return Distribution(name=name, version=version, info_dir=info_dir,
+                        site=site, direct_url=direct,
+                        editable_location=editable or _editable_location(direct))
 
 
 def _dists_in(site: Path) -> list[Distribution]:
+    """The distributions in one site-packages folder, by metadata folder name.
+
+    Listed here rather than with `importlib.metadata.distributions(path=[site])`: that caches
+    each folder's listing until its mtime changes (FastPath.lookup, CPython 3.11
+    Lib/importlib/metadata/__init__.py), and an install within the same mtime tick as an
+    earlier read would go unseen by a daemon that reads the venv again and again; it also
+    lists in directory order, so which of two metadata folders of one name is "first" would
+    depend on the file system.
+    """
     dists = []
     for entry in sorted(site.iterdir()):
         if entry.suffix not in (".dist-info", ".egg-info"):
             continue
-        meta = _read_metadata(entry)
-        if meta is None:
-            continue
-        direct = _read_json(entry / "direct_url.json") if entry.is_dir() else None
-        dists.append(Distribution(name=meta[0], version=meta[1], info_dir=entry, site=site,
-                                  direct_url=direct,
-                                  editable_location=_editable_location(direct)))
+        dist = _read_dist(entry, site)
+        if dist is not None:
+            dists.append(dist)
     # Legacy `setup.py develop` installs: an .egg-link names the project folder holding
     # the .egg-info (pip reads the first non-empty line).
     for link in sorted(site.glob("*.egg-link")):
@@ -187,10 +205,9 @@ def _dists_in(site: Path) -> list[Distribution]:
         if project is None or not project.is_dir():
             continue
         for info in sorted(project.glob("*.egg-info")):
-            meta = _read_metadata(info)
-            if meta is not None:
-                dists.append(Distribution(name=meta[0], version=meta[1], info_dir=info,
-                                          site=site, editable_location=str(project)))
+            dist = _read_dist(info, site, editable=str(project))
+            if dist is not None:
+                dists.append(dist)
     return dists
 
 
