@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from sovereignd.logs.requestlog import iter_records
+from sovereignd.logs.records import iter_records
 from tests.harness import Daemon
 from tests.helpers import run_cli, wait_for
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from sovereignd.logs import sealing
-from sovereignd.logs.requestlog import LIVE_NAME, RequestLog
+from sovereignd.logs.records import LIVE_NAME
+from sovereignd.logs.requestlog import RequestLog
 
 # 2026-11-22T02:11:00Z, a Sunday; far enough from midnight for tests that do not rotate by day.
 T0 = 1795313460.0

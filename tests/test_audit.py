@@ -120,7 +120,7 @@ def control(report: dict[str, Any], control_id: str) -> dict[str, Any]:
 
 def test_report_figures_match_the_logs(period: Period) -> None:
     """Counts by client, tokens, errors and restarts are those of the records and events."""
-    from sovereignd.logs.requestlog import iter_records
+    from sovereignd.logs.records import iter_records
 
     code, report = audit_json(period, "--key-file", str(period.key_file))
     records = list(iter_records(period.daemon.logs))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sovereignd import config
-from sovereignd.backends.profiles import BACKENDS, for_config
+from sovereignd.backends.registry import BACKENDS, for_config
 from sovereignd.errors import ConfigError
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sovereignd.integrity import environment, manifest
+from sovereignd.integrity import manifest
+from sovereignd.integrity.venv import freeze
 from tests.helpers import run_cli
 from tests.modeldirs import make_model
 from tests.venvtools import PyEnv, site_packages
@@ -53,7 +54,7 @@ def test_baseline_writes_both_baselines_that_the_checks_then_accept(
         assert hashlib.sha256(path.read_bytes()).hexdigest() in result.stdout
     assert "5 files of" in result.stdout
     link, _, rest = frozen.read_text().partition("\n")
-    assert rest == environment.freeze(venv, all=True)
+    assert rest == freeze(venv, all=True)
     files = approved / "requirements-frozen.software.sha256"
     digest = hashlib.sha256(files.read_bytes()).hexdigest()
     assert link == f"# sovereignd software manifest: {files.name} sha256={digest}"

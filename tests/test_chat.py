@@ -95,7 +95,7 @@ def test_chat_streams_keeps_history_and_obeys_its_commands_in_a_terminal(
     assert lines[0]["content"] == "hello" and lines[1]["content"] == " tok0 tok1 tok2"
     assert oct(transcript.stat().st_mode & 0o777) == "0o600"
     # The gateway saw the history: the second request carried three messages.
-    from sovereignd.logs.requestlog import iter_records
+    from sovereignd.logs.records import iter_records
     chats = [r for r in iter_records(d.logs) if r["path"] == "/v1/chat/completions"
              and r["client"] == "operator"]
     assert len(chats) == 2 and chats[1]["bytes_in"] > chats[0]["bytes_in"]

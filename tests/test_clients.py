@@ -13,7 +13,7 @@ import pytest
 from sovereignd.gateway import anthropic, promptcap, quotas, responses, scopes
 from sovereignd.gateway.keys import KeysFileError, add_key, read_keys, set_key
 from sovereignd.gateway.proxy import _Stream
-from sovereignd.logs.requestlog import iter_records
+from sovereignd.logs.records import iter_records
 from tests.harness import Daemon, http
 from tests.helpers import run_cli, wait_for
 from tests.test_gateway import CHAT, MakeDaemon, bearer

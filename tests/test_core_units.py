@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from sovereignd import config
-from sovereignd.backends.profiles import BACKENDS, Backend
+from sovereignd.backends.registry import BACKENDS
+from sovereignd.backends.vllm import VllmBackend
 from sovereignd.gateway.metrics import Metrics
 from sovereignd.logs.eventlog import EventLog
 from sovereignd.logs.files import RotatingFile, rotated_files
@@ -72,7 +73,7 @@ def _supervisor(tmp_path: Path) -> Supervisor:
     cfg = config.loads(f"server: {{model: {model}}}\nlogs: {{dir: {tmp_path}}}\n"
                        "restart: {backoff_initial: 1s, backoff_max: 10s}\n".encode(),
                        tmp_path / "c.yaml")
-    return Supervisor(cfg, Backend(), EventLog(None, stream=None), Metrics(),
+    return Supervisor(cfg, VllmBackend(), EventLog(None, stream=None), Metrics(),
                       output=ServerOutput(None, 10))
 
 
@@ -88,7 +89,8 @@ def test_describe_exit() -> None:
 
 
 def test_unknown_exit_keeps_the_last_line_as_evidence() -> None:
-    f = classify_exit(3, ["starting", "RuntimeError: something odd"], Backend.patterns, "serving")
+    f = classify_exit(3, ["starting", "RuntimeError: something odd"], VllmBackend.patterns,
+                      "serving")
     assert f.kind == "exit" and not f.deterministic
     assert f.evidence == "RuntimeError: something odd"
     assert f.message == "server exited with status 3 while serving"

@@ -118,7 +118,7 @@ def test_a_request_cut_by_a_server_the_daemon_stops_is_a_retryable_503(
     assert status == 503 and body["error"]["code"] == "server_stopping"
     wait_for(lambda: any(e.get("killed") for e in d.events("server_stopped")), 10,
              what="the server killed after its grace")
-    from sovereignd.logs.requestlog import iter_records
+    from sovereignd.logs.records import iter_records
 
     assert [r["error"] for r in iter_records(d.logs) if r["client"] == "alice"] \
         == ["server_stopping"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,17 @@ import pytest
 
 from sovereignd.errors import CheckFailed, FrozenFileError
 from sovereignd.integrity import environment
-from sovereignd.integrity.environment import Pin
+from sovereignd.integrity.frozen import (
+    Pin,
+    canonical_name,
+    companion_path,
+    normalize_version,
+    parse_frozen,
+    read_frozen,
+    render_companion,
+)
+from sovereignd.integrity.record import verify_records
+from sovereignd.integrity.venv import freeze, installed_distributions
 from tests.helpers import run_cli
 from tests.venvtools import PyEnv, pip, site_packages
 
@@ -32,9 +43,9 @@ def venv(pyenv: PyEnv, tmp_path: Path) -> Path:
 
 def approve(venv: Path, dest: Path) -> Path:
     """Freeze the venv to `dest` with its .sha256 companion, as `sovereignd baseline` does."""
-    data = environment.freeze(venv, all=True).encode()
+    data = freeze(venv, all=True).encode()
     dest.write_bytes(data)
-    environment.companion_path(dest).write_bytes(environment.render_companion(dest, data))
+    companion_path(dest).write_bytes(render_companion(dest, data))
     return dest
 
 
@@ -49,18 +60,18 @@ def approve(venv: Path, dest: Path) -> Path:
     ("2.13.0+cpu", "2.13.0+cpu"), ("1.0rc1.post2.dev3", "1.0rc1.post2.dev3"),
 ])
 def test_versions_normalise_as_packaging_does(raw: str, normal: str) -> None:
-    assert environment.normalize_version(raw) == normal
+    assert normalize_version(raw) == normal
 
 
 @pytest.mark.parametrize("raw", ["1.*", "dev", "1.0 beta", "", "1.0+", "2013b-local"])
 def test_non_pep440_versions_are_recognised(raw: str) -> None:
-    assert environment.normalize_version(raw) is None
+    assert normalize_version(raw) is None
 
 
 def test_names_normalise_per_pep_503() -> None:
-    assert environment.canonical_name("Tiny_Pkg") == "tiny-pkg"
-    assert environment.canonical_name("zope.interface") == "zope-interface"
-    assert environment.canonical_name("A__b-.C") == "a-b-c"
+    assert canonical_name("Tiny_Pkg") == "tiny-pkg"
+    assert canonical_name("zope.interface") == "zope-interface"
+    assert canonical_name("A__b-.C") == "a-b-c"
 
 
 # --- parsing frozen files -----------------------------------------------------------------------
@@ -81,7 +92,7 @@ Tiny_Pkg==1.0.0rc1
 zeta==2.0   # via something
 --index-url https://pypi.org/simple
 """
-    reqs = environment.parse_frozen(text, "f.txt").requirements
+    reqs = parse_frozen(text, "f.txt").requirements
     got = [(r.key, r.pin, r.value, r.line) for r in reqs]
     assert got == [
         ("alpha-b", Pin.URL, "file:///w/alpha_b-0.1-py3-none-any.whl#sha256=abcd", 2),
@@ -98,7 +109,7 @@ zeta==2.0   # via something
 
 
 def test_editable_path_without_a_name_is_kept_by_location() -> None:
-    (req,) = environment.parse_frozen("-e /src/unnamed\n").requirements
+    (req,) = parse_frozen("-e /src/unnamed\n").requirements
     assert req.key is None and req.value == "/src/unnamed"
 
 
@@ -116,9 +127,92 @@ def test_editable_path_without_a_name_is_kept_by_location() -> None:
 ])
 def test_malformed_frozen_lines_name_the_line(text: str, line: int, message: str) -> None:
     with pytest.raises(FrozenFileError, match=message) as caught:
-        environment.parse_frozen(text, "req.txt")
+        parse_frozen(text, "req.txt")
     assert caught.value.line == line
     assert f"req.txt, line {line}:" in str(caught.value)
+
+
+def test_a_version_too_long_for_int_is_a_line_error_not_a_crash() -> None:
+    """packaging raises int()'s ValueError for a number over 4,300 digits (the hand-written
+    parser before it let that escape as a traceback): an error naming the line instead."""
+    text = "ok==1\nhuge==" + "1" * 5000 + "\n"
+    message = r"\(5000 chars\)' is not a PEP 440 version"
+    with pytest.raises(FrozenFileError, match=message) as caught:
+        parse_frozen(text, "req.txt")
+    assert caught.value.line == 2 and len(str(caught.value)) < 300
+    assert normalize_version("1" * 5000) is None
+    (req,) = parse_frozen("huge===" + "1" * 5000 + "\n").requirements
+    assert req.pin is Pin.ARBITRARY
+
+
+# --- reading metadata (importlib.metadata) ------------------------------------------------------
+
+
+def _bare_venv(tmp_path: Path) -> Path:
+    """A venv as this module reads it: pyvenv.cfg and an empty site-packages, nothing to run."""
+    venv = tmp_path / "bare"
+    (venv / "lib" / "python3.11" / "site-packages").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\nversion = 3.11.7\n")
+    return venv
+
+
+def _dist(venv: Path, folder: str, metadata: bytes | None) -> Path:
+    info = site_packages(venv) / folder
+    info.mkdir()
+    if metadata is not None:
+        (info / "METADATA").write_bytes(metadata)
+    return info
+
+
+def test_metadata_is_read_whatever_its_description_bytes(tmp_path: Path) -> None:
+    """A Latin-1 description (old packages) or a header-only file: the name and version count."""
+    venv = _bare_venv(tmp_path)
+    _dist(venv, "latin-2.0.dist-info",
+          b"Metadata-Version: 2.1\nName: Latin\nVersion: 2.0.RC1\n\nCaf\xe9 cr\xe8me\n")
+    _dist(venv, "plain-1.0.dist-info", b"Name: plain\nVersion: 1.0")
+    assert freeze(venv) == "Latin==2.0rc1\nplain==1.0\n"
+
+
+def test_metadata_without_a_name_or_version_is_not_a_distribution(tmp_path: Path) -> None:
+    venv = _bare_venv(tmp_path)
+    _dist(venv, "empty-1.0.dist-info", None)
+    _dist(venv, "noversion-1.0.dist-info", b"Metadata-Version: 2.1\nName: noversion\n")
+    _dist(venv, "blank-1.0.dist-info", b"Name:  \nVersion: 1.0\n")
+    _dist(venv, "ok-1.0.dist-info", b"Name: ok\nVersion: 1.0\n")
+    assert freeze(venv) == "ok==1.0\n"
+
+
+def test_an_installed_version_too_long_for_int_is_frozen_with_three_equals(
+        tmp_path: Path) -> None:
+    venv = _bare_venv(tmp_path)
+    _dist(venv, "huge-1.dist-info", b"Name: huge\nVersion: " + b"1" * 5000 + b"\n")
+    frozen = freeze(venv)
+    assert frozen == "huge===" + "1" * 5000 + "\n"
+    assert environment.compare(parse_frozen(frozen), venv).ok
+
+
+def test_a_package_installed_in_the_same_mtime_tick_is_seen(tmp_path: Path) -> None:
+    """importlib.metadata.distributions(path=...) would serve its cached listing while the
+    folder's mtime is unchanged; the venv is listed afresh on every read."""
+    venv = _bare_venv(tmp_path)
+    site = site_packages(venv)
+    _dist(venv, "first-1.0.dist-info", b"Name: first\nVersion: 1.0\n")
+    assert freeze(venv) == "first==1.0\n"
+    stat = site.stat()
+    _dist(venv, "second-2.0.dist-info", b"Name: second\nVersion: 2.0\n")
+    os.utime(site, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as if in the same tick
+    assert freeze(venv) == "first==1.0\nsecond==2.0\n"
+
+
+def test_shadowed_duplicates_are_returned_only_when_asked(tmp_path: Path) -> None:
+    """A half-finished upgrade leaves two metadata folders of one name: the first by folder
+    name is the installed one; include_shadowed returns both (RECORD checking covers both)."""
+    venv = _bare_venv(tmp_path)
+    _dist(venv, "dup-1.0.dist-info", b"Name: dup\nVersion: 1.0\n")
+    _dist(venv, "dup-2.0.dist-info", b"Name: Dup\nVersion: 2.0\n")
+    assert [d.version for d in installed_distributions(venv)] == ["1.0"]
+    assert [d.version for d in installed_distributions(venv, include_shadowed=True)] == [
+        "1.0", "2.0"]
 
 
 # --- the .sha256 companion ------------------------------------------------------------------------
@@ -134,50 +228,50 @@ def test_companion_written_by_shasum_is_accepted(tmp_path: Path) -> None:
     path = _frozen(tmp_path)
     tool = ["shasum", "-a", "256"] if shutil.which("shasum") else ["sha256sum"]
     digest = subprocess.run([*tool, path.name], cwd=tmp_path, capture_output=True, check=True)
-    environment.companion_path(path).write_bytes(digest.stdout)
-    assert environment.read_frozen(path).requirements[0].key == "zeta"
+    companion_path(path).write_bytes(digest.stdout)
+    assert read_frozen(path).requirements[0].key == "zeta"
     # Also with an absolute name, and the way sovereignd writes it.
     absolute = subprocess.run([*tool, str(path)], capture_output=True, check=True).stdout
-    environment.companion_path(path).write_bytes(absolute)
-    assert environment.read_frozen(path)
-    assert environment.render_companion(path, path.read_bytes()) == digest.stdout
+    companion_path(path).write_bytes(absolute)
+    assert read_frozen(path)
+    assert render_companion(path, path.read_bytes()) == digest.stdout
 
 
 def test_missing_companion_says_how_to_approve(tmp_path: Path) -> None:
     path = _frozen(tmp_path)
     with pytest.raises(FrozenFileError, match=r"requirements-frozen.txt.sha256 is missing; "
                                               r"approve the file with `shasum -a 256"):
-        environment.read_frozen(path)
-    assert environment.read_frozen(path, require_companion=False)
+        read_frozen(path)
+    assert read_frozen(path, require_companion=False)
 
 
 def test_edited_frozen_file_no_longer_matches_its_companion(tmp_path: Path) -> None:
     path = _frozen(tmp_path)
-    environment.companion_path(path).write_bytes(
-        environment.render_companion(path, path.read_bytes()))
+    companion_path(path).write_bytes(
+        render_companion(path, path.read_bytes()))
     path.write_text("zeta==2.1\n")
     with pytest.raises(FrozenFileError, match="changed after it was approved"):
-        environment.read_frozen(path)
+        read_frozen(path)
 
 
 def test_companion_naming_another_file_or_malformed(tmp_path: Path) -> None:
     path = _frozen(tmp_path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    companion = environment.companion_path(path)
+    companion = companion_path(path)
     companion.write_text(f"{digest}  other.txt\n")
     with pytest.raises(FrozenFileError, match=r"names 'other.txt'"):
-        environment.read_frozen(path)
+        read_frozen(path)
     companion.write_text("nonsense\n")
     with pytest.raises(FrozenFileError, match=r"sha256, line 1:"):
-        environment.read_frozen(path)
+        read_frozen(path)
     companion.write_text(f"{digest}  {path.name}\n{digest}  {path.name}\n")
     with pytest.raises(FrozenFileError, match="exactly one line"):
-        environment.read_frozen(path)
+        read_frozen(path)
 
 
 def test_unreadable_frozen_file(tmp_path: Path) -> None:
     with pytest.raises(FrozenFileError, match="cannot read the frozen requirements"):
-        environment.read_frozen(tmp_path / "nope.txt")
+        read_frozen(tmp_path / "nope.txt")
 
 
 # --- reading the venv ---------------------------------------------------------------------------
@@ -185,8 +279,8 @@ def test_unreadable_frozen_file(tmp_path: Path) -> None:
 
 def test_freeze_equals_pip_freeze_for_a_real_venv(pyenv: PyEnv) -> None:
     python = str(pyenv.venv / "bin" / "python")
-    for flags, ours in (([], environment.freeze(pyenv.venv)),
-                        (["--all"], environment.freeze(pyenv.venv, all=True))):
+    for flags, ours in (([], freeze(pyenv.venv)),
+                        (["--all"], freeze(pyenv.venv, all=True))):
         theirs = subprocess.run([python, "-m", "pip", "freeze", *flags], capture_output=True,
                                 text=True, check=True).stdout
         assert ours == theirs
@@ -197,24 +291,24 @@ def test_a_uv_pip_freeze_file_matches_the_venv(pyenv: PyEnv, tmp_path: Path) -> 
     assert UV is not None, "uv is a dev dependency: pip install -e .[dev]"
     text = subprocess.run([UV, "pip", "freeze", "--python", str(pyenv.venv / "bin" / "python")],
                           capture_output=True, text=True, check=True).stdout
-    diff = environment.compare(environment.parse_frozen(text, "uv.txt"), pyenv.venv)
+    diff = environment.compare(parse_frozen(text, "uv.txt"), pyenv.venv)
     assert diff.ok, diff.render()
-    ours = environment.parse_frozen(environment.freeze(pyenv.venv, all=True)).requirements
-    theirs = environment.parse_frozen(text).requirements
+    ours = parse_frozen(freeze(pyenv.venv, all=True)).requirements
+    theirs = parse_frozen(text).requirements
     # uv writes the editable install as `-e file:///path`, with no name to compare.
     assert {r.key for r in ours} - {"edpkg"} == {r.key for r in theirs} - {None}
     assert f"-e {pyenv.editable_project.as_uri()}" in text
 
 
 def test_a_pip_freeze_file_without_pip_and_setuptools_matches(pyenv: PyEnv) -> None:
-    frozen = environment.parse_frozen(environment.freeze(pyenv.venv))
+    frozen = parse_frozen(freeze(pyenv.venv))
     assert "pip" not in {r.key for r in frozen.requirements}
     assert environment.compare(frozen, pyenv.venv).ok
 
 
 def test_not_a_venv(tmp_path: Path) -> None:
     with pytest.raises(CheckFailed, match="not a virtual environment"):
-        environment.freeze(tmp_path)
+        freeze(tmp_path)
 
 
 def test_egg_info_and_egg_link_installs_are_read(venv: Path, tmp_path: Path) -> None:
@@ -228,12 +322,12 @@ def test_egg_info_and_egg_link_installs_are_read(venv: Path, tmp_path: Path) -> 
     (project / "devpkg.egg-info").mkdir(parents=True)
     (project / "devpkg.egg-info" / "PKG-INFO").write_text("Name: devpkg\nVersion: 0.1\n")
     (site / "devpkg.egg-link").write_text(f"{project}\n.\n")
-    frozen = environment.freeze(venv)
+    frozen = freeze(venv)
     assert "legacy==1.2\n" in frozen and "single==3.0\n" in frozen
     assert f"-e {project}\n" in frozen
     theirs = pip(venv, "freeze")
     assert frozen == theirs
-    report = environment.verify_records(venv)  # legacy metadata is not "unrecorded"
+    report = verify_records(venv)  # legacy metadata is not "unrecorded"
     assert report.ok, report.render()
     assert {"legacy 1.2", "single 3.0", "devpkg 0.1"} <= set(report.without_record)
 
@@ -244,10 +338,10 @@ def test_egg_info_and_egg_link_installs_are_read(venv: Path, tmp_path: Path) -> 
 def test_installing_a_package_is_reported_as_added(pyenv: PyEnv, venv: Path,
                                                    tmp_path: Path) -> None:
     frozen = approve(venv, tmp_path / "frozen.txt")
-    assert environment.compare(environment.read_frozen(frozen), venv).ok
+    assert environment.compare(read_frozen(frozen), venv).ok
     pip(venv, "install", "-q", "--no-index", "--no-deps", "--find-links", str(pyenv.wheels),
         "extra-pkg")
-    diff = environment.compare(environment.read_frozen(frozen), venv)
+    diff = environment.compare(read_frozen(frozen), venv)
     assert [str(r) for r in diff.added] == ["extra-pkg==0.3"]
     assert not diff.removed and not diff.changed
     assert "+ extra-pkg 0.3" in diff.render()
@@ -263,14 +357,14 @@ def test_upgrading_and_removing_are_reported(pyenv: PyEnv, venv: Path,
     pip(venv, "install", "-q", "--no-index", "--no-deps", "--find-links", str(pyenv.wheels),
         "zeta==2.1")
     pip(venv, "uninstall", "-y", "-q", "alpha.b")
-    diff = environment.compare(environment.read_frozen(frozen), venv)
+    diff = environment.compare(read_frozen(frozen), venv)
     assert [(f.key, f.value, i.value) for f, i in diff.changed] == [("zeta", "2.0", "2.1")]
     assert [r.key for r in diff.removed] == ["alpha-b"]
     assert "~ zeta 2.0 -> 2.1" in diff.render()
 
 
 def test_reinstalling_from_another_url_is_a_change(venv: Path, tmp_path: Path) -> None:
-    frozen = environment.parse_frozen("alpha.b @ file:///elsewhere/alpha_b-0.1-py3-none-any.whl\n"
+    frozen = parse_frozen("alpha.b @ file:///elsewhere/alpha_b-0.1-py3-none-any.whl\n"
                                       "zeta==2.0\nTiny_Pkg==1.0.0rc1\n-e /x\n", "f")
     diff = environment.compare(frozen, venv)
     assert [f.key for f, _ in diff.changed] == ["alpha-b"]
@@ -282,7 +376,7 @@ def test_reinstalling_from_another_url_is_a_change(venv: Path, tmp_path: Path) -
 
 
 def test_a_fresh_venv_matches_its_records(venv: Path) -> None:
-    report = environment.verify_records(venv)
+    report = verify_records(venv)
     assert report.ok, report.render()
     assert report.files_checked > 500  # pip and setuptools are in there
     assert not report.malformed and not report.refused and not report.mismatched
@@ -291,7 +385,7 @@ def test_a_fresh_venv_matches_its_records(venv: Path) -> None:
 def test_editing_an_installed_file_names_it(venv: Path) -> None:
     util = site_packages(venv) / "tiny_pkg" / "util.py"
     util.write_text("def f():\n    return 2  # patched\n")
-    report = environment.verify_records(venv)
+    report = verify_records(venv)
     assert not report.ok
     (issue,) = report.mismatched
     assert (issue.dist, issue.path) == ("Tiny_Pkg 1.0.0.RC1", "tiny_pkg/util.py")
@@ -305,14 +399,14 @@ def test_editing_an_installed_file_names_it(venv: Path) -> None:
 def test_pip_freeze_does_not_see_what_the_record_check_sees(venv: Path, tmp_path: Path) -> None:
     frozen = approve(venv, tmp_path / "frozen.txt")
     (site_packages(venv) / "zeta.py").write_text("Z = 'patched'\n")
-    assert environment.compare(environment.read_frozen(frozen), venv).ok
-    assert [i.path for i in environment.verify_records(venv).mismatched] == ["zeta.py"]
+    assert environment.compare(read_frozen(frozen), venv).ok
+    assert [i.path for i in verify_records(venv).mismatched] == ["zeta.py"]
 
 
 def test_deleted_file_and_console_script_outside_site_packages(venv: Path) -> None:
     (venv / "bin" / "tiny").unlink()  # RECORD lists it as ../../../bin/tiny
     (site_packages(venv) / "zeta.py").unlink()
-    report = environment.verify_records(venv)
+    report = verify_records(venv)
     assert sorted(i.path for i in report.missing) == ["../../../bin/tiny", "zeta.py"]
 
 
@@ -333,7 +427,7 @@ def test_malformed_and_escaping_record_rows_are_reported_not_fatal(venv: Path) -
              "other.py,md5=abc,1",
              "a,b,c,d"]
     record.write_text("\n".join(rows) + "\n")
-    report = environment.verify_records(venv)
+    report = verify_records(venv)
     assert report.ok, report.render()
     reasons = {i.path: i.reason for i in report.malformed}
     assert "hex digest where RECORD needs urlsafe base64" in reasons["zeta.py"]
@@ -343,7 +437,7 @@ def test_malformed_and_escaping_record_rows_are_reported_not_fatal(venv: Path) -
     assert "4 fields" in reasons["a"]
     assert [i.path for i in report.refused] == ["../../../../../../../../etc/hostname"]
     zeta.write_text("Z = 3\n")  # the hex row is still compared
-    assert [i.path for i in environment.verify_records(venv).mismatched] == ["zeta.py"]
+    assert [i.path for i in verify_records(venv).mismatched] == ["zeta.py"]
 
 
 def test_symlink_to_outside_the_venv_is_refused(venv: Path, tmp_path: Path) -> None:
@@ -352,7 +446,7 @@ def test_symlink_to_outside_the_venv_is_refused(venv: Path, tmp_path: Path) -> N
     outside.write_bytes(zeta.read_bytes())
     zeta.unlink()
     zeta.symlink_to(outside)
-    report = environment.verify_records(venv)
+    report = verify_records(venv)
     assert [i.path for i in report.refused] == ["zeta.py"]
 
 
@@ -364,7 +458,7 @@ def test_rewritten_bytecode_is_reported_apart(venv: Path) -> None:
     digest = base64.urlsafe_b64encode(hashlib.sha256(b"wheel's bytecode").digest())
     with record.open("a") as f:
         f.write(f"__pycache__/zeta.cpython-311.pyc,sha256={digest.rstrip(b'=').decode()},16\n")
-    report = environment.verify_records(venv)
+    report = verify_records(venv)
     assert report.ok
     assert [i.path for i in report.rewritten_bytecode] == ["__pycache__/zeta.cpython-311.pyc"]
 
@@ -372,7 +466,7 @@ def test_rewritten_bytecode_is_reported_apart(venv: Path) -> None:
 def test_cli_env_freeze_and_verify_with_config(venv: Path, tmp_path: Path) -> None:
     result = run_cli("env", "freeze", str(venv))
     assert result.returncode == 0
-    assert result.stdout == environment.freeze(venv)
+    assert result.stdout == freeze(venv)
     frozen = approve(venv, tmp_path / "frozen.txt")
     config = tmp_path / "sovereignd.yaml"
     config.write_text(f"server:\n  model: {tmp_path}\n  venv: {venv}\n"
@@ -390,7 +484,7 @@ def test_an_added_pth_file_is_reported_as_unrecorded(venv: Path) -> None:
     site = site_packages(venv)
     (site / "zz-startup.pth").write_text("import os; os.environ['PWNED'] = '1'\n")
     (site / "_virtualenv.pth").write_text("import _virtualenv\n")  # virtualenv's own: allowed
-    report = environment.verify_records(venv)
+    report = verify_records(venv)
     assert not report.ok
     assert [(i.path, i.reason) for i in report.unrecorded] == [
         ("zz-startup.pth", "a .pth file: its import lines run at every interpreter start")]
@@ -402,14 +496,14 @@ def test_an_added_pth_file_is_reported_as_unrecorded(venv: Path) -> None:
 def test_a_subset_check_hashes_only_the_touched_files(venv: Path) -> None:
     site = site_packages(venv)
     (site / "tiny_pkg" / "util.py").write_text("patched = True\n")
-    touched = environment.verify_records(venv, paths=[site / "tiny_pkg" / "util.py"])
+    touched = verify_records(venv, paths=[site / "tiny_pkg" / "util.py"])
     assert [i.path for i in touched.mismatched] == ["tiny_pkg/util.py"]
     assert touched.files_checked == 1
-    folder = environment.verify_records(venv, paths=[site / "tiny_pkg"])
+    folder = verify_records(venv, paths=[site / "tiny_pkg"])
     assert [i.path for i in folder.mismatched] == ["tiny_pkg/util.py"]
     assert folder.files_checked == 2
-    elsewhere = environment.verify_records(venv, paths=[site / "zeta.py"])
+    elsewhere = verify_records(venv, paths=[site / "zeta.py"])
     assert elsewhere.ok and elsewhere.files_checked == 1
     (site / "new.pth").write_text("")
-    event = environment.verify_records(venv, paths=[site / "new.pth"])
+    event = verify_records(venv, paths=[site / "new.pth"])
     assert [i.path for i in event.unrecorded] == ["new.pth"] and event.files_checked == 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sovereignd.backends.profiles import BACKENDS
+from sovereignd.backends.registry import BACKENDS
 from sovereignd.process.failures import EVIDENCE_CHARS, classify_exit, redact_text, same_cause
 from sovereignd.supervision.supervisor import CLASSIFY_LINES
 

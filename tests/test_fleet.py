@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sovereignd.logs.requestlog import iter_records
+from sovereignd.logs.records import iter_records
 from tests.fleet_support import HAProxy, Load, Prometheus, need, wait_until
 from tests.harness import Daemon, http
 from tests.helpers import REPO, run_cli, wait_for

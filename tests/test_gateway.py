@@ -34,13 +34,13 @@ def auditor_key(d: Daemon) -> str:
 
 
 def records(d: Daemon) -> list[dict[str, Any]]:
-    from sovereignd.logs.requestlog import iter_records
+    from sovereignd.logs.records import iter_records
 
     return list(iter_records(d.logs))
 
 
 def records_all(d: Daemon) -> list[dict[str, Any]]:
-    from sovereignd.logs.requestlog import iter_records
+    from sovereignd.logs.records import iter_records
 
     return list(iter_records(d.logs, kinds=None))
 

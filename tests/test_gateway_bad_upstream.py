@@ -47,7 +47,7 @@ def test_a_misframed_answer_is_a_502_at_once_with_an_event(make_daemon: MakeDaem
     event = wait_for(lambda: d.events("upstream_bad_response"), 5, what="the event")[0]
     assert event["level"] == "error" and reason in event["detail"]
     assert event["path"] == "/v1/chat/completions" and "hello" not in event["detail"]
-    from sovereignd.logs.requestlog import iter_records
+    from sovereignd.logs.records import iter_records
 
     rec = wait_for(lambda: [r for r in iter_records(d.logs) if r["id"] == event["request_id"]],
                    5, what="the record")[0]

@@ -12,7 +12,8 @@ import pytest
 
 from sovereignd.logs import sealing, verify
 from sovereignd.logs.eventlog import EventLog
-from sovereignd.logs.requestlog import LEDGER_NAME, LIVE_NAME, compress_file, list_segments
+from sovereignd.logs.records import LEDGER_NAME, LIVE_NAME, list_segments
+from sovereignd.logs.requestlog import compress_file
 from sovereignd.logs.verify import (
     DELETED,
     EDITED,

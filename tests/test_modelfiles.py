@@ -11,7 +11,7 @@ import pytest
 
 from sovereignd import config
 from sovereignd.backends import memory, modelfiles
-from sovereignd.backends.profiles import for_config
+from sovereignd.backends.registry import for_config
 from sovereignd.errors import ConfigError
 from tests.helpers import run_cli
 from tests.modeldirs import make_hf_cache, make_model

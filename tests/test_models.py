@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from sovereignd import config
-from sovereignd.backends import profiles, tasks
+from sovereignd.backends import registry, tasks
 from sovereignd.errors import ConfigError
 from tests.harness import Daemon, free_port, http
 from tests.helpers import run_cli, wait_for
@@ -57,7 +57,7 @@ def model_state(d: Daemon, name: str) -> str | None:
 
 
 def records(d: Daemon) -> list[dict[str, Any]]:
-    from sovereignd.logs.requestlog import iter_records
+    from sovereignd.logs.records import iter_records
 
     return list(iter_records(d.logs))
 
@@ -231,10 +231,10 @@ def test_a_pooling_model_is_proven_by_an_embedding(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     cfg = load(tmp_path, {**BASE, "server": {"model": "m", "args": ["--runner", "pooling"]}})
-    path, body = profiles.for_config(cfg).canary(cfg)
+    path, body = registry.for_config(cfg).canary(cfg)
     assert path == "/v1/embeddings" and body == {"model": "m", "input": "ping"}
     cfg = load(tmp_path, {**BASE, "server": {"model": "m"}})
-    assert profiles.for_config(cfg).canary(cfg)[0] == "/v1/chat/completions"
+    assert registry.for_config(cfg).canary(cfg)[0] == "/v1/chat/completions"
 
 
 def test_the_service_stop_timeout_covers_the_longest_drain_of_all_models(

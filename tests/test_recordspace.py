@@ -9,7 +9,7 @@ import pytest
 
 from sovereignd import config
 from sovereignd.logs import recordspace
-from sovereignd.logs.requestlog import list_segments, read_ledger
+from sovereignd.logs.records import list_segments, read_ledger
 from sovereignd.logs.verify import verify_logs
 from tests.reqlog_support import Site, write
 

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from sovereignd.logs import requestlog
-from sovereignd.logs.requestlog import RequestLog, RequestLogError, iter_records, maintain
+from sovereignd.logs.records import iter_records
+from sovereignd.logs.requestlog import RequestLog, RequestLogError, maintain
 from sovereignd.logs.verify import verify_logs
 from tests.reqlog_support import Clock, Events, Site, crash, request
 

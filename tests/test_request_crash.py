@@ -73,7 +73,7 @@ def test_sigkill_under_load_leaves_every_answer_recorded_and_every_start_closed(
 
 
 def _find(d: Daemon, kind: str, rid: str) -> dict[str, Any] | None:
-    from sovereignd.logs.requestlog import iter_records
+    from sovereignd.logs.records import iter_records
 
     return next((r for r in iter_records(d.logs, kinds=(kind,)) if r["id"] == rid), None)
 

@@ -13,16 +13,8 @@ import orjson
 import pytest
 
 from sovereignd.logs import sealing
-from sovereignd.logs.requestlog import (
-    LEDGER_NAME,
-    REQUEST_FIELDS,
-    RequestLog,
-    RequestLogError,
-    iter_records,
-    list_segments,
-    maintain,
-    read_ledger,
-)
+from sovereignd.logs.records import LEDGER_NAME, iter_records, list_segments, read_ledger
+from sovereignd.logs.requestlog import REQUEST_FIELDS, RequestLog, RequestLogError, maintain
 from sovereignd.logs.verify import TRUNCATED, UNSEALED, verify_logs
 from tests.reqlog_support import Clock, Events, Site, request, write
 

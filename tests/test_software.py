@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from sovereignd.errors import ManifestError
-from sovereignd.integrity import environment, software
+from sovereignd.integrity import software
+from sovereignd.integrity.record import verify_records
 from tests.harness import Daemon
 from tests.helpers import DAEMON_SRC, cli_env, run_cli, wait_for
 from tests.venvtools import PyEnv, make_wheel, pip, site_packages
@@ -65,7 +66,7 @@ def test_a_pyc_payload_under_its_original_header_is_drift_named_with_the_file(
     approved = software.create(venv)
     pyc = plant_payload(venv)
     assert MARKER in run_in(venv, "import six")
-    assert environment.verify_records(venv).ok  # pip writes no hash for .pyc: RECORD is blind
+    assert verify_records(venv).ok  # pip writes no hash for .pyc: RECORD is blind
     report = software.verify(approved)
     assert [(i.path, i.status) for i in report.issues] == [(str(pyc), "CHANGED")]
     assert "its code is not what its source compiles to" in report.issues[0].detail

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from sovereignd.backends.profiles import BACKENDS
+from sovereignd.backends.registry import BACKENDS
 from sovereignd.logs.serveroutput import ServerOutput
 from tests.harness import Daemon
 from tests.helpers import wait_for

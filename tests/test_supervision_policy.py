@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from sovereignd import config
-from sovereignd.backends.profiles import Backend
+from sovereignd.backends.vllm import VllmBackend
 from sovereignd.gateway.metrics import Metrics
 from sovereignd.logs.eventlog import EventLog
 from sovereignd.logs.serveroutput import ServerOutput
@@ -56,7 +56,7 @@ class Sim:
         self.runtime = FakeRuntime(self.loop, *scripts, default=default)
         self.probes = FakeProbes(self.runtime)
         self.events: list[dict[str, Any]] = []
-        self.sup = Supervisor(cfg, Backend(), EventLog(None, stream=None,
+        self.sup = Supervisor(cfg, VllmBackend(), EventLog(None, stream=None,
                                                         listeners=[self.events.append]),
                               Metrics(), output=ServerOutput(None, 100), runtime=self.runtime,
                               prober=self.probes)

@@ -14,7 +14,7 @@ import pytest
 
 from sovereignd.logs import tail
 from sovereignd.logs.files import RotatingFile
-from sovereignd.logs.requestlog import iter_records
+from sovereignd.logs.records import iter_records
 from tests.harness import Daemon, http
 from tests.helpers import cli_argv, cli_env, run_cli, wait_for
 from tests.reqlog_support import Clock, Events, Site, request

@@ -200,6 +200,8 @@ def _env_targets(args: argparse.Namespace) -> tuple[Path, Path | None, bool, int
 
 def _cmd_env_verify(args: argparse.Namespace) -> int:
     from sovereignd.integrity import environment, software
+    from sovereignd.integrity.frozen import read_frozen
+    from sovereignd.integrity.record import verify_records
 
     if args.self:
         cfg = _load(args)
@@ -216,7 +218,7 @@ def _cmd_env_verify(args: argparse.Namespace) -> int:
     venv, frozen, record, workers, files = _env_targets(args)
     failed = []
     if frozen is not None:
-        diff = environment.compare(environment.read_frozen(frozen), venv)
+        diff = environment.compare(read_frozen(frozen), venv)
         print(diff.render())
         if not diff.ok:
             failed.append("installed packages differ from the frozen requirements")
@@ -231,7 +233,7 @@ def _cmd_env_verify(args: argparse.Namespace) -> int:
             failed.append("files of the venv or its interpreter differ from the approved "
                           "software")
     if record:
-        report = environment.verify_records(venv, workers=workers)
+        report = verify_records(venv, workers=workers)
         print(report.render())
         if not report.ok:
             failed.append("installed files differ from their RECORD")
@@ -244,9 +246,9 @@ def _cmd_env_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_env_freeze(args: argparse.Namespace) -> int:
-    from sovereignd.integrity import environment
+    from sovereignd.integrity.venv import freeze
 
-    sys.stdout.write(environment.freeze(args.venv, all=args.all))
+    sys.stdout.write(freeze(args.venv, all=args.all))
     return EX_OK
 
 

@@ -15,7 +15,8 @@ from typing import Any
 import uvloop
 
 from sovereignd import __version__
-from sovereignd.backends import memory, profiles
+from sovereignd.backends import memory, registry
+from sovereignd.backends.base import Backend
 from sovereignd.config import Config
 from sovereignd.gateway import alertmetrics, modelmetrics
 from sovereignd.gateway.control import ControlServer
@@ -31,7 +32,8 @@ from sovereignd.logs import recordspace
 from sovereignd.logs.eventlog import EventLog
 from sovereignd.logs.files import RotatingFile
 from sovereignd.logs.libraries import route_library_logs
-from sovereignd.logs.requestlog import RequestLog, iter_records, maintain
+from sovereignd.logs.records import iter_records
+from sovereignd.logs.requestlog import RequestLog, maintain
 from sovereignd.logs.serveroutput import ServerOutput
 from sovereignd.service import fdlimit, guardrails, upgrade
 from sovereignd.supervision import budget
@@ -66,11 +68,11 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     unroute_logs = route_library_logs(events.emit)  # no plain-text line on stderr
     metrics = Metrics()
     events.on_write_failure = metrics.event_log_failures.inc
-    backend = profiles.for_config(cfg)
+    backend = registry.for_config(cfg)
     metrics.set_info(backend.name)
     outputs: list[ServerOutput] = []
 
-    def output_for(view: Config, model_backend: profiles.Backend) -> ServerOutput:
+    def output_for(view: Config, model_backend: Backend) -> ServerOutput:
         # One server.log per model (server.NAME.log when there are several).
         name = "server.log" if len(cfg.models) <= 1 else \
             f"server.{next(iter(view.models.values())).folder}.log"

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sovereignd import config
-from sovereignd.backends import profiles
+from sovereignd.backends import registry
 from tests.e2e.conftest import CACHE, MLX_VENV, TINY_MODEL, VLLM_VENV
 from tests.harness import Daemon, free_port, group_processes, http
 from tests.helpers import REPO, run_cli, wait_for
@@ -57,7 +57,7 @@ def ts(event: dict[str, Any]) -> float:
 def alone(d: Daemon) -> tuple[float, float]:
     """The server launched directly as the daemon would: (to /health 200, to 1st completion)."""
     cfg = config.load(d.config_path)
-    backend = profiles.for_config(cfg)
+    backend = registry.for_config(cfg)
     key = "bench-key-not-secret-0123456789abcdef"
     env = {**os.environ, "PATH": f"{cfg.server.venv}/bin:{os.environ['PATH']}",
            **backend.env(cfg, key)}

@@ -18,7 +18,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from sovereignd.logs.requestlog import iter_records
+from sovereignd.logs.records import iter_records
 from tests.fleet_support import HAProxy, Load
 from tests.harness import Daemon
 from tests.helpers import run_cli, wait_for

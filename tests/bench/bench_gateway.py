@@ -412,7 +412,7 @@ def refusals(logs: Path, after_seq: int) -> str:
     """The gateway's answers other than 200 since record `after_seq`, by status and error
     (the row's errors say only that wrk saw them; the records say what they were), and the
     daemon's warnings meanwhile."""
-    from sovereignd.logs.requestlog import iter_records
+    from sovereignd.logs.records import iter_records
 
     seen = collections.Counter(f"{r['status']} {r.get('error') or ''}".strip()
                                for r in iter_records(logs)

@@ -28,7 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "daemon"))
 
-from sovereignd.integrity import environment, hashing, manifest, software  # noqa: E402 - after the path is set
+from sovereignd.integrity import hashing, manifest, software  # noqa: E402 - after the path is set
+from sovereignd.integrity.record import verify_records  # noqa: E402
+from sovereignd.integrity.venv import freeze  # noqa: E402
 from sovereignd.units import parse_size  # noqa: E402
 
 BLOCK = 64 * 2**20
@@ -212,7 +214,7 @@ def bench_venv(args: argparse.Namespace) -> None:
     print(f"\nRECORD verification of {venv}:")
     for label in ("first run", "again (warm cache)"):
         start = time.perf_counter()
-        report = environment.verify_records(venv, workers=args.workers)
+        report = verify_records(venv, workers=args.workers)
         seconds = time.perf_counter() - start
         verdict = ("all match" if report.ok else
                    f"{len(report.mismatched)} changed, {len(report.missing)} missing")
@@ -237,7 +239,7 @@ def bench_venv(args: argparse.Namespace) -> None:
               f"{'all match' if files.ok else f'{len(files.issues)} problems'}, "
               f"{len(files.recompiled)} recompiled .pyc")
     start = time.perf_counter()
-    frozen = environment.freeze(venv)
+    frozen = freeze(venv)
     print(f"  freeze (metadata only) {len(frozen.splitlines())} lines in "
           f"{time.perf_counter() - start:.3f} s")
 

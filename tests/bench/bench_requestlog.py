@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "daemon"))
 
 from sovereignd.gateway import keys
 from sovereignd.logs import sealing
-from sovereignd.logs.requestlog import RequestLog, list_segments
+from sovereignd.logs.records import list_segments
+from sovereignd.logs.requestlog import RequestLog
 from sovereignd.logs.verify import verify_logs
 from sovereignd.units import parse_size
 

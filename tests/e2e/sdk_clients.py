@@ -14,7 +14,7 @@ import anthropic
 import openai
 import pytest
 
-from sovereignd.logs.requestlog import iter_records
+from sovereignd.logs.records import iter_records
 from tests.e2e.conftest import setup_cli
 from tests.harness import Daemon
 from tests.helpers import wait_for

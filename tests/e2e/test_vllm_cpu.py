@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from sovereignd import config
-from sovereignd.logs.requestlog import iter_records
+from sovereignd.logs.records import iter_records
 from sovereignd.service import firewall
 from tests.accounts import require_root, system_user
 from tests.e2e import sdk_clients

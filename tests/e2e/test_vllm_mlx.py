@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sovereignd.logs.requestlog import iter_records
+from sovereignd.logs.records import iter_records
 from tests.e2e import sdk_clients
 from tests.harness import Daemon, group_processes, http
 from tests.helpers import run_cli, wait_for

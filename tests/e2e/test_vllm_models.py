@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from sovereignd.logs.requestlog import iter_records
+from sovereignd.logs.records import iter_records
 from tests.e2e.conftest import running, vllm_overrides
 from tests.harness import Daemon, free_port, group_processes, http
 from tests.helpers import wait_for

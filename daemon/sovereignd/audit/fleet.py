@@ -23,7 +23,7 @@ import orjson
 from sovereignd.audit import export as export_mod
 from sovereignd.audit.evidence import AuditError, read_events, request_stats
 from sovereignd.logs.files import utc_timestamp
-from sovereignd.logs.requestlog import iter_records
+from sovereignd.logs.records import iter_records
 from sovereignd.logs.verify import VerifyResult, verify_logs
 from sovereignd.textsafe import escape
 

@@ -59,7 +59,7 @@ from sovereignd.audit.model import (
 from sovereignd.config import Config
 from sovereignd.logs import verify
 from sovereignd.logs.files import utc_timestamp
-from sovereignd.logs.requestlog import iter_records
+from sovereignd.logs.records import iter_records
 from sovereignd.service import hostfacts
 from sovereignd.units import human_size
 

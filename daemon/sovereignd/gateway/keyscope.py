@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sovereignd.gateway.quotas import LIMITS, Quota, QuotaBook, month_start
 from sovereignd.gateway.scopes import parse_models
-from sovereignd.logs.requestlog import iter_records
+from sovereignd.logs.records import iter_records
 
 
 def _models(text: str) -> tuple[str, ...]:

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 from aiohttp import HttpVersion11, web
 
-from sovereignd.backends.profiles import Backend
+from sovereignd.backends.base import Backend
 from sovereignd.config import Config
 from sovereignd.gateway import anthropic, promptcap, responses, scopes
 from sovereignd.gateway.auththrottle import AuthFailures

@@ -13,7 +13,10 @@ from pathlib import Path
 from sovereignd.config import Config
 from sovereignd.errors import CheckFailed, ConfigError, ConfigProblem
 from sovereignd.fsutil import atomic_write
-from sovereignd.integrity import environment, manifest, signing, software
+from sovereignd.integrity import manifest, signing, software
+from sovereignd.integrity.frozen import companion_path, parse_frozen, render_companion
+from sovereignd.integrity.record import verify_records
+from sovereignd.integrity.venv import freeze
 from sovereignd.units import human_rate, human_size
 
 
@@ -101,13 +104,13 @@ def write_baselines(cfg: Config, *, workers: int | None = None,
     venv = cfg.server.venv
     if frozen_path is not None and venv is not None:
         if cfg.environment.record_check:
-            report = environment.verify_records(venv, workers=threads)
+            report = verify_records(venv, workers=threads)
             if not report.ok:
                 raise CheckFailed("refusing to approve the server venv: installed files differ "
                                   f"from their RECORD:\n{report.render()}\nReinstall the "
                                   "affected packages, then run the baseline again")
         # --all: pip, setuptools and wheel are server software too (uv pip freeze lists them).
-        frozen_data = environment.freeze(venv, all=True).encode()
+        frozen_data = freeze(venv, all=True).encode()
         if cfg.environment.files_check:
             files = software.create(venv, workers=threads)
     own = None
@@ -139,10 +142,10 @@ def write_baselines(cfg: Config, *, workers: int | None = None,
             frozen_data = software.link_line(files_path, files_digest) + frozen_data
             written.append(Written(files_path, files_digest, _software_what(files)))
         atomic_write(frozen_path, frozen_data, mode=0o644)
-        companion = environment.companion_path(frozen_path)
-        companion_data = environment.render_companion(frozen_path, frozen_data)
+        companion = companion_path(frozen_path)
+        companion_data = render_companion(frozen_path, frozen_data)
         atomic_write(companion, companion_data, mode=0o644)
-        count = len(environment.parse_frozen(frozen_data).requirements)
+        count = len(parse_frozen(frozen_data).requirements)
         written.append(Written(frozen_path, companion_data.split(b" ", 1)[0].decode(),
                                f"{count} packages of {venv}, pip freeze --all format"))
         written.append(Written(companion, manifest.file_sha256(companion),
@@ -151,8 +154,8 @@ def write_baselines(cfg: Config, *, workers: int | None = None,
         path = cfg.daemon.software_manifest
         digest = software.write(path, own)
         written.append(Written(path, digest, _software_what(own) + " (the daemon itself)"))
-        companion = environment.companion_path(path)
-        atomic_write(companion, environment.render_companion(path, path.read_bytes()),
+        companion = companion_path(path)
+        atomic_write(companion, render_companion(path, path.read_bytes()),
                      mode=0o644)
         written.append(Written(companion, manifest.file_sha256(companion),
                                f"shasum -a 256 of {path.name}"))

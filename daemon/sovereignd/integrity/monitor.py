@@ -40,6 +40,9 @@ from watchdog.observers import Observer
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
 from sovereignd.integrity import environment, manifest, safetensors, signing, software
+from sovereignd.integrity.frozen import FrozenRequirements, companion_path, read_frozen
+from sovereignd.integrity.record import verify_records
+from sovereignd.integrity.venv import site_packages
 from sovereignd.logs.eventlog import EventLog
 from sovereignd.logs.files import utc_timestamp
 from sovereignd.supervision.states import State
@@ -594,7 +597,7 @@ class EnvironmentGuard(Guard):
 
     def __init__(self, cfg: Config, supervisor: Supervisor, events: EventLog) -> None:
         super().__init__(cfg, supervisor, events)
-        self.frozen: environment.FrozenRequirements | None = None
+        self.frozen: FrozenRequirements | None = None
         self.frozen_sha256: str | None = None
         self.packages = 0
         self.record_files = 0
@@ -615,7 +618,7 @@ class EnvironmentGuard(Guard):
         return self.cfg.environment.frozen
 
     def baseline_files(self) -> list[Path]:
-        return [self.path, environment.companion_path(self.path)]
+        return [self.path, companion_path(self.path)]
 
     @property
     def policy(self) -> str:
@@ -630,11 +633,11 @@ class EnvironmentGuard(Guard):
 
     def watched(self) -> list[Path]:
         if self.software is None:
-            return environment.site_packages(self.venv)
+            return site_packages(self.venv)
         return [Path(p) for p in self.software.roots() if Path(p).is_dir()]
 
     def load(self) -> None:
-        self.frozen = environment.read_frozen(self.path)
+        self.frozen = read_frozen(self.path)
         self.frozen_sha256 = manifest.file_sha256(self.path)
         if self.cfg.environment.files_check:
             self.software = software.read_approved(self.path)
@@ -657,7 +660,7 @@ class EnvironmentGuard(Guard):
             if key.startswith("package ") and key not in out:
                 out[key] = {}
         if self.cfg.environment.record_check:
-            report = environment.verify_records(
+            report = verify_records(
                 self.venv, paths=None if paths is None else [Path(p) for p in paths],
                 workers=self.cfg.integrity.hash_workers, low_priority=low_priority,
                 stop=self._stop)

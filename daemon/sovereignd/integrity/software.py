@@ -38,7 +38,7 @@ from pathlib import Path
 from sovereignd.errors import CheckFailed, ManifestError
 from sovereignd.fsutil import atomic_write
 from sovereignd.integrity import hashing
-from sovereignd.integrity.environment import check_companion
+from sovereignd.integrity.frozen import check_companion
 from sovereignd.integrity.manifest import format_sum_line, parse_sum_lines
 from sovereignd.units import human_rate, human_size
 

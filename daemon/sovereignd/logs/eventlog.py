@@ -6,6 +6,11 @@ StandardErrorPath or journald keeps. Values go in keys, never into the message.
 Logging cannot stop supervision: an event that cannot be written to the file (ENOSPC, EIO)
 still goes to stderr, is counted (`write_failures`, `sovereignd_event_log_failures`), and
 `emit` never raises.
+
+The line is made by structlog's processor chain: `add_log_level`, the timestamp, the
+listeners, then `JSONRenderer` with orjson. `ts`, `level` and `event` lead every line (for
+`tail`) because they are the logger's initial context: structlog starts each event dict from
+the context, and a processor that sets one of them replaces its value in place.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+import orjson
 import structlog
 
-from sovereignd.logs.files import RotatingFile, dumps, utc_timestamp
+from sovereignd.logs.files import RotatingFile, utc_timestamp
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
@@ -50,16 +56,15 @@ class _Sink:
     debug = info = warning = error = critical = exception = msg
 
 
+# The keys every line starts with, in this order.
+LEADING = ("ts", "level", "event")
+
+
 def _add_time(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
+    # Not structlog's TimeStamper: its formats give microseconds (isoformat, strftime %f), and
+    # `ts` is the millisecond form of the request records, compared as text by the audit.
     event["ts"] = utc_timestamp(time.time())
     return event
-
-
-def _render(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> bytes:
-    # Fixed leading keys make `tail` readable; the rest keep their insertion order.
-    head = {"ts": event.pop("ts"), "level": event.pop("level"), "event": event.pop("event")}
-    head.update(event)
-    return dumps(head)
 
 
 class EventLog:
@@ -75,9 +80,12 @@ class EventLog:
         self.on_write_failure: Callable[[], None] | None = None
         self._log = structlog.wrap_logger(
             _Sink(self.file, stream, self._write_failed),
-            processors=[structlog.processors.add_log_level, _add_time, self._notify, _render],
+            processors=[structlog.processors.add_log_level, _add_time, self._notify,
+                        # default=str: values JSON lacks (Path, enum) become strings.
+                        structlog.processors.JSONRenderer(serializer=orjson.dumps, default=str)],
             wrapper_class=structlog.make_filtering_bound_logger(LEVELS["info"]),
             cache_logger_on_first_use=False,
+            **dict.fromkeys(LEADING),
         )
 
     def _notify(self, _logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:

@@ -97,13 +97,12 @@ import datetime as dt
 import gzip
 import hashlib
 import os
-import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import Any
 
 import orjson
 import psutil
@@ -113,10 +112,19 @@ from sovereignd.errors import SovereigndError
 from sovereignd.fsutil import atomic_write
 from sovereignd.logs import sealing
 from sovereignd.logs.eventlog import Emit, discard
-from sovereignd.logs.files import utc_timestamp
+from sovereignd.logs.records import (
+    LEDGER_NAME,
+    LIVE_NAME,
+    Segment,
+    first_line,
+    last_marker_line,
+    list_segments,
+    open_lines,
+    read_ledger,
+    rotated_name,
+    size_of,
+)
 
-LIVE_NAME = "requests.log"
-LEDGER_NAME = "requests.retention"
 BODY_MODES = ("none", "hash", "full")
 SYNC_MODES = ("always", "interval", "never")
 # The record format written by this version: 2 = records before the answer ends, starts logged.
@@ -133,183 +141,12 @@ REQUEST_FIELDS = ("id", "client", "method", "path", "model", "status", "stream",
 BODY_FIELDS = ("req_sha256", "resp_sha256", "req_body", "resp_body")
 _ACCEPTED = frozenset(REQUEST_FIELDS + BODY_FIELDS)
 
-_ROTATED = re.compile(r"^requests-(\d{8}T\d{6}Z)-(\d{12})-(\d{12})\.log(\.gz)?$")
-_SEQ_DIGITS = 12
 # Retention also runs this often (seconds) without rotations, for requests.max_age.
 RETENTION_CHECK_INTERVAL = 60.0
 
 
 class RequestLogError(SovereigndError):
     """The request log cannot be opened or written; the message says what to do."""
-
-
-# ---------------------------------------------------------------------------------------------
-# File names and reading
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One rotated file of the request log, as its name describes it."""
-
-    path: Path
-    start: float
-    first: int
-    last: int
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def compressed(self) -> bool:
-        return self.path.name.endswith(".gz")
-
-
-def rotated_name(start: float, first: int, last: int) -> str:
-    """`requests-20261122T021100Z-000000000001-000000000512.log`: sorts by time and sequence."""
-    stamp = dt.datetime.fromtimestamp(start, tz=dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    return f"requests-{stamp}-{first:0{_SEQ_DIGITS}d}-{last:0{_SEQ_DIGITS}d}.log"
-
-
-def parse_rotated_name(path: Path) -> Segment | None:
-    m = _ROTATED.match(path.name)
-    if not m:
-        return None
-    start = dt.datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
-    return Segment(path, start.timestamp(), int(m.group(2)), int(m.group(3)))
-
-
-def _size_of(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def list_segments(logs_dir: Path) -> list[Segment]:
-    """Rotated files, oldest first; where a plain file and its .gz both exist, the plain one.
-
-    Both exist only between the .gz's rename and the plain file's removal; both are complete.
-    """
-    by_range: dict[tuple[int, int], Segment] = {}
-    try:
-        entries = list(logs_dir.iterdir())
-    except FileNotFoundError:
-        return []
-    for p in entries:
-        seg = parse_rotated_name(p)
-        if seg is None:
-            continue
-        key = (seg.first, seg.last)
-        if key not in by_range or not seg.compressed:
-            by_range[key] = seg
-    return sorted(by_range.values(), key=lambda s: (s.first, s.last))
-
-
-def open_lines(path: Path) -> IO[bytes]:
-    """A binary reader of a log file, decompressing `.gz`; iterate it for lines."""
-    if path.name.endswith(".gz"):
-        return cast(IO[bytes], gzip.open(path, "rb"))
-    return path.open("rb")
-
-
-def read_ledger(logs_dir: Path) -> list[dict[str, Any]]:
-    """Entries of the retention ledger, in the order they were appended.
-
-    Raises ValueError naming the line if one is not valid JSON.
-    """
-    entries: list[dict[str, Any]] = []
-    try:
-        with (logs_dir / LEDGER_NAME).open("rb") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    entry = orjson.loads(line)
-                except orjson.JSONDecodeError as exc:
-                    raise ValueError(f"{LEDGER_NAME} line {n} is not valid JSON") from exc
-                if not isinstance(entry, dict):
-                    raise ValueError(f"{LEDGER_NAME} line {n} is not an object")
-                entries.append(entry)
-    except FileNotFoundError:
-        pass
-    return entries
-
-
-def _first_line(path: Path) -> bytes:
-    with open_lines(path) as f:
-        return f.readline().rstrip(b"\n")
-
-
-def _last_line(path: Path) -> bytes:
-    """The last complete line of a (rotated, therefore complete) file."""
-    last = b""
-    with open_lines(path) as f:
-        for line in f:
-            if line.endswith(b"\n"):
-                last = line
-    return last.rstrip(b"\n")
-
-
-def _line_with_key_id(data: bytes) -> bytes | None:
-    # Markers carry "key_id"; a request's string values cannot contain the bare key
-    # (JSON escapes their quotes), so the last occurrence is in the last marker.
-    at = data.rfind(b'"key_id":')
-    if at < 0:
-        return None
-    start = data.rfind(b"\n", 0, at) + 1
-    end = data.find(b"\n", at)
-    return data[start:end if end >= 0 else len(data)]
-
-
-def iter_records(logs_dir: Path, since: float | None = None, until: float | None = None,
-                 kinds: tuple[str, ...] | None = ("request",)) -> Iterator[dict[str, Any]]:
-    """Records in sequence order across rotated and live files, optionally within [since, until).
-
-    `since`/`until` are POSIX seconds compared with each record's `ts`; files whose time range
-    lies wholly outside are not opened. `kinds=None` yields markers too. This reads; it does not
-    verify (use `logverify.verify_logs` for that). A torn last line is skipped.
-    """
-    files: list[tuple[Path, float]] = [(s.path, s.start) for s in list_segments(logs_dir)]
-    live = logs_dir / LIVE_NAME
-    if live.exists():
-        files.append((live, files[-1][1] if files else 0.0))
-    lo = _iso(since) if since is not None else None
-    hi = _iso(until) if until is not None else None
-    for i, (path, start) in enumerate(files):
-        end = files[i + 1][1] if i + 1 < len(files) else None
-        if until is not None and start >= until:
-            break
-        if since is not None and end is not None and end < since:
-            continue
-        try:
-            f = open_lines(path)
-        except FileNotFoundError:
-            continue  # compressed or removed since the listing
-        with f:
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break
-                try:
-                    rec = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue
-                if not isinstance(rec, dict):
-                    continue
-                if kinds is not None and rec.get("kind") not in kinds:
-                    continue
-                ts = rec.get("ts")
-                if isinstance(ts, str):
-                    if lo is not None and ts < lo:
-                        continue
-                    if hi is not None and ts >= hi:
-                        continue
-                yield rec
-
-
-def _iso(seconds: float) -> str:
-    # Lexical comparison of these fixed-width timestamps orders them in time.
-    return utc_timestamp(seconds)
 
 
 class _Timestamps:
@@ -620,7 +457,7 @@ class RequestLog:
         head.last_kind = str(last.get("kind"))
         epoch = last.get("epoch")
         head.epoch = last.get("next_epoch") if head.last_kind == "epoch" else epoch
-        marker = _line_with_key_id(source_data)
+        marker = last_marker_line(source_data)
         if marker is not None:
             head.key_id = self._parse(marker, source, "last marker").get("key_id")
         return head
@@ -943,7 +780,7 @@ class RequestLog:
         segments = list_segments(self.logs_dir)
         # The newest rotated file always stays: with it, the log can be continued and checked.
         excess = len(segments) - self.keep_files if self.keep_files else 0
-        total = sum(_size_of(seg.path) for seg in segments) if self.max_total_bytes else 0
+        total = sum(size_of(seg.path) for seg in segments) if self.max_total_bytes else 0
         for i, seg in enumerate(segments[:-1]):
             nxt = segments[i + 1]
             too_many = i < excess
@@ -953,12 +790,12 @@ class RequestLog:
             if not (too_many or too_old or too_big) or seg.path in self._compressing \
                     or nxt.path in self._compressing:
                 break
-            total -= _size_of(seg.path)
+            total -= size_of(seg.path)
             self._retire(seg, nxt, "keep_files" if too_many else "max_age" if too_old
                          else "max_total_bytes", now)
 
     def _retire(self, seg: Segment, nxt: Segment, reason: str, now: float) -> None:
-        first = orjson.loads(_first_line(nxt.path))
+        first = orjson.loads(first_line(nxt.path))
         entry = {"ts": self._ts.format(now), "file": seg.name, "first": seg.first,
                  "last": seg.last, "reason": reason, "next_prev": first.get("prev"),
                  "next_epoch": first.get("epoch"), "key_id": first.get("key_id")}

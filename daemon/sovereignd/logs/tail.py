@@ -25,7 +25,7 @@ import orjson
 
 from sovereignd.errors import SovereigndError
 from sovereignd.logs.files import rotated_files
-from sovereignd.logs.requestlog import LIVE_NAME, list_segments, open_lines
+from sovereignd.logs.records import LIVE_NAME, list_segments, open_lines
 from sovereignd.textsafe import escape, escape_all
 
 SOURCES = ("events", "server", "requests")

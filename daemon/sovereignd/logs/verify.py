@@ -30,7 +30,7 @@ import orjson
 
 from sovereignd.logs import sealing
 from sovereignd.logs.files import rotated_files
-from sovereignd.logs.requestlog import LEDGER_NAME, LIVE_NAME, list_segments, read_ledger
+from sovereignd.logs.records import LEDGER_NAME, LIVE_NAME, list_segments, read_ledger
 
 EDITED = "edited"
 DELETED = "deleted"

@@ -9,10 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sovereignd.backends import memory, modelfiles, profiles, serverargs, tasks
+from sovereignd.backends import memory, modelfiles, registry, serverargs, tasks
 from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
-from sovereignd.integrity import environment, manifest, signing, software
+from sovereignd.integrity import manifest, signing, software
+from sovereignd.integrity.frozen import read_frozen
 from sovereignd.service import guardrails
 from sovereignd.supervision import budget
 from sovereignd.supervision.models import model_config
@@ -155,7 +156,7 @@ def _check_model_files(cfg: Config, report: Report) -> None:
 def _check_server_args(cfg: Config, report: Report) -> None:
     """server.args through the server's own parser, in the server venv (no model loaded)."""
     s = cfg.server
-    backend = profiles.for_config(cfg)
+    backend = registry.for_config(cfg)
     python = serverargs.server_python(s.command, s.venv)
     argv = backend.argv(cfg, serverargs.PLACEHOLDER_KEY)
     base = argv[: len(argv) - len(s.args)]
@@ -242,7 +243,7 @@ def _check_dirs(cfg: Config, report: Report) -> None:
 
 
 def _check_backend(cfg: Config, report: Report) -> None:
-    backend = profiles.for_config(cfg)
+    backend = registry.for_config(cfg)
     if backend.key_in_argv:
         report.add(WARN, "internal key", f"{backend.name} takes its key only as --api-key: it "
                    "is visible to local users in `ps` while the server runs")
@@ -342,7 +343,7 @@ def _check_baselines(cfg: Config, report: Report) -> None:
         report.add(FAIL, "software baseline", "environment.frozen needs server.venv")
     else:
         try:
-            reqs = environment.read_frozen(frozen)
+            reqs = read_frozen(frozen)
             report.add(OK, "software baseline", f"{frozen}: {len(reqs.requirements)} packages, "
                        ".sha256 companion matches")
         except (SovereigndError, OSError) as exc:

@@ -11,7 +11,7 @@ with the state changes the restart causes. An upgrade therefore needs the daemon
 refuses to start otherwise, before anything is built or switched.
 
 The frozen baseline (environment.frozen and its .sha256) is written with the same freezer as
-`sovereignd baseline` (environment.freeze, `pip freeze --all` format).
+`sovereignd baseline` (integrity.venv.freeze, `pip freeze --all` format).
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from sovereignd.config import Config
 from sovereignd.errors import SovereigndError
 from sovereignd.fsutil import atomic_write
 from sovereignd.gateway import control, drain
-from sovereignd.integrity import environment, locks, software
+from sovereignd.integrity import locks, software
+from sovereignd.integrity.frozen import render_companion
+from sovereignd.integrity.venv import freeze
 from sovereignd.logs.eventlog import EventLog
 
 STEPS = frozenset({"begin", "build", "built", "baseline", "drain", "drained", "switch",
@@ -72,15 +74,15 @@ def event_action(events: EventLog) -> Callable[[dict[str, Any]], dict[str, Any]]
 def freeze_venv(venv: Path) -> bytes:
     """The venv's installed set as `baseline` writes it (`pip freeze --all` format), read from
     its package metadata without running its Python."""
-    if not environment.freeze(venv).strip():
+    if not freeze(venv).strip():
         raise UpgradeFailed(f"{venv} holds no installed distributions besides pip's own (no "
                             "lib/python3*/site-packages/*.dist-info): not a built server venv")
-    return environment.freeze(venv, all=True).encode()
+    return freeze(venv, all=True).encode()
 
 
 def companion_bytes(frozen: Path, data: bytes) -> bytes:
     """The .sha256 companion, as `shasum -a 256 NAME` run beside the frozen file writes it."""
-    return environment.render_companion(frozen, data)
+    return render_companion(frozen, data)
 
 
 @dataclass(frozen=True)

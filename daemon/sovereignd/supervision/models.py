@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sovereignd.backends import profiles
-from sovereignd.backends.profiles import Backend
+from sovereignd.backends import registry
+from sovereignd.backends.base import Backend
 from sovereignd.config import Config, ModelSpec
 from sovereignd.gateway.metrics import Metrics
 from sovereignd.logs.eventlog import EventLog
@@ -131,7 +131,7 @@ class Models:
         several = len(cfg.models) > 1
         for spec in cfg.models.values():
             view = model_config(cfg, spec)
-            backend = profiles.for_config(view)
+            backend = registry.for_config(view)
             self.models[spec.name] = Model(
                 spec, view, backend,
                 ModelEvents(events, spec.name) if several else events,

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sovereignd import __version__
-from sovereignd.backends.profiles import Backend
+from sovereignd.backends.base import Backend
 from sovereignd.config import Config
 from sovereignd.gateway.metrics import Metrics
 from sovereignd.http.upstream import Target

@@ -10,7 +10,8 @@ from sovereignd.audit.controls.findings import conclude, last_check
 from sovereignd.audit.inputs import Inputs
 from sovereignd.audit.model import FAIL, PASS, SECTIONS, WARN, Control, short_ts
 from sovereignd.errors import FrozenFileError, SovereigndError
-from sovereignd.integrity import environment, software
+from sovereignd.integrity import software
+from sovereignd.integrity.frozen import check_companion, parse_frozen
 from sovereignd.units import human_size
 
 
@@ -39,9 +40,9 @@ def environment_control(i: Inputs) -> Control:
         c.fact("frozen_sha256", "Frozen file SHA-256 (now)", digest)
         # The daemon's own readers: what they refuse at start, the audit fails.
         try:
-            frozen = environment.parse_frozen(data, str(env.frozen))
+            frozen = parse_frozen(data, str(env.frozen))
             c.fact("packages", "Packages listed", len(frozen.requirements))
-            environment.check_companion(env.frozen, data)
+            check_companion(env.frozen, data)
         except FrozenFileError as exc:
             c.fact("companion_matches", "Approved by its .sha256 companion", False)
             problems.append((FAIL, str(exc)))

@@ -1,54 +1,23 @@
-"""Backend profiles: everything that differs between model servers, in one place.
-
-A profile says how the argument vector is built, how the internal key reaches the server,
-which path answers health, what the canary request is, which API routes the gateway may
-pass, which start-up messages are fatal, and whether the server logs request content.
-Adding a server means adding a profile here, not editing the supervisor.
-"""
+"""The vLLM profile (`vllm serve`, also with the vllm-metal plugin)."""
 
 from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from sovereignd.backends import tasks
+from sovereignd.backends.base import OFFLINE_ENV, Backend, Route, _route
 from sovereignd.config import Config
 from sovereignd.process import serversocket
 from sovereignd.process.failures import COMMON_PATTERNS, METAL_OOM, FailurePattern, pattern
 
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
-REDACTED = "[REDACTED]"
-
-
-@dataclass(frozen=True)
-class Route:
-    """An API route the gateway passes: exact path or prefix, and the methods allowed."""
-
-    path: str
-    methods: frozenset[str]
-    prefix: bool = False
-
-    def matches(self, method: str, path: str) -> bool:
-        if method not in self.methods:
-            return False
-        return path.startswith(self.path) if self.prefix else path == self.path
-
-
-def _route(path: str, *methods: str, prefix: bool = False) -> Route:
-    return Route(path, frozenset(methods), prefix)
-
-
-class Backend:
-    """The vLLM profile (`vllm serve`, also with the vllm-metal plugin); others override."""
+class VllmBackend(Backend):
+    """The vLLM profile (`vllm serve`, also with the vllm-metal plugin)."""
 
     name = "vllm"
     key_in_argv = False
     logs_content = False
-    health_path = "/health"
     # vLLM's request logger (vllm/entrypoints/serve/utils/request_logger.py, vllm 0.32) with
     # --enable-log-requests / --enable-log-outputs: `Request ID JSON body: {...}` and
     # `Request ID details: prompt: '...'` at DEBUG, `Generated response ID: output: '...'` at
@@ -57,16 +26,9 @@ class Backend:
     content_line: re.Pattern[str] | None = re.compile(
         r"(Request \S+ (?:JSON body|details):|"
         r"Generated response \S+.*?(?:: output:| details: output_token_ids:))\s*")
-    # Flags (canonical spelling) that make the server log request content.
     content_flags: tuple[str, ...] = ("--enable-log-requests", "--enable-log-outputs")
     routes: tuple[Route, ...] = (
-        _route("/v1/chat/completions", "POST"),
-        _route("/v1/completions", "POST"),
-        _route("/v1/embeddings", "POST"),
-        _route("/v1/models", "GET"),
-        # Anthropic's Messages API (vLLM 0.32 serves both; vllm-mlx 0.6 too).
-        _route("/v1/messages", "POST"),
-        _route("/v1/messages/count_tokens", "POST"),
+        *Backend.routes,
         # OpenAI's Responses API; stored responses are bound to their client
         # (gateway/responses.py), so GET and cancel by id pass only for their owner.
         _route("/v1/responses", "POST"),
@@ -211,103 +173,3 @@ class Backend:
         env.update(cfg.server.env)
         env["VLLM_API_KEY"] = key
         return env
-
-    def canary(self, cfg: Config) -> tuple[str, dict[str, Any]]:
-        """Path and JSON body of a one-token completion that proves the engine works: a chat
-        completion (a chat model without a chat template answers 400 to every chat request,
-        so it must not be READY), or a plain completion with server.completions_only; for a
-        pooling model (`tasks`) a one-input embedding, or a classification."""
-        task = tasks.task_of(cfg.server.model, cfg.server.args, self.name)
-        if task == tasks.EMBED:
-            return "/v1/embeddings", {"model": cfg.model_name, "input": "ping"}
-        if task == tasks.CLASSIFY:
-            return "/classify", {"model": cfg.model_name, "input": ["ping"]}
-        if not cfg.server.completions_only:
-            return "/v1/chat/completions", {
-                "model": cfg.model_name, "messages": [{"role": "user", "content": "ping"}],
-                "max_tokens": 1, "temperature": 0}
-        return "/v1/completions", {"model": cfg.model_name, "prompt": "ping", "max_tokens": 1,
-                                   "temperature": 0}
-
-    def redact_argv(self, argv: list[str]) -> list[str]:
-        """The argument vector with any secret replaced, for logs and /status."""
-        out, hide = [], False
-        for arg in argv:
-            if hide:
-                out.append(REDACTED)
-                hide = False
-            elif arg in ("--api-key", "--api_key"):
-                out.append(arg)
-                hide = True
-            elif arg.startswith(("--api-key=", "--api_key=")):
-                out.append(arg.split("=", 1)[0] + "=" + REDACTED)
-            else:
-                out.append(arg)
-        return out
-
-    def allowed(self, method: str, path: str) -> bool:
-        return any(r.matches(method, path) for r in self.routes)
-
-
-class VllmMlxBackend(Backend):
-    """vllm-mlx (`vllm-mlx serve MODEL ...`), the other server for Apple Silicon.
-
-    Differences handled here: the model is positional; the key can only be given as
-    `--api-key` (no environment variable), so it is visible in `ps` to local users for as
-    long as the server runs -- `check` says so; it serves on TCP only, so the daemon checks
-    before every connection that the port's listener is the server it started
-    (`serversock`), and ops/ has per-account firewall rules (nftables `meta skuid`, pf
-    `user`) that keep other local accounts off the port; it has no drain option; it logs a
-    preview of every prompt at INFO, which `server.content_lines` redacts by default.
-    """
-
-    name = "vllm-mlx"
-    key_in_argv = True
-    logs_content = True
-    # `[REQUEST] last user message preview: ...` (chat) and `prompt_preview=...` (completions).
-    content_line = re.compile(r"(last user message preview:|prompt_preview=)\s*")
-    content_flags = ()
-    # Inference only. Not passed: /v1/responses and /v1/mcp/* (they can run MCP tools on the
-    # server), /v1/cache* and /v1/status (administration), /v1/audio/* and /v1/rerank (not
-    # what this deployment serves; their usage is not recorded), /docs and /openapi.json.
-    routes = tuple(r for r in Backend.routes if not r.path.startswith("/v1/responses")
-                   and r.path not in ("/v1/rerank", "/v1/score", "/rerank", "/score"))
-    patterns = (
-        pattern("model-missing",
-                r"(Failed to download '.*' after \d+ attempts|Repo id must be in the form|"
-                r"does not appear to have a file named config\.json)",
-                "the model directory is missing or not a model",
-                "set server.model to a local model directory readable by the service account"),
-        pattern("unsupported-architecture", r"(Model type \S+ not supported|"
-                                            r"No module named 'mlx_lm\.models\.)",
-                "the model's architecture is not supported by mlx-lm",
-                "serve a model whose architecture mlx-lm supports"),
-        METAL_OOM,
-        *COMMON_PATTERNS,
-    )
-    memory_flags = ("--cache-memory-mb", "--cache-memory-percent", "--max-kv-size",
-                    "--gpu-memory-utilization")
-
-    def argv(self, cfg: Config, key: str) -> list[str]:
-        s = cfg.server
-        # --offline and no download retries: a missing model fails in seconds, not after
-        # three attempts with back-off against a hub this machine must not reach.
-        return [*s.command, str(s.model), "--served-model-name", cfg.model_name,
-                "--host", s.host, "--port", str(s.port), "--api-key", key, "--offline",
-                "--download-retries", "0", *s.args]
-
-    def private_tmp(self, cfg: Config) -> Path | None:
-        return None  # one process: no IPC sockets or rendezvous files of its own
-
-    def env(self, cfg: Config, key: str) -> dict[str, str]:
-        env = dict(OFFLINE_ENV)
-        env.update(cfg.server.env)
-        return env
-
-
-BACKENDS: dict[str, Backend] = {"vllm": Backend(), "vllm-mlx": VllmMlxBackend()}
-
-
-def for_config(cfg: Config) -> Backend:
-    """The profile named by server.backend."""
-    return BACKENDS[cfg.server.backend]
