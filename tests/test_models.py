@@ -319,8 +319,9 @@ def test_an_on_demand_model_makes_room_by_stopping_the_least_recently_used_idle_
 
 def test_a_route_only_another_models_backend_serves_is_404_for_this_model(
         make_daemon: MakeDaemon) -> None:
-    """vllm-mlx beside vllm: /v1/messages passes for the vllm-mlx model only, /v1/rerank for
-    the vllm one only; neither request reaches the wrong server."""
+    """vllm-mlx beside vllm: /v1/rerank and /v1/responses pass for the vllm model only (vllm-mlx
+    does not serve them, or may not: its Responses route can run MCP tools); a request naming
+    the vllm-mlx model on them is 404 and reaches no server; /v1/messages both serve."""
     d = make_daemon()
     several(d)
     d.cfg["models"]["mlx"] = {"server": {**d.cfg["models"]["chat"]["server"],
@@ -333,7 +334,7 @@ def test_a_route_only_another_models_backend_serves_is_404_for_this_model(
     status, body, _ = post(d, key, "/v1/rerank", {"model": "mlx", "query": "a",
                                                   "documents": ["b"]})
     assert status == 404 and body["error"]["code"] == "unknown_route"
-    status, body, _ = post(d, key, "/v1/messages", {**CHAT, "model": "chat"})
+    status, body, _ = post(d, key, "/v1/responses", {"model": "mlx", "input": "hi"})
     assert status == 404 and body["error"]["code"] == "unknown_route"
     assert post(d, key, "/v1/chat/completions", {**CHAT, "model": "mlx"})[0] == 200
 
