@@ -297,7 +297,8 @@ def test_an_on_demand_model_that_does_not_fit_is_refused_with_the_numbers(
     assert status == 503 and body["error"]["code"] == "insufficient_memory"
     assert "3.00 GiB" in body["error"]["message"] and "5.00 GiB" in body["error"]["message"]
     assert headers["Retry-After"] == "30"
-    assert model_state(d, "embed") == "STOPPED" and not d.events("model_start")[1:]
+    assert model_state(d, "embed") == "STOPPED"
+    assert "embed" not in [e["model"] for e in d.events("model_start")]
     refused = d.events("on_demand_refused")[-1]
     assert refused["need_bytes"] == 3 * 2**30 and refused["budget_bytes"] == 5 * 2**30
 
@@ -363,3 +364,45 @@ def test_the_audit_counts_each_models_weights_checks_incidents_and_requests(
     assert rows == [["chat", "always", 1, 1, 1, 0, 0, 0, 0],
                     ["embed", "on_demand", 0, 0, 0, 0, 1, 7, 1]]
     assert troubled == 1
+
+
+def test_a_chat_request_to_an_embedding_model_is_404_and_does_not_start_it(
+        make_daemon: MakeDaemon) -> None:
+    """A pooling model does not generate: a chat completion naming it is refused in OpenAI's
+    shape before anything starts (the real vLLM would answer its own bare 404 after a start)."""
+    d = make_daemon()
+    several(d, embed={"start": "on_demand", "start_wait": "20s"})
+    key = add_key(d)
+    d.start()
+    wait_for(lambda: model_state(d, "chat") == "READY", 20, what="chat READY")
+    for path, body in (("/v1/chat/completions", {**CHAT, "model": "embed"}),
+                       ("/v1/messages", {**CHAT, "model": "embed"})):
+        status, answer, _ = post(d, key, path, body)
+        assert status == 404, answer
+        if path == "/v1/messages":  # Anthropic's error shape for an Anthropic client
+            assert answer["type"] == "error" and answer["error"]["type"] == "not_found_error"
+        else:
+            assert answer["error"]["code"] == "unknown_route"
+        assert "serving embed" in answer["error"]["message"]
+    assert model_state(d, "embed") == "STOPPED"
+    assert [e["model"] for e in d.events("model_start")] == ["chat"]
+
+
+def test_a_scoped_key_sees_only_its_models_in_lists_and_refusals(make_daemon: MakeDaemon) -> None:
+    """/v1/models lists the key's models only; a request naming no model is told which ones
+    this key may name, not every served model; another model is 403."""
+    d = make_daemon()
+    several(d)
+    res = run_cli("keys", "add", "scoped", "--models", "chat", "--config", str(d.config_path))
+    assert res.returncode == 0, res.stderr
+    key = res.stdout.strip()
+    d.start()
+    wait_for(lambda: model_state(d, "chat") == "READY", 20, what="chat READY")
+    status, raw, _ = http("GET", d.url + "/v1/models", None, {"Authorization": f"Bearer {key}"})
+    assert status == 200 and [m["id"] for m in json.loads(raw)["data"]] == ["chat"]
+    status, body, _ = post(d, key, "/v1/chat/completions",
+                           {k: v for k, v in CHAT.items() if k != "model"})
+    assert status == 400 and body["error"]["code"] == "model_required"
+    assert "chat" in body["error"]["message"] and "embed" not in body["error"]["message"]
+    status, body, _ = post(d, key, "/v1/embeddings", EMBED)
+    assert status == 403 and body["error"]["code"] == "model_not_allowed"

@@ -75,3 +75,17 @@ def task_of(model: Path, args: Sequence[str], backend: str = "vllm") -> str:
 def is_pooling(model: Path, args: Sequence[str], backend: str = "vllm") -> bool:
     """True when the server serves the model as a pooling model (no text generation)."""
     return task_of(model, args, backend) != GENERATE
+
+
+# Routes that generate text: vLLM 0.32 does not serve them for a pooling model (seen here: a
+# chat completion or a Messages request to `--runner pooling --convert embed` answers its own
+# `{"detail":"Not Found"}`).
+_GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/messages",
+                      "/v1/responses")
+
+
+def serves(task: str, path: str) -> bool:
+    """Whether a model served as `task` answers the API route `path` (a raw path)."""
+    if task == GENERATE:
+        return True
+    return not any(path == r or path.startswith(r + "/") for r in _GENERATION_ROUTES)

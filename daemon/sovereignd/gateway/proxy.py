@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 from aiohttp import HttpVersion11, web
 
+from sovereignd.backends import tasks
 from sovereignd.backends.base import Backend
 from sovereignd.config import Config
 from sovereignd.gateway import anthropic, promptcap, responses, scopes
@@ -550,10 +551,15 @@ class Proxy:
         if self.router is None:
             return self.supervisor
         named = self.router.models.get(rec["model"])
-        if named is not None and not named.backend.allowed(request.method,
-                                                           request.rel_url.raw_path):
+        raw = request.rel_url.raw_path
+        if named is not None and not (named.backend.allowed(request.method, raw)
+                                      and tasks.serves(named.serves_as, raw)):
+            # Before anything starts: an on_demand model is not started for a request its
+            # server would refuse (a chat completion to an embedding model).
+            what = named.backend.name if named.serves_as == tasks.GENERATE else \
+                f"{named.backend.name}, serving {named.serves_as}"
             raise _Refused(404, f"Unknown route {rec['path']} for the model {named.name} "
-                           f"({named.backend.name})", "invalid_request_error", "unknown_route",
+                           f"({what})", "invalid_request_error", "unknown_route",
                            error="not_found")
         try:
             model = await self.router.acquire(rec["model"])
@@ -625,6 +631,11 @@ class Proxy:
         """The key's scope and its quotas (and a stored response's owner), checked before the
         request is routed; _Refused (403, 429, 404) otherwise."""
         if client.models is not None and data is not None:
+            if rec["model"] is None and self.router is not None and self.router.lists_models:
+                # Several models and none named: say which ones this key may name (not all).
+                raise _Refused(400, "the request names no model; this key may use "
+                               f"{', '.join(sorted(client.models))}", "invalid_request_error",
+                               "model_required")
             model = rec["model"] if rec["model"] is not None else self.cfg.model_name
             if not scopes.allows(client.models, model):
                 raise _Refused(403, f"this key may not use the model {model!r}; it may use "

@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sovereignd.backends import registry
+from sovereignd.backends import registry, tasks
 from sovereignd.backends.base import Backend
 from sovereignd.config import Config, ModelSpec
 from sovereignd.gateway.metrics import Metrics
@@ -90,6 +91,11 @@ class Model:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @functools.cached_property
+    def serves_as(self) -> str:
+        """What the server serves this model as (backends.tasks: generate, embed, classify)."""
+        return tasks.task_of(self.cfg.server.model, self.cfg.server.args, self.backend.name)
 
     @property
     def state(self) -> State:
