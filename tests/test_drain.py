@@ -78,12 +78,15 @@ def test_drain_serves_through_the_grace_period_then_refuses_and_resume_restores(
     status, body = _chat(d, key)
     assert status == 503 and body["error"]["code"] == "draining"
     assert d.status()["drain"]["refusing"] is True
+    shown = run_cli("status", "--config", str(d.config_path)).stdout
+    assert shown.startswith("drain:     DRAINING since") and "refusing new requests" in shown
     # Bad input: a grace period the daemon refuses changes nothing.
     res = run_cli("drain", "--config", str(d.config_path), "--grace", "30d", "--no-wait")
     assert res.returncode == 1 and "grace must be" in res.stderr
     res = run_cli("resume", "--config", str(d.config_path), "--reason", "kernel updated")
     assert res.returncode == 0 and "resumed" in res.stdout
     assert d.get("/readyz")[0] == 200 and d.status()["drain"] is None
+    assert "DRAINING" not in run_cli("status", "--config", str(d.config_path)).stdout
     assert _chat(d, key)[0] == 200
     ops = [(e["action"], e["reason"]) for e in d.events("operator")]
     assert ops == [("drain", "kernel update"), ("resume", "kernel updated")]

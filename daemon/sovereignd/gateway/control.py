@@ -192,9 +192,16 @@ def render_status(st: dict[str, Any]) -> str:
     """/status for a human: the state first, then what explains it; with several models,
     the state of them together, then each model's own block."""
     models = st.get("models") or {}
+    drain = st.get("drain")
+    # A drained host says so first: /readyz is 503 for it whatever the models' states.
+    head = [] if not drain else [
+        f"drain:     DRAINING since {drain.get('since')} ({drain.get('reason')}); "
+        + ("refusing new requests" if drain.get("refusing") else
+           f"still serving for {drain.get('grace_left_s')}s")
+        + f", {drain.get('in_flight')} in flight; `sovereignd resume` ends it"]
     if len(models) <= 1:
-        return "\n".join(escape(line) for line in _model_lines(st))
-    lines = [f"state:     {st.get('state')}", f"reason:    {st.get('reason')}"]
+        return "\n".join(escape(line) for line in head + _model_lines(st))
+    lines = [*head, f"state:     {st.get('state')}", f"reason:    {st.get('reason')}"]
     for name, model in models.items():
         lines.append(f"model {name} (start: {model.get('start')}):")
         lines.extend("  " + line for line in _model_lines(model)[:-1])
