@@ -107,3 +107,26 @@ def test_chat_without_a_key_says_where_to_put_it(tmp_path: Path) -> None:
                          text=True, env=env, timeout=60, check=False)
     assert res.returncode == 1
     assert "--key-file PATH or set SOVEREIGND_API_KEY" in res.stderr
+
+
+def test_control_characters_in_an_answer_are_shown_escaped_and_kept_in_the_transcript(
+        make_daemon: MakeDaemon, tmp_path: Path) -> None:
+    """An answer holding `ESC [ 2 J` (clear screen) does not rewrite the operator's terminal:
+    chat prints it escaped, as `logs tail` does; the transcript keeps what the model said."""
+    d = make_daemon(behaviour={"default": {"token_text": "\x1b[2J"}})
+    key = add_key(d, "operator")
+    d.start()
+    d.wait_state("READY")
+    key_file = tmp_path / "key"
+    key_file.write_text(key + "\n")
+    transcript = tmp_path / "chat.jsonl"
+    res = subprocess.run(cli_argv("chat", "--config", str(d.config_path), "--key-file",
+                                  str(key_file), "--transcript", str(transcript),
+                                  "--max-tokens", "2"),
+                         input="hello\n/quit\n", capture_output=True, text=True,
+                         env=cli_env(None), timeout=60, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "\\x1b[2J0\\x1b[2J1" in res.stdout and "\x1b" not in res.stdout
+    answer = [json.loads(line) for line in transcript.read_text().splitlines()][1]
+    assert answer["content"] == "\x1b[2J0\x1b[2J1"
+

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from sovereignd.errors import SovereigndError
+from sovereignd.textsafe import escape, escape_text
 
 KEY_ENV = "SOVEREIGND_API_KEY"
 HELP = "commands: /clear (forget the conversation), /status, /quit"
@@ -126,14 +127,16 @@ class Session:
         try:
             if resp.status != 200:
                 doc = _json_or_none(resp.read())
-                self.out.write(f"[error {resp.status}: {_message(doc)}]\n")
+                self.out.write(f"[error {resp.status}: {escape(_message(doc))}]\n")
                 return
             parts: list[str] = []
             for event in _events(resp):
                 delta = _delta(event)
                 if delta:
                     parts.append(delta)
-                    self.out.write(delta)
+                    # The model's text may hold control characters (ESC sequences rewrite
+                    # the terminal): shown escaped, kept as sent in history and transcript.
+                    self.out.write(escape_text(delta))
                     self.out.flush()
                 usage = event.get("usage")
                 if isinstance(usage, dict):

@@ -266,8 +266,8 @@ class Fake:
                 if request.transport is not None:
                     request.transport.abort()
                 return
-            delta: dict[str, Any] = ({"delta": {"content": f" tok{i}"}} if chat
-                                     else {"text": f" tok{i}"})
+            word = f"{self.b.get('token_text', ' tok')}{i}"  # token_text: e.g. an ESC sequence
+            delta: dict[str, Any] = ({"delta": {"content": word}} if chat else {"text": word})
             chunk = {"id": "cmpl-fake", "object": "chat.completion.chunk" if chat
                      else "text_completion", "model": self.name,
                      "choices": [{"index": 0, **delta, "finish_reason": None}]}
