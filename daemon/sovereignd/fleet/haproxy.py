@@ -6,9 +6,11 @@ What it sets, and why (HAProxy 2.6 configuration manual, doc/configuration.txt):
   `inter`/`fastinter` x `fall` bounds how long a host that stopped being ready still gets
   new requests; `rise` how many passing checks bring it back.
 - `retry-on conn-failure empty-response 503` with `option redispatch 1` (another host on every
-  retry): retried are requests no host acted on: a refused or failed connection, a kept-alive
+  retry): retried are requests no host answered: a refused or failed connection, a kept-alive
   connection the host closed before reading the request (the gateway closes idle connections
-  after gateway.idle_timeout), and sovereignd's 503 answers, which it gives only before a
+  after gateway.idle_timeout) or a host that died before answering (`empty-response`: its
+  generation may have begun, and runs again on another host, which costs time, not
+  correctness, except for a stored Responses API answer), and sovereignd's 503 answers, which it gives only before a
   request reaches the model server (not ready, draining, records unavailable). The model
   server's own statuses pass through unchanged, so a model server answering 503 itself would
   be retried too (not seen from vLLM or vllm-mlx here). A 502/504 (the model server failed
@@ -146,7 +148,9 @@ backend sovereignd_hosts
     http-check expect status 200
     default-server inter {_ms(inter)} fastinter {_ms(inter / 2)} downinter {_ms(inter)} \
 fall {opts.fall} rise {opts.rise}
-    # Only requests no host acted on are retried, each time on another host.
+    # Retried, each time on another host: requests no host answered (a failed connection, a
+    # connection closed with no answer, sovereignd's 503 before the model server); a host that
+    # died mid-request may have begun the generation, which runs again elsewhere (cost only).
     retries {opts.retries}
     retry-on conn-failure empty-response 503
     option redispatch 1
