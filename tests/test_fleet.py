@@ -335,6 +335,13 @@ def test_audit_fleet_over_three_exports_names_the_tampered_record(fleet: Fleet) 
                and "alice" in summary[n]["clients"] for n in NAMES)
     assert summary["host1"]["incidents"]["quarantined"] >= 1
     assert summary["host1"]["proven_complete"] and summary["host3"]["proven_complete"]
+    # The hosts' own record controls (judged at export, without the auditor's key) are judged
+    # again with it: no "seals not checked" under a host the summary calls proven.
+    hosts = {h["host"]: h for h in report["hosts"]}
+    chain = {h: next(c for c in hosts[h]["controls"] if c["id"] == "request_chain")
+             for h in NAMES}
+    assert chain["host1"]["verdict"] == "PASS" and "seals checked" in chain["host1"]["finding"]
+    assert chain["host2"]["verdict"] == "FAIL"
     # Without host3's key its seals are not checked: named as not proven, in Markdown too.
     res = run_cli("audit", "fleet", *files, *keys[:2])
     assert res.returncode == 1

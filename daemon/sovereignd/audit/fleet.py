@@ -28,7 +28,7 @@ from sovereignd.logs.verify import VerifyResult, verify_logs
 from sovereignd.textsafe import escape
 
 INCIDENT_STATES = ("BACKOFF", "FATAL", "QUARANTINED")
-RECORD_CONTROLS = ("chain", "records")
+RECORD_CONTROLS = ("request_chain", "request_records")  # audit/controls/requests.py
 
 
 @dataclass

@@ -9,13 +9,13 @@ What it sets, and why (HAProxy 2.6 configuration manual, doc/configuration.txt):
   retry): retried are requests no host answered: a refused or failed connection, a kept-alive
   connection the host closed before reading the request (the gateway closes idle connections
   after gateway.idle_timeout) or a host that died before answering (`empty-response`: its
-  generation may have begun, and runs again on another host, which costs time, not
-  correctness, except for a stored Responses API answer), and sovereignd's 503 answers, which it gives only before a
-  request reaches the model server (not ready, draining, records unavailable). The model
-  server's own statuses pass through unchanged, so a model server answering 503 itself would
-  be retried too (not seen from vLLM or vllm-mlx here). A 502/504 (the model server failed
-  mid-request) is never retried: the generation may have run. HAProxy retries only requests
-  that fit its buffer (tune.bufsize, 16 KiB by default).
+  generation may have begun, and runs again on another host, which costs time, not correctness,
+  except for a stored Responses API answer), and sovereignd's 503 answers, which it gives only
+  before a request reaches the model server (not ready, draining, records unavailable). The
+  model server's own statuses pass through unchanged, so a model server answering 503 itself
+  would be retried too (not seen from vLLM or vllm-mlx here). A 502/504 (the model server failed
+  mid-request) is never retried: the generation may have run. HAProxy retries only requests that
+  fit its buffer (tune.bufsize, 16 KiB by default).
 - `no option http-buffer-request`: the request goes to the host as it arrives (no waiting
   for the whole body); `option http-no-delay`: streamed tokens (SSE) go to the client as
   they come, not merged into larger packets. HAProxy never buffers a whole response.
