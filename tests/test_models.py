@@ -299,6 +299,9 @@ def test_an_on_demand_model_that_does_not_fit_is_refused_with_the_numbers(
     assert headers["Retry-After"] == "30"
     assert model_state(d, "embed") == "STOPPED"
     assert "embed" not in [e["model"] for e in d.events("model_start")]
+    # /status says what each started model was estimated to need (the preflight's numbers).
+    memory = d.status()["models"]["chat"]["memory"]
+    assert memory["result"] == "ok" and memory["kv_cache_bytes"] == 2**30
     refused = d.events("on_demand_refused")[-1]
     assert refused["need_bytes"] == 3 * 2**30 and refused["budget_bytes"] == 5 * 2**30
 

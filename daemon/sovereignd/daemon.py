@@ -89,7 +89,9 @@ async def _main(cfg: Config, allow_root: bool) -> int:
         # judged.
         guards: list[Any] = monitor.guards_for(model.cfg, sup, model.events)
         guards += selfcheck.guards_for(model.cfg, sup, model.events)  # the daemon's own code
-        sup.add_gate(memory.gate(memory.Preflight(model.cfg), model.events))
+        sup.checks["memory"] = {"result": "not estimated yet"}  # /status: each model's need
+        sup.add_gate(memory.gate(memory.Preflight(model.cfg), model.events,
+                                 sup.checks["memory"]))
         sup.add_gate(budget.gate_for(lambda: models, model))
         return sup, guards
 

@@ -579,14 +579,21 @@ class Preflight:
         return None
 
 
-def gate(preflight: Preflight, events: EventLog) -> Gate:
+def gate(preflight: Preflight, events: EventLog,
+         status: dict[str, Any] | None = None) -> Gate:
     """A supervisor gate: FATAL with the numbers and the mitigation, without spawning, when the
-    server cannot fit; each passing estimate is an event, so the log shows what was assumed."""
+    server cannot fit; each passing estimate is an event, so the log shows what was assumed.
+    `status` (the supervisor's `checks["memory"]`, shown in /status) gets the last verdict:
+    {"result": "ok"|"does not fit", "summary", **numbers}."""
 
     async def check() -> Blocked | None:
         verdict = await asyncio.to_thread(preflight.evaluate)
         if verdict is None:
             return None
+        if status is not None:
+            status.clear()
+            status.update(result="ok" if verdict.ok else "does not fit",
+                          summary=verdict.summary, **verdict.numbers)
         if verdict.ok:
             events.emit("memory_preflight", ok=True, summary=verdict.summary, **verdict.numbers)
             return None

@@ -229,7 +229,7 @@ def _model_lines(st: dict[str, Any]) -> list[str]:
             lines.append(f"           what to do: {last.get('mitigation')}")
     for name, reason in (st.get("degraded") or {}).items():
         lines.append(f"degraded:  {name}: {reason}")
-    for name in ("integrity", "environment", "self", "requests"):
+    for name in ("integrity", "environment", "self", "requests", "memory"):
         if isinstance(st.get(name), dict):
             summary = st[name].get("summary") or st[name].get("result")
             lines.append(f"{name + ':':<13}{summary}")
