@@ -367,6 +367,15 @@ def test_the_audit_counts_each_models_weights_checks_incidents_and_requests(
     assert rows == [["chat", "always", 1, 1, 1, 0, 0, 0, 0],
                     ["embed", "on_demand", 0, 0, 0, 0, 1, 7, 1]]
     assert troubled == 1
+    # The listen control names each model's own server socket (not the single-model path).
+    from types import SimpleNamespace
+
+    from sovereignd.audit.controls.configuration import listen_control
+
+    listen = listen_control(SimpleNamespace(cfg=cfg))  # type: ignore[arg-type]
+    for name in ("chat", "embed"):
+        assert f"{name} unix:{cfg.state_dir}/models/{name}/srv/server.sock" in listen.finding
+    assert listen.verdict == "PASS"
 
 
 def test_a_chat_request_to_an_embedding_model_is_404_and_does_not_start_it(

@@ -11,6 +11,7 @@ from sovereignd.config import is_loopback
 from sovereignd.gateway import keys as keys_mod
 from sovereignd.gateway import keyscope
 from sovereignd.logs import sealing
+from sovereignd.supervision.models import model_config
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 # Environment variable names whose values are secrets: shown only as fingerprints.
@@ -57,27 +58,35 @@ def config_control(i: Inputs) -> Control:
 def listen_control(i: Inputs) -> Control:
     cfg = i.cfg
     host, _port = cfg.listen
-    s = cfg.server
-    uds = cfg.server_uds
-    server_at = f"unix:{uds}" if uds else f"{s.host}:{s.port}"
+    # Each model's server (its own socket or port; the single `server:` form is one).
+    servers = []
+    for spec in cfg.models.values():
+        view = model_config(cfg, spec)
+        uds, s = view.server_uds, view.server
+        servers.append((spec.name, f"unix:{uds}" if uds else f"{s.host}:{s.port}",
+                        uds is not None or is_loopback(s.host), s.host))
+    server_at = ", ".join(at if len(servers) == 1 else f"{name} {at}"
+                          for name, at, _ok, _h in servers)
     c = Control("listen", SECTIONS[1], "Listen addresses", PASS,
                 f"gateway {cfg.gateway.listen} and server {server_at} are loopback only")
     c.fact("gateway", "Gateway (the only door)", cfg.gateway.listen)
     c.fact("gateway_loopback", "Gateway on loopback", is_loopback(host))
     c.fact("server", "Model server", server_at)
     c.fact("server_loopback", "Server on loopback or a socket",
-           uds is not None or is_loopback(s.host))
+           all(ok for _n, _at, ok, _h in servers))
     c.fact("tls", "TLS", cfg.gateway.tls_cert is not None,
            f"certificate {cfg.gateway.tls_cert}" if cfg.gateway.tls_cert else "no (loopback)")
     problems = []
     if not is_loopback(host):
         problems.append(f"the gateway listens on {host}, reachable from the network"
                         + (" with TLS" if cfg.gateway.tls_cert else " WITHOUT TLS"))
-    if uds is None and not is_loopback(s.host):
-        problems.append(f"the model server listens on {s.host}: its unguarded routes "
-                        "(/invocations, /tokenize) are reachable without the gateway")
+    for name, _at, ok, server_host in servers:
+        if not ok:
+            problems.append(f"the model server{'' if len(servers) == 1 else ' of ' + name} "
+                            f"listens on {server_host}: its unguarded routes (/invocations, "
+                            "/tokenize) are reachable without the gateway")
     if problems:
-        remote_server = uds is None and not is_loopback(s.host)
+        remote_server = not all(ok for _n, _at, ok, _h in servers)
         c.verdict = FAIL if remote_server or not cfg.gateway.tls_cert else WARN
         c.finding = "; ".join(problems)
     return c
