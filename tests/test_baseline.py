@@ -119,3 +119,28 @@ def test_baseline_library_call_returns_what_it_wrote(setup: tuple[Path, Path, Pa
         "requirements-frozen.txt.sha256"]
     assert cfg.integrity.manifest is not None
     assert manifest.read_manifest(cfg.integrity.manifest).sha256 == result.written[0].sha256
+
+
+def test_with_several_models_each_models_software_is_baselined_and_verified(
+        pyenv: PyEnv, tmp_path: Path) -> None:
+    """Two models with their own venvs and frozen files: `baseline` writes both, `env verify`
+    checks each and names the model whose venv drifted; `--model` checks one."""
+    models = {}
+    for name in ("chat", "embed"):
+        models[name] = {"server": {"model": str(make_model(tmp_path / f"{name}-model")),
+                                   "venv": str(pyenv.copy(tmp_path / f"{name}-venv")),
+                                   "port": 8100 + len(models)},
+                        "environment": {"frozen": str(tmp_path / f"{name}-frozen.txt")}}
+    config = tmp_path / "c.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump({"models": models, "logs": {"dir": str(tmp_path / "l")}}))
+    res = run_cli("baseline", "--config", str(config))
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = run_cli("env", "verify", "--config", str(config))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "== model chat" in res.stdout and "== model embed" in res.stdout
+    (site_packages(tmp_path / "embed-venv") / "intruder.py").write_text("x = 1\n")
+    res = run_cli("env", "verify", "--config", str(config))
+    assert res.returncode == 1 and "embed" in res.stderr and "chat" not in res.stderr
+    assert run_cli("env", "verify", "--config", str(config), "--model", "chat").returncode == 0

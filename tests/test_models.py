@@ -418,3 +418,36 @@ def test_a_scoped_key_sees_only_its_models_in_lists_and_refusals(make_daemon: Ma
     assert "chat" in body["error"]["message"] and "embed" not in body["error"]["message"]
     status, body, _ = post(d, key, "/v1/embeddings", EMBED)
     assert status == 403 and body["error"]["code"] == "model_not_allowed"
+
+
+def test_baseline_writes_each_models_manifest_or_the_one_named(tmp_path: Path) -> None:
+    """`sovereignd baseline` with several models approves each model's own weights (its own
+    integrity.manifest); `--model NAME` only that one; an unknown name is a configuration
+    error that writes nothing."""
+    import yaml
+
+    from tests.modeldirs import make_model
+
+    chat, embed = make_model(tmp_path / "chat-model"), make_model(tmp_path / "embed-model")
+    (embed / "extra.json").write_text("{}")
+    models = {name: {"server": {"model": str(folder), "port": free_port()},
+                     "integrity": {"manifest": str(tmp_path / f"{name}.sha256")}}
+              for name, folder in (("chat", chat), ("embed", embed))}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"models": models, "logs": {"dir": str(tmp_path / "logs")},
+                                    "daemon": {"allow_root": True}}))
+    res = run_cli("baseline", "--config", str(path), "--model", "nope")
+    assert res.returncode == 78 and "no model 'nope'" in res.stderr
+    assert not (tmp_path / "chat.sha256").exists()
+    res = run_cli("baseline", "--config", str(path), "--model", "embed")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "embed.sha256").exists() and not (tmp_path / "chat.sha256").exists()
+    assert "extra.json" in (tmp_path / "embed.sha256").read_text()
+    res = run_cli("baseline", "--config", str(path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "== model chat" in res.stdout and "== model embed" in res.stdout
+    assert "extra.json" not in (tmp_path / "chat.sha256").read_text()
+    for name, folder in (("chat", chat), ("embed", embed)):
+        res = run_cli("manifest", "verify", str(folder), "--manifest",
+                      str(tmp_path / f"{name}.sha256"))
+        assert res.returncode == 0, res.stdout + res.stderr

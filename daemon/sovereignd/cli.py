@@ -19,6 +19,7 @@ import orjson
 
 from sovereignd import __version__
 from sovereignd import config as config_mod
+from sovereignd.config import Config
 from sovereignd.errors import (
     CheckFailed,
     ConfigError,
@@ -90,6 +91,19 @@ def _workers_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", "-j", type=int, default=None, metavar="N",
                    help="threads hashing files in parallel (default: one per CPU, or "
                         "integrity.hash_workers with --config)")
+
+
+def _model_views(cfg: Config, name: str | None) -> list[tuple[str, Config]]:
+    """(model name, its configuration view) for `--model NAME`, or for every configured model
+    without one (the single `server:` form is one model). ConfigError for an unknown name."""
+    from sovereignd.supervision.models import model_config
+
+    if name is not None and name not in cfg.models:
+        raise ConfigError("command line", [ConfigProblem(
+            "--model", f"no model {name!r} in the configuration (models: "
+            f"{', '.join(cfg.models)})")])
+    return [(n, model_config(cfg, spec)) for n, spec in cfg.models.items()
+            if name is None or n == name]
 
 
 def _workers(args: argparse.Namespace) -> int:
@@ -176,13 +190,14 @@ def _add_manifest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     v.set_defaults(handler=_cmd_manifest_verify)
 
 
-def _env_targets(args: argparse.Namespace) -> tuple[Path, Path | None, bool, int, bool]:
+def _env_targets(args: argparse.Namespace, view: Config | None = None,
+                 ) -> tuple[Path, Path | None, bool, int, bool]:
     """(venv, frozen file or None, whether to check RECORD, workers, whether to check every
-    file against the software manifest) from flags and config."""
+    file against the software manifest) from flags and config (`view`: one model's)."""
     venv, frozen, record, workers = args.venv, args.frozen, not args.no_record, args.workers
     files = not args.no_files
     if args.config is not None:
-        cfg = _load(args)
+        cfg = view if view is not None else _load(args)
         venv = venv or cfg.server.venv
         frozen = frozen or cfg.environment.frozen
         record = record and cfg.environment.record_check
@@ -199,9 +214,7 @@ def _env_targets(args: argparse.Namespace) -> tuple[Path, Path | None, bool, int
 
 
 def _cmd_env_verify(args: argparse.Namespace) -> int:
-    from sovereignd.integrity import environment, software
-    from sovereignd.integrity.frozen import read_frozen
-    from sovereignd.integrity.record import verify_records
+    from sovereignd.integrity import software
 
     if args.self:
         cfg = _load(args)
@@ -215,7 +228,31 @@ def _cmd_env_verify(args: argparse.Namespace) -> int:
             raise CheckFailed("the daemon's own venv or interpreter differs from "
                               f"{cfg.daemon.software_manifest}")
         return EX_OK
-    venv, frozen, record, workers, files = _env_targets(args)
+    if args.config is not None and args.venv is None and args.frozen is None:
+        views = _model_views(_load(args), args.model)
+        if len(views) > 1:  # several models: each one's venv against its own baseline
+            failed_models = []
+            for name, view in views:
+                print(f"== model {name}")
+                try:
+                    _verify_env(*_env_targets(args, view))
+                except CheckFailed as exc:
+                    print(f"FAILED: {exc}")
+                    failed_models.append(name)
+            if failed_models:
+                raise CheckFailed(f"the server software of {', '.join(failed_models)} differs "
+                                  "from its approved baseline")
+            return EX_OK
+        return _verify_env(*_env_targets(args, views[0][1]))
+    return _verify_env(*_env_targets(args))
+
+
+def _verify_env(venv: Path, frozen: Path | None, record: bool, workers: int,
+                files: bool) -> int:
+    from sovereignd.integrity import environment, software
+    from sovereignd.integrity.frozen import read_frozen
+    from sovereignd.integrity.record import verify_records
+
     failed = []
     if frozen is not None:
         diff = environment.compare(read_frozen(frozen), venv)
@@ -267,6 +304,8 @@ def _add_env(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="skip hashing every file against the software manifest")
     v.add_argument("--self", action="store_true",
                    help="verify the daemon's own venv and interpreter (daemon.software_manifest)")
+    v.add_argument("--model", metavar="NAME",
+                   help="with several models: only this model's venv (default: each model's)")
     _workers_arg(v)
     v.set_defaults(handler=_cmd_env_verify)
     f = esub.add_parser("freeze", help="print VENV's packages as pip freeze does, without "
@@ -289,8 +328,15 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
                 "(the key or chain that must have made the signature)")])
         source = baseline.SignatureSource(args.from_signature, args.public_key,
                                           tuple(args.certificate_chain or ()))
-    result = baseline.write_baselines(cfg, workers=args.workers, from_signature=source)
-    print(result.render())
+    views = _model_views(cfg, args.model)
+    if source is not None and len(views) > 1:
+        raise ConfigError("command line", [ConfigProblem(
+            "--from-signature", "signs one model's folder: name it with --model")])
+    for name, view in views:
+        if len(cfg.models) > 1:
+            print(f"== model {name}")
+        result = baseline.write_baselines(view, workers=args.workers, from_signature=source)
+        print(result.render())
     if args.accept:
         from sovereignd.gateway import control
 
@@ -313,6 +359,9 @@ def _add_baseline(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                         "and leaves QUARANTINED if everything matches (recorded as an event)")
     p.add_argument("--reason", default="operator accepted a new baseline",
                    help="recorded with --accept in the event log")
+    p.add_argument("--model", metavar="NAME",
+                   help="with several models: only this model's baselines (default: each "
+                        "model's, in turn)")
     p.add_argument("--from-signature", type=Path, metavar="SIG",
                    help="write integrity.manifest from the digests this model signature "
                         "(OpenSSF model signing) approves, once it verifies and the model "
