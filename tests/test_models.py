@@ -451,3 +451,20 @@ def test_baseline_writes_each_models_manifest_or_the_one_named(tmp_path: Path) -
         res = run_cli("manifest", "verify", str(folder), "--manifest",
                       str(tmp_path / f"{name}.sha256"))
         assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_restart_with_model_restarts_only_that_models_server(make_daemon: MakeDaemon) -> None:
+    d = make_daemon()
+    several(d)
+    d.start()
+    wait_for(lambda: model_state(d, "chat") == "READY" and model_state(d, "embed") == "READY",
+             20, what="both models READY")
+    pids = {n: d.status()["models"][n]["server"]["pid"] for n in ("chat", "embed")}
+    res = run_cli("restart", "--config", str(d.config_path), "--model", "embed")
+    assert res.returncode == 0 and "restart of embed requested" in res.stdout, res.stderr
+    wait_for(lambda: model_state(d, "embed") == "READY" and (d.status()["models"]["embed"]
+             ["server"] or {}).get("pid") not in (None, pids["embed"]), 20, what="embed again")
+    assert d.status()["models"]["chat"]["server"]["pid"] == pids["chat"]
+    res = run_cli("restart", "--config", str(d.config_path), "--model", "nope")
+    assert res.returncode == 1 and "no model 'nope' is served here (chat, embed)" in res.stderr
+

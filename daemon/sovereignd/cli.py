@@ -399,7 +399,8 @@ def _cmd_restart(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from sovereignd.gateway import control
 
-    print(control.request(cfg, "restart", reason=args.reason))
+    extra = {"model": args.model} if args.model else {}
+    print(control.request(cfg, "restart", reason=args.reason, **extra))
     return EX_OK
 
 
@@ -417,6 +418,8 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        "the failure count)")
     _config_arg(p)
     p.add_argument("--reason", default="operator request", help="recorded in the event log")
+    p.add_argument("--model", metavar="NAME",
+                   help="with several models: restart only this model's server")
     p.set_defaults(handler=_cmd_restart)
 
 

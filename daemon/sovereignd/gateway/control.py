@@ -89,8 +89,23 @@ class ControlServer:
 
     def _restart(self, body: dict[str, Any]) -> dict[str, Any]:
         reason = str(body.get("reason") or "operator request")
-        self.supervisor.request(Request.RESTART, f"operator: {reason}")
-        return {"ok": True, "message": f"restart requested (state was {self.supervisor.state})"}
+        model = body.get("model")
+        if model is None:
+            self.supervisor.request(Request.RESTART, f"operator: {reason}")
+            return {"ok": True,
+                    "message": f"restart requested (state was {self.supervisor.state})"}
+        # One model of several: only its server restarts.
+        if not isinstance(self.supervisor, Models) or model not in self.supervisor.models:
+            served = (", ".join(self.supervisor.models) if isinstance(self.supervisor, Models)
+                      else "one model")
+            return {"ok": False, "error": f"no model {model!r} is served here ({served})"}
+        target = self.supervisor.models[model]
+        if target.supervisor is None:
+            return {"ok": False, "error": f"model {model} is not started (start: "
+                                            f"{target.spec.start}); nothing to restart"}
+        self.supervisor.request(Request.RESTART, f"operator: {reason}", model=str(model))
+        return {"ok": True, "message": f"restart of {model} requested (state was "
+                                       f"{target.state})"}
 
     def _reset(self, body: dict[str, Any]) -> dict[str, Any]:
         reason = str(body.get("reason") or "operator reset")
