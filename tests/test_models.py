@@ -467,4 +467,11 @@ def test_restart_with_model_restarts_only_that_models_server(make_daemon: MakeDa
     assert d.status()["models"]["chat"]["server"]["pid"] == pids["chat"]
     res = run_cli("restart", "--config", str(d.config_path), "--model", "nope")
     assert res.returncode == 1 and "no model 'nope' is served here (chat, embed)" in res.stderr
+    # Each model's server output is its own file; `logs tail` asks which one.
+    res = run_cli("logs", "tail", "--server", "--config", str(d.config_path))
+    assert res.returncode == 1 and "name one with --model (chat, embed)" in res.stderr
+    logged = (d.logs / "server.embed.log").read_text().splitlines()
+    assert logged
+    res = run_cli("logs", "tail", "--model", "embed", "-n", "1", "--config", str(d.config_path))
+    assert res.returncode == 0 and json.loads(logged[-1])["line"][:20] in res.stdout, res.stdout
 

@@ -818,8 +818,19 @@ def _cmd_logs_tail(args: argparse.Namespace) -> int:
         # Ctrl-C or SIGTERM ends the follow after what was written so far is shown.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda _sig, _frame: stop.set())
+    server_log = "server.log"
+    if len(cfg.models) > 1 and (source == "server" or args.model is not None):
+        # Several models: each server writes its own server.NAME.log.
+        if args.model is None:
+            raise SovereigndError("several models write server output: name one with --model "
+                                  f"({', '.join(cfg.models)})")
+        spec = cfg.models.get(args.model)
+        if spec is None:
+            raise SovereigndError(f"no model {args.model!r} in the configuration "
+                                  f"({', '.join(cfg.models)})")
+        source, server_log = "server", f"server.{spec.folder}.log"
     tail.tail(cfg.logs.dir, source, n=args.lines, follow=args.follow, client=args.client,
-              stop=stop)
+              stop=stop, server_log=server_log)
     return EX_OK
 
 
@@ -859,6 +870,8 @@ def _add_logs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="show the last N lines first (default 10; 0: only new ones)")
     t.add_argument("--client", metavar="NAME",
                    help="only the request records of this client (implies --requests)")
+    t.add_argument("--model", metavar="NAME",
+                   help="with several models: this model's server output (implies --server)")
     _config_arg(t)
     t.set_defaults(handler=_cmd_logs_tail, source=None)
 

@@ -169,8 +169,9 @@ class Source:
     live: Path
 
     @classmethod
-    def of(cls, name: str, logs_dir: Path) -> Source:
-        file = {"events": "events.log", "server": "server.log", "requests": LIVE_NAME}[name]
+    def of(cls, name: str, logs_dir: Path, server_log: str = "server.log") -> Source:
+        """`server_log`: the model's own file with several models (`server.NAME.log`)."""
+        file = {"events": "events.log", "server": server_log, "requests": LIVE_NAME}[name]
         return cls(name, logs_dir / file)
 
     def rotated(self) -> list[Path]:
@@ -452,8 +453,9 @@ class Tail:
 
 def tail(logs_dir: Path, source: str, *, n: int = 10, follow: bool = False,
          client: str | None = None, out: TextIO | None = None, color: bool | None = None,
-         stop: threading.Event | None = None) -> None:
-    """`sovereignd logs tail`: render the last `n` lines of a log and follow it if asked."""
+         stop: threading.Event | None = None, server_log: str = "server.log") -> None:
+    """`sovereignd logs tail`: render the last `n` lines of a log and follow it if asked
+    (`server_log`: which model's server output, with several models)."""
     if source not in SOURCES:
         raise TailError(f"unknown log {source!r}: choose one of {', '.join(SOURCES)}")
     if client is not None and source != "requests":
@@ -465,7 +467,7 @@ def tail(logs_dir: Path, source: str, *, n: int = 10, follow: bool = False,
                         "configuration; the daemon creates it at its first start)")
     stream = out if out is not None else sys.stdout
     style = Style(use_color(stream) if color is None else color)
-    t = Tail(Source.of(source, logs_dir), stream, style, client=client)
+    t = Tail(Source.of(source, logs_dir, server_log), stream, style, client=client)
     try:
         t.run(n, follow, stop or threading.Event())
     finally:
