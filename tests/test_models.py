@@ -475,3 +475,18 @@ def test_restart_with_model_restarts_only_that_models_server(make_daemon: MakeDa
     res = run_cli("logs", "tail", "--model", "embed", "-n", "1", "--config", str(d.config_path))
     assert res.returncode == 0 and json.loads(logged[-1])["line"][:20] in res.stdout, res.stdout
 
+
+
+def test_each_models_guard_results_are_alert_metrics(make_daemon: MakeDaemon) -> None:
+    """`sovereignd_check{check, result, model}` for every started model (the fleet's drift
+    alert must see the second model's weights too)."""
+    d = make_daemon()
+    several(d)
+    d.start()
+    wait_for(lambda: model_state(d, "chat") == "READY" and model_state(d, "embed") == "READY",
+             20, what="both models READY")
+    text = http("GET", d.url + "/metrics")[1].decode()
+    for model in ("chat", "embed"):
+        assert f'sovereignd_check{{check="integrity",model="{model}",result="disabled"}} 1.0' \
+            in text, text
+    assert 'check="memory"' not in text  # only guards: memory is a gate, not a guard

@@ -119,7 +119,9 @@ async def _main(cfg: Config, allow_root: bool) -> int:
         return keys.fingerprint
 
     # Guard results, events, disk space, the keys in effect: for alerts across hosts.
-    alertmetrics.install(metrics, supervisor, events, keys_in_effect)
+    alertmetrics.install(metrics, lambda: {
+        n: m.supervisor.checks for n, m in models.models.items() if m.supervisor is not None},
+        events, keys_in_effect)
     requests = RequestLog.from_config(cfg, emit=events.emit)
     requests.open()
     gateway = Gateway(cfg, supervisor, metrics, events, nofile=nofile)

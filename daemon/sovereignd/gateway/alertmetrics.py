@@ -24,7 +24,6 @@ from prometheus_client.registry import Collector
 
 from sovereignd.gateway.metrics import Metrics
 from sovereignd.logs.eventlog import EventLog
-from sovereignd.supervision.supervisor import Supervisor
 
 RESULTS = ("ok", "drift", "error", "disabled", "pending")
 
@@ -35,18 +34,27 @@ def result_label(result: object) -> str:
     return text if text in RESULTS else "pending"
 
 
+GUARDS = ("integrity", "environment", "self")  # the supervisor's checks that are guards
+
+
 class _Checks(Collector):
-    def __init__(self, checks: Mapping[str, Any], keys_fingerprint: Callable[[], str]) -> None:
+    def __init__(self, checks: Callable[[], Mapping[str, Mapping[str, Any]]],
+                 keys_fingerprint: Callable[[], str]) -> None:
         self._checks = checks
         self._keys = keys_fingerprint
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("sovereignd_check", "1 for each guard's current result "
-                                   "(integrity, environment, self)", labels=["check", "result"])
-        for name, status in sorted(self._checks.items()):
-            current = result_label(status.get("result") if isinstance(status, dict) else None)
-            for result in RESULTS:
-                family.add_metric([name, result], 1.0 if result == current else 0.0)
+                                   "(integrity, environment, self), per model",
+                                   labels=["check", "result", "model"])
+        for model, checks in sorted(self._checks().items()):
+            for name, status in sorted(checks.items()):
+                if name not in GUARDS:
+                    continue
+                current = result_label(status.get("result") if isinstance(status, dict)
+                                       else None)
+                for result in RESULTS:
+                    family.add_metric([name, result, model], 1.0 if result == current else 0.0)
         yield family
         keys = GaugeMetricFamily("sovereignd_keys_info", "1, labelled with the fingerprint of "
                                  "the client keys in effect (equal on hosts with the same keys)",
@@ -55,10 +63,11 @@ class _Checks(Collector):
         yield keys
 
 
-def install(metrics: Metrics, supervisor: Supervisor, events: EventLog,
-            keys_fingerprint: Callable[[], str]) -> None:
-    """Register these metrics on the daemon's registry and listen to its events."""
-    metrics.registry.register(_Checks(supervisor.checks, keys_fingerprint))
+def install(metrics: Metrics, checks: Callable[[], Mapping[str, Mapping[str, Any]]],
+            events: EventLog, keys_fingerprint: Callable[[], str]) -> None:
+    """Register these metrics on the daemon's registry and listen to its events (`checks`:
+    each started model's supervisor checks, by model name, read at scrape time)."""
+    metrics.registry.register(_Checks(checks, keys_fingerprint))
     counted = Counter("sovereignd_events", "Events recorded since the daemon started",
                       ["event", "level"], registry=metrics.registry)
     space_low = Gauge("sovereignd_request_log_space_low", "1 while the request records' disk "
