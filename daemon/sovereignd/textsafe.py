@@ -25,14 +25,14 @@ def escape(text: str) -> str:
     return _UNSAFE.sub(_visible, text)
 
 
-_UNSAFE_BUT_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f"
-                               "\u202a-\u202e\u2066-\u2069]")
+def _visible_unless_layout(match: re.Match[str]) -> str:
+    return match.group() if match.group() in "\t\n" else _visible(match)
 
 
 def escape_text(text: str) -> str:
     """`escape` for running text shown as it is meant to be read (a model's answer in a
     terminal): line feeds and tabs stay, every other control character is escaped."""
-    return _UNSAFE_BUT_LINES.sub(_visible, text)
+    return _UNSAFE.sub(_visible_unless_layout, text)
 
 
 def escape_all(value: Any) -> Any:

@@ -78,14 +78,23 @@ def prepare_private_tmp(folder: Path) -> None:
     _private_folder(folder.parent)
     _private_folder(folder)
     try:
-        for entry in folder.iterdir():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+        _empty(folder)
     except OSError as exc:
         raise SocketDirError(f"cannot empty the server's temporary folder {folder}: "
                              f"{exc.strerror or exc}") from exc
+
+
+def _empty(folder: Path) -> int:
+    """Remove everything in `folder` (folders whole; a symlink itself, never its target);
+    how many entries went. OSError from the first that cannot be removed."""
+    removed = 0
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        removed += 1
+    return removed
 
 
 def remove_leftovers(uds: Path | None, tmp: Path | None) -> int:
@@ -100,12 +109,7 @@ def remove_leftovers(uds: Path | None, tmp: Path | None) -> int:
             removed += 1
     if tmp is not None and tmp.is_dir() and not tmp.is_symlink():
         with contextlib.suppress(OSError):
-            for entry in tmp.iterdir():
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
-                removed += 1
+            removed += _empty(tmp)
     return removed
 
 
