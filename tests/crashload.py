@@ -45,7 +45,7 @@ async def _plain(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
 
 
 async def _stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
-                  got: Received, stop: asyncio.Event) -> None:
+                  got: Received, stop: asyncio.Event, *, mid_after: int) -> None:
     while not stop.is_set():
         rid = ""
         try:
@@ -53,9 +53,12 @@ async def _stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any]
                 rid = r.headers.get("X-Request-ID", "")
                 got.partial.add(rid)  # the answer has begun: status line and headers
                 done = False
+                chunks = 0
                 async for line in r.content:
                     if line.startswith(b"data: {"):
-                        got.mid_stream.set()
+                        chunks += 1
+                        if chunks == mid_after:
+                            got.mid_stream.set()
                     if line.startswith(b"data: [DONE]"):
                         done = True
                 if r.status == 200 and done:
@@ -68,9 +71,14 @@ async def _stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any]
 
 async def load_then_kill(d: Daemon, key: str, model: str, *, plain: int, streams: int,
                          seconds: float, max_tokens: int,
-                         extra: dict[str, Any] | None = None) -> Received:
+                         extra: dict[str, Any] | None = None, mid_after: int = 1) -> Received:
     """Run `plain` + `streams` clients against the gateway, SIGKILL the daemon after
-    `seconds`, and return what the clients received by then."""
+    `seconds` -- at the moment a stream has received its `mid_after`-th chunk -- and return
+    what the clients received by then.
+
+    A fast server can finish a short answer between that chunk and the kill (the rest of it
+    already in the socket buffer), so on the real server the answers are long and
+    `mid_after` leaves most of the answer still to be generated."""
     got = Received()
     stop = asyncio.Event()
     url = d.url + "/v1/chat/completions"
@@ -83,7 +91,7 @@ async def load_then_kill(d: Daemon, key: str, model: str, *, plain: int, streams
                                      connector=connector) as session:
         clients = [asyncio.create_task(_plain(session, url, body, got, stop))
                    for _ in range(plain)]
-        clients += [asyncio.create_task(_stream(session, url, body, got, stop))
+        clients += [asyncio.create_task(_stream(session, url, body, got, stop, mid_after=mid_after))
                     for _ in range(streams)]
         await asyncio.wait(clients, timeout=seconds)  # the load runs this long, then the kill
         # ... at a moment when a stream has delivered part of its answer (bounded wait).

@@ -29,17 +29,26 @@ from tests.helpers import REPO, cli_argv, cli_env, wait_for
 FAKE = REPO / "tests" / "fakes" / "fake_vllm.py"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
     """A free loopback port below the kernel's ephemeral range (32768-60999 by default), so
-    that no outgoing connection of another program can take it before the server binds it."""
+    that no outgoing connection of another program can take it before the server binds it.
+
+    Never the same port twice in one test process: a daemon's gateway and its server both
+    take one before either binds, and a repeat would make the configuration invalid."""
     for _ in range(200):
         port = random.randrange(20000, 32000)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _HANDED_OUT.add(port)
+        return port
     raise RuntimeError("no free loopback port in 20000-32000")
 
 

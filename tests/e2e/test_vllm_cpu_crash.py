@@ -38,9 +38,12 @@ def test_sigkill_under_real_load_leaves_every_answer_recorded(crash_daemon: Daem
     d = crash_daemon
     d.wait_state("READY", timeout=READY_TIMEOUT)
     before = opens(d)
-    # Long streams (ignore_eos: the random tiny model would stop early) keep some in flight.
+    # Long streams (ignore_eos: the random tiny model would stop early; 400 tokens of the
+    # 512-token context) keep some in flight; the kill comes at a stream's 8th chunk, with
+    # most of its answer still to be generated (at 200 tokens a fast machine once finished
+    # every stream before the kill landed).
     got = asyncio.run(load_then_kill(d, d.client_key, "tiny", plain=2, streams=4, seconds=4.0,
-                                     max_tokens=200, extra={"ignore_eos": True}))
+                                     max_tokens=400, extra={"ignore_eos": True}, mid_after=8))
     d.start()  # the next start closes the open requests and sweeps the orphaned server
     wait_log_reopened(d, before)
     wait_for(lambda: d.events("orphans"), 120, what="the killed run's server swept")
