@@ -1,0 +1,72 @@
+"""The parser, and `main`: the one place that turns errors into exit statuses.
+
+Exit statuses: 0 success; 1 a check failed or an unexpected error; 78 (EX_CONFIG) a bad
+configuration, of the file or of the host (`guards`: running as root, protected files the
+service account could change). Each command group's module registers its subcommands with its
+`add_*` functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Sequence
+
+from sovereignd import __version__
+from sovereignd.cli import audit, chat, control, fleet, integrity, keys, logs, service
+from sovereignd.cli.common import EX_BROKEN_PIPE, EX_CONFIG, EX_FAIL, Handler
+from sovereignd.errors import CheckFailed, ConfigError, SovereigndError, UnsafeHost
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sovereignd",
+        description="Run a local LLM server as a supervised, audited production service.")
+    parser.add_argument("--version", action="version", version=f"sovereignd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # This order is the order of `sovereignd --help`.
+    for add in (control.add_run, service.add_check, integrity.add_manifest, integrity.add_model,
+                integrity.add_env, integrity.add_baseline, keys.add_keys, logs.add_logs,
+                audit.add_audit, service.add_service, service.add_firewall, service.add_upgrade,
+                control.add_drain, fleet.add_fleet, chat.add_chat):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"sovereignd: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except UnsafeHost as exc:
+        # The host's setup is configuration too: 78 keeps systemd from restarting in a loop.
+        print(f"sovereignd: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except CheckFailed as exc:
+        print(f"sovereignd: {exc}", file=sys.stderr)
+        return EX_FAIL
+    except SovereigndError as exc:
+        print(f"sovereignd: {exc}", file=sys.stderr)
+        return EX_FAIL
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `sovereignd ... | head`: the reader left before the verdict could be written, so
+        # the verdict is unknown to it: fail as a tool killed by SIGPIPE does (128 + 13), never
+        # 0 — a check whose output was cut must not read as passed under `set -o pipefail`.
+        # Python would flush stdout again at exit and complain: point it at /dev/null.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EX_BROKEN_PIPE
+    except OSError as exc:
+        # e.g. stdout on a full disk (ENOSPC): a sentence, not a traceback.
+        print(f"sovereignd: {exc.strerror or exc}"
+              + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return EX_FAIL
