@@ -210,10 +210,13 @@ def render_status(st: dict[str, Any]) -> str:
     drain = st.get("drain")
     # A drained host says so first: /readyz is 503 for it whatever the models' states.
     head = [] if not drain else [
-        f"drain:     DRAINING since {drain.get('since')} ({drain.get('reason')}); "
+        f"drain:     DRAINING since {drain.get('since')} ({drain.get('reason')}"
+        + (f", by {drain['by']}" if drain.get("by") == "upgrade" else "") + "); "
         + ("refusing new requests" if drain.get("refusing") else
            f"still serving for {drain.get('grace_left_s')}s")
         + f", {drain.get('in_flight')} in flight; `sovereignd resume` ends it"]
+    if drain and drain.get("restored"):
+        head.append(f"           kept across a daemon restart (restored at {drain['restored']})")
     if len(models) <= 1:
         return "\n".join(escape(line) for line in head + _model_lines(st))
     lines = [*head, f"state:     {st.get('state')}", f"reason:    {st.get('reason')}"]
