@@ -181,21 +181,18 @@ def call(cfg: Config, action: str, timeout: float = 10.0, **body: Any) -> dict[s
 def fetch_status(cfg: Config, timeout: float = 5.0) -> dict[str, Any]:
     """The daemon's /status, through the control socket or else a loopback gateway."""
     errors = []
-    conn: http.client.HTTPConnection = _UnixConnection(cfg.control_socket, timeout)
-    try:
-        return _call(conn, "GET", "/status")
-    except OSError as exc:
-        errors.append(f"{cfg.control_socket}: {exc.strerror or exc}")
-    finally:
-        conn.close()
-    host, port = cfg.listen
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        return _call(conn, "GET", "/status")
-    except OSError as exc:
-        errors.append(f"http://{cfg.gateway.listen}/status: {exc.strerror or exc}")
-    finally:
-        conn.close()
+    connections: list[tuple[str, Callable[[], http.client.HTTPConnection]]] = [
+        (str(cfg.control_socket), lambda: _UnixConnection(cfg.control_socket, timeout)),
+        (f"http://{cfg.gateway.listen}/status",
+         lambda: http.client.HTTPConnection(*cfg.listen, timeout=timeout))]
+    for where, connect in connections:
+        conn = connect()
+        try:
+            return _call(conn, "GET", "/status")
+        except OSError as exc:
+            errors.append(f"{where}: {exc.strerror or exc}")
+        finally:
+            conn.close()
     raise SovereigndError("cannot reach the daemon (" + "; ".join(errors) + "); is it running?")
 
 
