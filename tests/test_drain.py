@@ -259,3 +259,41 @@ def test_the_drain_state_file_rejects_what_it_did_not_write(tmp_path: Path) -> N
     path.mkdir()
     with pytest.raises(drainstate.Unreadable, match="cannot read"):
         drainstate.load(path)
+
+
+def test_upgrade_ends_a_drain_a_dead_upgrade_left_but_keeps_the_operators(
+        make_daemon: MakeDaemon, tmp_path: Path) -> None:
+    """`upgrade --drain` after a restart: a saved drain of an upgrade that never finished (it
+    and the daemon were killed) is taken over and ended once the new server is READY; a drain
+    the operator set before the upgrade, restored across a SIGKILL, stays after it."""
+    from tests.test_upgrade import fake_venv, steps, upgradable
+
+    d, opt, _frozen = upgradable(make_daemon, tmp_path)
+    assert d.proc is not None
+    d.signal(signal.SIGKILL)
+    d.proc.wait(10)
+    saved = d.logs / "drain.json"
+    drainstate.save(saved, drainstate.Saved(since="2026-11-30T01:00:00.000+00:00",
+                                            reason="upgrade to lost", grace_s=30.0,
+                                            grace_until=0.0, by="upgrade"))
+    d.start()
+    assert _first_readyz(d)[0] == 503
+    d.wait_state("READY")
+    res = run_cli("upgrade", "--config", str(d.config_path), "--venv",
+                  str(fake_venv(opt, "new", "2.0")), "--timeout", "20s", "--drain", "300ms")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert steps(d)[-2:] == ["resume", "done"]
+    assert not saved.exists() and d.get("/readyz")[0] == 200
+
+    assert run_cli("drain", "--config", str(d.config_path), "--grace", "0s", "--reason",
+                   "disk swap", "--no-wait").returncode == 0
+    _kill_and_restart(d)
+    d.wait_state("READY")
+    res = run_cli("upgrade", "--config", str(d.config_path), "--venv",
+                  str(fake_venv(opt, "newer", "3.0")), "--timeout", "20s", "--drain", "300ms")
+    assert res.returncode == 0, res.stdout + res.stderr
+    skipped = [e for e in d.events("upgrade") if e["step"] == "drain"][-1]
+    assert "stays drained" in skipped["skipped"] and "resume" not in steps(d)[-3:]
+    code, ready = d.get("/readyz")
+    assert code == 503 and ready["drain"]["reason"] == "disk swap"
+    assert ready["drain"]["by"] == "operator" and saved.exists()
