@@ -4,8 +4,8 @@ balancer must not come back READY and take traffic.
 
 `<state_dir>/drain.json`, one JSON object written whole (temp file + os.replace, mode 0600)
 when a drain begins and removed at `sovereignd resume`. HAProxy keeps its own servers' drain
-state across reloads the same way (`server-state-file` + `load-server-state-from-file`,
-HAProxy 2.6 configuration manual, section 3.1).
+state across reloads the same way (HAProxy configuration manual: `server-state-file`, global
+section 3.1, and `load-server-state-from-file`, proxies section 4).
 """
 
 from __future__ import annotations
