@@ -223,6 +223,9 @@ def test_an_unreadable_drain_state_keeps_the_host_drained_and_says_why(
         event = d.events("drain.state_unreadable")[-1]
         assert event["level"] == "error" and event["path"] == str(saved)
         assert "secret-looking-text" not in event["error"]
+        # What the SovereigndDrainStateBroken alert (ops/fleet/alerts.yml) counts.
+        assert b'sovereignd_events_total{event="drain.state_unreadable",level="error"} 1.0' \
+            in http("GET", d.url + "/metrics")[1]
         assert d.stop() == 0
     assert "lacks the field 'grace_s'" in d.events("drain.state_unreadable")[0]["error"]
     assert "is not JSON" in d.events("drain.state_unreadable")[1]["error"]
