@@ -126,7 +126,7 @@ class Drain:
             self._set(_iso(self._wall()), "drain state unreadable", 0.0, 0.0, "operator")
             self._restored = self._since
             self._emit("drain.state_unreadable", level="error", path=str(self._state_file),
-                       error=str(exc), action="the host stays drained and refuses new "
+                       error=str(exc), mitigation="the host stays drained and refuses new "
                        "requests; check the file, then `sovereignd resume` (or `drain` again)")
             return
         if saved is None:
