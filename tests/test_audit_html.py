@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from html.parser import HTMLParser
+from importlib.resources import files
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,48 @@ def test_markdown_and_json_keep_hostile_text_inert(hostile_site: tuple[Site, Fak
     assert "<script>" not in md and "\x1b" not in md and "\u202e" not in md
     js = render.render(report, "json")
     assert "\\u001b[2K" in js and hostile("client").replace('"', '\\"')[:30] in js
+
+
+def test_the_fleet_page_shows_hostile_host_client_model_and_finding_text_as_text() -> None:
+    """`audit fleet --format html`: what comes from the hosts' exports (host names, export
+    names, clients, models, control titles, findings and verdicts, what is not proven) reaches
+    the page as escaped text, with the single-host report's macros and style."""
+    from sovereignd.audit.fleet import FleetReport, HostAudit, render
+
+    def host(n: int) -> HostAudit:
+        return HostAudit(
+            name=hostile(f"host{n}"), source=f"/exports/{_file_name(f'export{n}')}",
+            exported_at=hostile(f"exported{n}"), period={}, config_sha256=hostile(f"digest{n}"),
+            verdict="FAIL" if n == 2 else "PASS",
+            controls=[{"id": "request_chain", "title": hostile(f"title{n}"),
+                       "verdict": hostile(f"verdict{n}"), "finding": hostile(f"finding{n}")},
+                      {"id": "x", "title": "Model", "verdict": "PASS", "finding": "ok"}],
+            chain={}, requests={"total": {"requests": 7, "errors": 1},
+                                "by_model": {hostile(f"model{n}"): {}},
+                                "by_client": {hostile(f"client{n}") if n < 3 else "WARN": {}}},
+            incidents={"backoff": 1, "fatal": 0, "quarantined": 2},
+            unproven=[hostile(f"unproven{n}")] if n == 2 else [])
+
+    report = FleetReport("2026-11-30T00:00:00Z", None, None, [host(1), host(2), host(3)])
+    page = render(report, "html")
+    parsed = Page(page)
+    assert set(parsed.tags) <= TAGS | {"ul", "li"}, set(parsed.tags) - TAGS
+    assert not [name for name, _ in parsed.attributes if name.startswith("on")]
+    assert not _unsafe(page) and "<script>" not in page
+    text = "\n".join(parsed.texts)
+    labels = [f"{kind}{n}" for n in (1, 2) for kind in (
+        "host", "exported", "digest", "title", "verdict", "finding", "model", "client")]
+    missing = [label for label in [*labels, "unproven2"] if escape(hostile(label)) not in text]
+    missing += [f"export{n}" for n in (1, 2) if escape(_file_name(f"export{n}")) not in text]
+    assert not missing, f"not shown as escaped text: {missing}"
+    assert ("td", "WARN") in parsed.cells  # host3's client, named like a verdict, is a name
+    assert ("span", "FAIL") in parsed.cells  # the fleet's result
+    assert ("href", "#host-2") in parsed.attributes and ("id", "host-2") in parsed.attributes
+    # The same style as the single-host report, and one page: no script, no outside request.
+    css = (files("sovereignd.audit") / "templates" / "report.css").read_text()
+    assert css.strip() in page and "<link" not in page and "src=" not in page
+
+
+def _file_name(label: str) -> str:
+    """Hostile text a file name can hold (no slash, no NUL)."""
+    return hostile(label, nul=False).replace("/", "")

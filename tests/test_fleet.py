@@ -342,6 +342,12 @@ def test_audit_fleet_over_three_exports_names_the_tampered_record(fleet: Fleet) 
              for h in NAMES}
     assert chain["host1"]["verdict"] == "PASS" and "seals checked" in chain["host1"]["finding"]
     assert chain["host2"]["verdict"] == "FAIL"
+    # The same report as one HTML page (-o FILE.html), the tampered record named in it.
+    page = fleet.root / "fleet.html"
+    res = run_cli("audit", "fleet", *files, *keys, "-o", str(page))
+    assert res.returncode == 1 and "fleet audit written" in res.stderr, res.stderr
+    html = page.read_text()
+    assert "<!DOCTYPE html>" in html and f"seq {seq}" in html and 'id="host-3"' in html
     # Without host3's key its seals are not checked: named as not proven, in Markdown too.
     res = run_cli("audit", "fleet", *files, *keys[:2])
     assert res.returncode == 1

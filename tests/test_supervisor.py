@@ -258,6 +258,10 @@ def test_status_command_human_and_json(make_daemon: MakeDaemon) -> None:
     import json
 
     assert json.loads(res.stdout)["state"] == "READY"
+    # Without the control socket, `status` asks the loopback gateway's /status instead.
+    (d.logs / "control.sock").unlink()
+    res = run_cli("status", "--config", str(d.config_path))
+    assert res.returncode == 0 and "state:     READY" in res.stdout, res
 
 
 def test_status_without_daemon_says_so(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from sovereignd import __version__
 from sovereignd.backends import memory, registry
 from sovereignd.backends.base import Backend
 from sovereignd.config import Config
-from sovereignd.gateway import alertmetrics, modelmetrics
+from sovereignd.gateway import alertmetrics, drainstate, modelmetrics
 from sovereignd.gateway.control import ControlServer
 from sovereignd.gateway.drain import Drain
 from sovereignd.gateway.endpoints import Gateway
@@ -134,7 +134,9 @@ async def _main(cfg: Config, allow_root: bool) -> int:
     # Quotas count what the records say: this month's records again, before any request.
     proxy.quotas.load(iter_records(cfg.logs.dir, since=month_start(time.time())))
     gateway.admin_check = proxy.admin_check
-    drain = Drain(events.emit, metrics)  # `sovereignd drain` / `resume`
+    # `sovereignd drain` / `resume`; a drain saved by an earlier run holds from the start.
+    drain = Drain(events.emit, metrics, drainstate.state_path(cfg.state_dir))
+    drain.restore()
     gateway.drain = proxy.drain = drain
     gateway.on_refused = proxy.record_refusal
     control = ControlServer(cfg.control_socket, models)

@@ -310,6 +310,8 @@ def test_drain_keeps_the_real_server_serving_through_the_grace_then_refuses_and_
                  headers={**auth, "Content-Type": "application/json"})
     res = run_cli("drain", "--config", str(d.config_path), "--grace", "3s", "--no-wait")
     assert res.returncode == 0, res.stderr
+    saved = d.logs / "drain.json"  # kept for a restarted daemon (tests/test_drain.py)
+    assert saved.stat().st_mode & 0o777 == 0o600
     code, ready = d.get("/readyz")
     assert code == 503 and ready["reason"] == "draining" and ready["state"] == "READY"
     assert http("POST", d.url + "/v1/chat/completions", chat, auth, timeout=60)[0] == 200
@@ -321,7 +323,7 @@ def test_drain_keeps_the_real_server_serving_through_the_grace_then_refuses_and_
     assert code == 503 and json.loads(body)["error"]["code"] == "draining"
     res = run_cli("resume", "--config", str(d.config_path))
     assert res.returncode == 0, res.stderr
-    assert d.get("/readyz")[0] == 200
+    assert d.get("/readyz")[0] == 200 and not saved.exists()
     assert http("POST", d.url + "/v1/chat/completions", chat, auth, timeout=60)[0] == 200
 
 

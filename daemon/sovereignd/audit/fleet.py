@@ -20,7 +20,9 @@ from typing import Any
 
 import orjson
 
+from sovereignd import __version__
 from sovereignd.audit import export as export_mod
+from sovereignd.audit import render as render_mod
 from sovereignd.audit.evidence import AuditError, read_events, request_stats
 from sovereignd.logs.files import utc_timestamp
 from sovereignd.logs.records import iter_records
@@ -243,5 +245,27 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def render_html(report: FleetReport) -> str:
+    """The fleet report as one self-contained HTML page (templates/fleet.html.j2, with the
+    single-host report's macros and style, autoescaped)."""
+    summary = report.to_json()["summary"]
+    rows = [[h.name, summary[h.name]["requests"], h.requests["total"].get("errors", 0),
+             ", ".join(summary[h.name]["models"]) or "—",
+             ", ".join(summary[h.name]["clients"]) or "—", h.incidents["backoff"],
+             h.incidents["fatal"], h.incidents["quarantined"], h.verdict,
+             "yes" if h.proven else "no"] for h in report.hosts]
+    hosts = [{"name": h.name, "export": Path(h.source).name, "exported_at": h.exported_at,
+              "config_sha256": h.config_sha256, "verdict": h.verdict, "proven": h.proven,
+              "rows": [[c["title"], c["verdict"], c["finding"]] for c in h.controls]}
+             for h in report.hosts]
+    period = f"{_ts(report.since) or 'start of the logs'} → {_ts(report.until) or 'the exports'}"
+    return render_mod.page(
+        "fleet.html.j2", report=report, result="FAIL" if report.failed else "PASS",
+        period=period, version=__version__, summary_rows=rows, hosts=hosts,
+        summary=report.summary().partition(": ")[2],
+        unproven=[(i, h.name, p) for i, h in enumerate(report.hosts, 1) for p in h.unproven])
+
+
 def render(report: FleetReport, fmt: str) -> str:
-    return render_json(report) if fmt == "json" else render_markdown(report)
+    """The report in one of FORMATS."""
+    return {"md": render_markdown, "html": render_html, "json": render_json}[fmt](report)

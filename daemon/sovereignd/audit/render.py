@@ -12,6 +12,7 @@ import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -23,6 +24,12 @@ from sovereignd.textsafe import escape
 
 FORMATS = ("md", "html", "json")
 _EDGE_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+
+
+def format_for(output: Path | None) -> str:
+    """The format an output file's suffix asks for (.json, .html/.htm), else Markdown."""
+    suffix = output.suffix.lower() if output is not None else ""
+    return {".html": "html", ".htm": "html", ".json": "json"}.get(suffix, "md")
 
 
 def render(report: AuditReport, fmt: str) -> str:
@@ -207,7 +214,13 @@ def render_html(report: AuditReport) -> str:
         "restarts": bar_chart("Restarts per day", report.charts["restarts_per_day"],
                               "restarts", cls="restart"),
     }
-    return _templates().get_template("report.html.j2").render(
-        report=report, period=_period(report), counts=report.counts(), charts=charts,
-        sections=[(s, controls) for s, controls in sections if controls],
-        fact_rows=lambda c: [[f.label, f.display()] for f in c.facts])
+    return page("report.html.j2",
+                report=report, period=_period(report), counts=report.counts(), charts=charts,
+                sections=[(s, controls) for s, controls in sections if controls],
+                fact_rows=lambda c: [[f.label, f.display()] for f in c.facts])
+
+
+def page(template: str, **context: Any) -> str:
+    """One of the package's HTML templates rendered with `context`, autoescaped (also
+    `audit fleet`'s page, templates/fleet.html.j2, with the same macros and style)."""
+    return _templates().get_template(template).render(**context)

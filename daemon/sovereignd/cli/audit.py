@@ -22,10 +22,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     since = evidence.parse_date(args.since, "--since") if args.since else None
     until = evidence.parse_date(args.until, "--until", end_of_day=True) if args.until else None
-    fmt = args.format
-    if fmt is None:
-        suffix = args.output.suffix.lower() if args.output is not None else ""
-        fmt = {".html": "html", ".htm": "html", ".json": "json"}.get(suffix, "md")
+    fmt = args.format or render.format_for(args.output)
     report = build_report(cfg, since, until,
                           verification_keys=read_verification_keys(args))
     text = render.render(report, fmt)
@@ -89,12 +86,11 @@ def _host_keys(specs: list[str]) -> dict[str, list[bytes]]:
 
 
 def _cmd_audit_fleet(args: argparse.Namespace) -> int:
-    from sovereignd.audit import fleet
+    from sovereignd.audit import fleet, render
 
     since, until = _period_args(args)
     report = fleet.audit_fleet(args.exports, _host_keys(args.key_file), since, until)
-    fmt = args.format or ("json" if args.output is not None
-                          and args.output.suffix.lower() == ".json" else "md")
+    fmt = args.format or render.format_for(args.output)
     text = fleet.render(report, fmt)
     if args.output is None:
         sys.stdout.write(text)
@@ -129,8 +125,9 @@ def _add_audit_fleet(p: argparse.ArgumentParser) -> None:
                    help="a host's verification key(s), one per line (repeat per host; HOST "
                         "is its name in the export (audit export --name, default the host "
                         "name) or the export file's name without .gz)")
-    f.add_argument("--format", choices=("md", "json"),
-                   help="md (default) or json (default for a .json output)")
+    f.add_argument("--format", choices=("md", "html", "json"),
+                   help="md, html (one self-contained page) or json; default: from the -o "
+                        "suffix, else md")
     f.add_argument("-o", "--output", type=Path, metavar="FILE",
                    help="write the report here instead of standard output")
     f.set_defaults(handler=_cmd_audit_fleet)

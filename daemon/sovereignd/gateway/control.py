@@ -181,21 +181,18 @@ def call(cfg: Config, action: str, timeout: float = 10.0, **body: Any) -> dict[s
 def fetch_status(cfg: Config, timeout: float = 5.0) -> dict[str, Any]:
     """The daemon's /status, through the control socket or else a loopback gateway."""
     errors = []
-    conn: http.client.HTTPConnection = _UnixConnection(cfg.control_socket, timeout)
-    try:
-        return _call(conn, "GET", "/status")
-    except OSError as exc:
-        errors.append(f"{cfg.control_socket}: {exc.strerror or exc}")
-    finally:
-        conn.close()
-    host, port = cfg.listen
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        return _call(conn, "GET", "/status")
-    except OSError as exc:
-        errors.append(f"http://{cfg.gateway.listen}/status: {exc.strerror or exc}")
-    finally:
-        conn.close()
+    connections: list[tuple[str, Callable[[], http.client.HTTPConnection]]] = [
+        (str(cfg.control_socket), lambda: _UnixConnection(cfg.control_socket, timeout)),
+        (f"http://{cfg.gateway.listen}/status",
+         lambda: http.client.HTTPConnection(*cfg.listen, timeout=timeout))]
+    for where, connect in connections:
+        conn = connect()
+        try:
+            return _call(conn, "GET", "/status")
+        except OSError as exc:
+            errors.append(f"{where}: {exc.strerror or exc}")
+        finally:
+            conn.close()
     raise SovereigndError("cannot reach the daemon (" + "; ".join(errors) + "); is it running?")
 
 
@@ -210,10 +207,13 @@ def render_status(st: dict[str, Any]) -> str:
     drain = st.get("drain")
     # A drained host says so first: /readyz is 503 for it whatever the models' states.
     head = [] if not drain else [
-        f"drain:     DRAINING since {drain.get('since')} ({drain.get('reason')}); "
+        f"drain:     DRAINING since {drain.get('since')} ({drain.get('reason')}"
+        + (f", by {drain['by']}" if drain.get("by") == "upgrade" else "") + "); "
         + ("refusing new requests" if drain.get("refusing") else
            f"still serving for {drain.get('grace_left_s')}s")
         + f", {drain.get('in_flight')} in flight; `sovereignd resume` ends it"]
+    if drain and drain.get("restored"):
+        head.append(f"           kept across a daemon restart (restored at {drain['restored']})")
     if len(models) <= 1:
         return "\n".join(escape(line) for line in head + _model_lines(st))
     lines = [*head, f"state:     {st.get('state')}", f"reason:    {st.get('reason')}"]

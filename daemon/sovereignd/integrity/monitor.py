@@ -340,28 +340,36 @@ class Guard:
         """The baseline could not be read and one of its files changed since: read it again.
         Readable now (the operator restored or replaced it) → verify everything and, when the
         files match, release a quarantine this guard caused — as files that verify again do."""
-        async with self._lock:
-            if self.fault is None:
-                return
-            fault = await self._reload()
-            if fault is not None:
-                self.events.emit(f"{self.name}_baseline_unreadable", level="error", error=fault)
-                return
+        if self.fault is None:
+            return
+        if await self.recheck(reload=True, reloaded=self._report_baseline) and not self.drift \
+                and self.supervisor.state is State.QUARANTINED:
+            self.supervisor.request(Request.RELEASE, f"{self.name} baseline readable again "
+                                    "and every file verifies", guard=self.name)
+
+    def _report_baseline(self, fault: str | None) -> None:
+        if fault is not None:
+            self.events.emit(f"{self.name}_baseline_unreadable", level="error", error=fault)
+        else:
             self.events.emit(f"{self.name}_baseline_readable", level="warning",
                              path=str(self.baseline_files()[0]), **self.baseline_fields())
-            await self._run_verify(None, low_priority=False, acting=True)
-            self._verified_once = True
-            if not self.drift and self.supervisor.state is State.QUARANTINED:
-                self.supervisor.request(Request.RELEASE, f"{self.name} baseline readable again "
-                                        "and every file verifies", guard=self.name)
 
-    async def recheck(self, reload: bool = False) -> None:
-        """Verify everything now (an operator accepted a new baseline, or asked)."""
+    async def recheck(self, reload: bool = False,
+                      reloaded: Callable[[str | None], None] | None = None) -> bool:
+        """Verify everything now (an operator accepted a new baseline or asked, or a baseline
+        that could not be read changed since). `reload`: read the baseline again first and
+        tell `reloaded` the fault (None: readable). False when it cannot be read (nothing was
+        verified), else True."""
         async with self._lock:
-            if reload and await self._reload() is not None:
-                return
+            if reload:
+                fault = await self._reload()
+                if reloaded is not None:
+                    reloaded(fault)
+                if fault is not None:
+                    return False
             await self._run_verify(None, low_priority=False, acting=True)
             self._verified_once = True
+            return True
 
     # --- results --------------------------------------------------------------------------------
 

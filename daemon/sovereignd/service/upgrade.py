@@ -238,14 +238,16 @@ class Upgrade:
 
     def _drain(self) -> bool:
         """Drain the host before the restart; True if this upgrade began the drain (and so
-        ends it). A host drained by the operator already stays drained afterwards."""
+        ends it). A host drained by the operator already stays drained afterwards; a drain
+        left by an upgrade that never finished (saved across daemon restarts) is taken over."""
         if self.drain_grace <= 0:
             return False
-        if drain.drain_status(self.cfg).get("drain") is not None:
+        current = drain.drain_status(self.cfg).get("drain")
+        if isinstance(current, dict) and current.get("by") != "upgrade":
             self.step("drain", skipped="the host is drained already; it stays drained")
             return False
         control.call(self.cfg, "drain", grace=self.drain_grace,
-                     reason=f"upgrade to {self.name}")
+                     reason=f"upgrade to {self.name}", by="upgrade")
         self.step("drain", grace_s=self.drain_grace)
         try:
             state = drain.wait_drained(self.cfg, self.drain_grace
