@@ -656,11 +656,14 @@ def bench_proxies(root: Path, args: argparse.Namespace) -> tuple[list[Run], str]
             if args.warmup > 0:
                 wrk(gateway, gateway_script, c, args.warmup)
             before = last_record(d.logs)["seq"]
+            suspects = len(d.events("suspect"))
             run = measure("sovereignd", gateway, gateway_script, c, duration=args.duration,
                           warmup=0, gateway=daemon_proc, upstream=nginx, quiet=args.quiet)
             last = last_record(d.logs)
             run.note = (f"{last['seq'] - before:,} records sealed during the row, repeats "
-                        f"included (epoch {last['epoch']})")
+                        f"included (epoch {last['epoch']}); stall watch: "
+                        f"{len(d.events('suspect')) - suspects} suspect event(s) during the "
+                        "row (a healthy server: 0)")
             if last.get("seal") is None:
                 raise RuntimeError("the request records are not sealed")
             if run.errors:

@@ -647,7 +647,9 @@ class Supervisor:
             if self.state is not State.READY:
                 continue
             now = self.clock()
-            busy = self.metrics.requests_in_flight > 0 or self._canary_since is not None
+            # Work at the server: requests it has not answered in full (not those whose
+            # answer waits for its record's fsync or for the client), or the canary.
+            busy = self.metrics.upstream_pending > 0 or self._canary_since is not None
             watch.progress(self.metrics.upstream_progress)
             if busy and metrics_path is not None and now - watch.last_progress >= STALL_LOOK:
                 text = await self.prober.text(metrics_path, h.timeout)
