@@ -543,9 +543,10 @@ class Supervisor:
                 return Failure(kind="canary", message=f"the canary completion failed {failed} "
                                f"times while warming up (last: {result.detail})",
                                mitigation="see server.log for the server's own error")
-            if self.clock() >= deadline:
+            if self.clock() < deadline:
+                await asyncio.sleep(h.startup_poll)
+            if self.clock() >= deadline:  # no attempt begins past it (with what time left?)
                 return self._start_timeout("the canary completion did not succeed", result)
-            await asyncio.sleep(h.startup_poll)
         await self.runtime.to_thread(server.refresh_members)
         await self._arm(server)
         self._ready_at = self.clock()
