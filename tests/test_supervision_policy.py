@@ -875,6 +875,29 @@ def test_stall_a_server_whose_counters_move_is_busy_not_stalled(root: Path) -> N
     assert sim.event("suspect") == [] and len(sim.runtime.servers) == 1
 
 
+def test_stall_bytes_that_arrive_while_the_counters_are_read_are_progress(root: Path) -> None:
+    # A loaded host: a 1.5 s pause in the bytes makes the watch read the counters, which takes
+    # 5 s (health.timeout); the bytes flow again meanwhile. Judged by what it saw before the
+    # read, the watch would call 6.5 s of silence a stall (stall_timeout 4 s).
+    sim = Sim(root, default=Script(healthy_after=1.0),
+              health="canary_interval: 1h, stall_timeout: 4s, timeout: 5s")
+    sim.probes.tokens = 500.0
+    sim.probes.metrics_seconds = 60.0
+
+    async def scenario() -> None:
+        await sim.reach(State.READY)
+        _busy(sim, pending=32)
+        for _ in range(20):
+            for _ in range(10):  # bytes every 0.25 s for 2.5 s ...
+                _byte(sim)
+                await sim.idle(0.25)
+            await sim.idle(1.5)  # ... then none for 1.5 s
+        assert sim.probes.metrics_reads > 0
+
+    sim.run(scenario)
+    assert sim.event("suspect") == [] and len(sim.runtime.servers) == 1
+
+
 def test_stall_without_counters_is_suspect_but_never_confirmed(root: Path) -> None:
     # A server without vLLM's counters (or before it reports any): bytes are the only
     # evidence, and a non-streamed answer sends none until complete, so no restart.

@@ -285,6 +285,7 @@ class FakeProbes:
         self.canaries = 0
         self.tokens: float | None = None
         self.metrics_reads = 0
+        self.metrics_seconds = 0.0  # time /metrics takes to answer (a loaded host)
 
     def _server(self) -> FakeServer | None:
         return self.runtime.current
@@ -324,6 +325,7 @@ class FakeProbes:
         if self._server() is None or self.tokens is None or path != "/metrics":
             return None
         self.metrics_reads += 1
+        await asyncio.sleep(min(self.metrics_seconds, timeout))
         return ("# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
                 "# TYPE vllm:generation_tokens_total counter\n"
                 f'vllm:generation_tokens_total{{model_name="m"}} {self.tokens}\n'
