@@ -34,6 +34,17 @@ def test_vllm_counters_are_read_and_other_text_is_none() -> None:
     assert parse_counters("# nothing of vLLM here\nup 1\n") is None
 
 
+def test_counters_under_a_type_line_without_total_are_read_too() -> None:
+    # prometheus_client's parser leaves the family of `# TYPE vllm:generation_tokens counter`
+    # empty and files its `_total` sample elsewhere (the stand-in's /metrics is written so):
+    # read by sample name, the counters still move.
+    text = ("# TYPE vllm:generation_tokens counter\n"
+            'vllm:generation_tokens_total{model_name="m"} 14\n'
+            "# TYPE vllm:prompt_tokens counter\n"
+            'vllm:prompt_tokens_total{model_name="m"} 5\n')
+    assert parse_counters(text) == ServerCounters(tokens=19.0, running=0.0)
+
+
 def test_idle_is_never_a_stall() -> None:
     w = ProgressWatch(stall_timeout=8, stall_restart=25)
     assert w.look(0, busy=False) is Verdict.IDLE

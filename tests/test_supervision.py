@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from http.client import HTTPConnection, HTTPException
 from pathlib import Path
@@ -179,6 +180,44 @@ def test_a_busy_server_that_streams_is_never_suspected(make_daemon: MakeDaemon) 
         t.join(60)
     assert [o for o in outs] == [[200]] * 4
     assert not d.events("suspect") and len(d.starts()) == 1
+    assert metric(d, "sovereignd_stalls_total", '{stage="suspected"}') == 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_an_answer_waiting_for_its_client_to_read_is_no_work_at_the_server(
+        make_daemon: MakeDaemon, stream: bool) -> None:
+    """A client that does not read a large answer (12 MB of JSON, or 20 MB of SSE): the
+    request is in flight at the gateway, but the gateway waits on the client, not the server,
+    so the stall watch sees no work and no stall (while requests_in_flight was its measure of
+    work: suspect after stall_timeout, then the restart of a healthy server, whose counters
+    stood still because nobody read from it)."""
+    d = make_daemon({"health": {"stall_timeout": "1s", "stall_restart": "1s",
+                                "canary_interval": "1h"}},
+                    behaviour={"default": {"tokens": 3_000_000, "token_text": "x" * 1000}})
+    key = run_cli("keys", "add", "slow-reader", "--config", str(d.config_path)).stdout.strip()
+    d.start()
+    d.wait_state("READY")
+    conn = HTTPConnection("127.0.0.1", d.port, timeout=60)
+    try:
+        conn.request("POST", "/v1/completions",
+                     body=json.dumps({"model": "model", "prompt": "x", "stream": stream,
+                                      "max_tokens": 20_000 if stream else 3_000_000}),
+                     headers={"Authorization": f"Bearer {key}",
+                              "Content-Type": "application/json"})
+        resp = conn.getresponse()  # the head only: the body waits in the gateway
+        assert resp.status == 200
+        wait_for(lambda: metric(d, "sovereignd_requests_in_flight") == 1, 10,
+                 what="the request in flight at the gateway")
+        # The whole answer cannot sit in the socket buffers: the gateway waits on the client.
+        assert len(resp.read1(1)) == 1
+        time.sleep(4.0)  # stall_timeout + stall_restart + 2 looks of the watch, not reading
+        assert metric(d, "sovereignd_requests_in_flight") == 1
+        body = resp.read()
+        assert len(body) > 12_000_000
+    finally:
+        conn.close()
+    assert d.events("suspect") == [] and d.events("failure") == []
+    assert len(d.starts()) == 1
     assert metric(d, "sovereignd_stalls_total", '{stage="suspected"}') == 0
 
 

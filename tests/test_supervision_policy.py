@@ -40,18 +40,28 @@ def _restart_section() -> config.RestartSection:
     return config.RestartSection(**RESTART)  # type: ignore[arg-type]
 
 
+def _merged(base: str, more: str) -> str:
+    """YAML flow pairs "k: v, ..." of `base` with those of `more` put over them."""
+    pairs = dict(p.split(": ", 1) for p in base.split(", "))
+    pairs.update(dict(p.split(": ", 1) for p in more.split(", ") if p))
+    return ", ".join(f"{k}: {v}" for k, v in pairs.items())
+
+
 class Sim:
     """A Supervisor on a FakeRuntime and FakeProbes, on a virtual-time loop."""
 
-    def __init__(self, root: Path, *scripts: Script, default: Script | None = None) -> None:
+    def __init__(self, root: Path, *scripts: Script, default: Script | None = None,
+                 health: str = "", server: str = "") -> None:
+        """`health`, `server`: further settings of those sections (YAML flow, "k: v, ...")."""
         model = root / "model"
         model.mkdir(exist_ok=True)
         restart = ", ".join(f"{k}: {v:g}" + ("s" if k != "max_failures" else "")
                             for k, v in RESTART.items())
         cfg = config.loads(
-            f"server: {{model: {model}}}\nlogs: {{dir: {root}}}\n"
-            f"daemon: {{state_dir: {root}}}\nrestart: {{{restart}}}\n"
-            "health: {interval: 1s, canary_interval: 5s}\n".encode(), root / "c.yaml")
+            f"server: {{model: {model}{', ' + server if server else ''}}}\n"
+            f"logs: {{dir: {root}}}\ndaemon: {{state_dir: {root}}}\nrestart: {{{restart}}}\n"
+            f"health: {{{_merged('interval: 1s, canary_interval: 5s', health)}}}\n"
+            .encode(), root / "c.yaml")
         self.loop = VirtualTimeLoop()
         self.runtime = FakeRuntime(self.loop, *scripts, default=default)
         self.probes = FakeProbes(self.runtime)
@@ -604,3 +614,365 @@ def test_a_transition_outside_the_table_is_refused(root: Path) -> None:
         sim.sup._transition(State.READY, "skipping STARTING")  # the guard itself
     assert sim.sup.state is State.STOPPED and sim.transitions == []
     sim.loop.close()
+
+
+# --- start timeout, canary, unhealthy streak --------------------------------------------------
+
+
+def test_health_never_200_within_start_timeout_fails_the_start_and_restarts(root: Path) -> None:
+    sim = Sim(root, Script(healthy_after=None), default=Script(healthy_after=1.0),
+              server="start_timeout: 30s")
+
+    async def scenario() -> None:
+        failed_at = await sim.reach(State.BACKOFF, within=60)
+        assert failed_at == pytest.approx(30.0, abs=0.3)
+        assert not sim.sup.serving()
+        await sim.reach(State.READY)
+
+    sim.run(scenario)
+    assert sim.path()[:5] == ["STARTING", "BACKOFF", "STARTING", "WARMING", "READY"]
+    [failure] = sim.event("failure")
+    assert failure["kind"] == "start-timeout"
+    assert "/health did not answer 200 within server.start_timeout (30s" in failure["message"]
+    # Not deterministic (a slow disk, a large model): retried, the first time at once; the
+    # stuck server is stopped with its grace (it may be a live one, loading).
+    [backoff] = [e for e in sim.event("state") if e["to"] == "BACKOFF"]
+    assert backoff["delay_s"] == 0
+    assert sim.runtime.servers[0].signalled == [signal.SIGTERM]
+    assert sim.at(State.STARTING)[1] == pytest.approx(sim.at(State.BACKOFF)[0] + 0.5, abs=0.01)
+
+
+def test_start_timeouts_in_a_row_back_off_then_end_in_a_crash_loop_fatal(root: Path) -> None:
+    sim = Sim(root, default=Script(healthy_after=None), server="start_timeout: 10s")
+
+    async def scenario() -> None:
+        await sim.reach(State.FATAL, within=200)
+
+    sim.run(scenario)
+    assert len(sim.runtime.servers) == 5
+    assert {e["kind"] for e in sim.event("failure")} == {"start-timeout"}
+    assert [e["delay_s"] for e in sim.event("state") if e["to"] == "BACKOFF"] == [0, 1, 2, 4]
+
+
+def test_a_late_canary_while_warming_makes_the_server_ready_only_once_it_answers(
+        root: Path) -> None:
+    sim = Sim(root, Script(healthy_after=2.0, canary_seconds=12.0))
+
+    async def scenario() -> None:
+        warming = await sim.reach(State.WARMING)
+        await sim.idle(11.0)
+        assert sim.sup.state is State.WARMING and sim.sup.upstream() is None
+        ready = await sim.reach(State.READY, within=2)
+        assert ready - warming == pytest.approx(12.0, abs=0.01)
+
+    sim.run(scenario)
+    [ready_event] = [e for e in sim.event("state") if e["to"] == "READY"]
+    assert ready_event["canary_ms"] == pytest.approx(12000, abs=1)
+    assert sim.event("failure") == [] and sim.event("probe_failed") == []
+
+
+def test_a_canary_that_never_answers_while_warming_fails_the_start_at_its_timeout(
+        root: Path) -> None:
+    sim = Sim(root, Script(healthy_after=1.0, canary_seconds=10_000.0),
+              default=Script(healthy_after=1.0), server="start_timeout: 60s")
+
+    async def scenario() -> None:
+        failed_at = await sim.reach(State.BACKOFF, within=100)
+        assert 60.0 <= failed_at <= 60.25  # not later: the canary is cut short
+        await sim.reach(State.READY)
+
+    sim.run(scenario)
+    assert sim.path()[:3] == ["STARTING", "WARMING", "BACKOFF"]
+    [failure] = sim.event("failure")
+    assert failure["kind"] == "start-timeout"
+    assert "the canary completion did not succeed within server.start_timeout" in \
+        failure["message"]
+    # Two canaries, each given the canary_timeout (30 s) or what is left of start_timeout.
+    assert [e["detail"] for e in sim.event("probe_failed")] == \
+        ["no answer within 30s", "no answer within 28.75s"]
+
+
+def test_unhealthy_streak_of_health_failures_while_ready_restarts_the_server(
+        root: Path) -> None:
+    sim = Sim(root, Script(healthy_after=1.0), default=Script(healthy_after=1.0),
+              health="failures: 4, canary_interval: 1h")
+
+    async def scenario() -> None:
+        await sim.reach(State.READY)
+        await sim.idle(10.5)
+        first = sim.runtime.current
+        assert first is not None
+        first.script.healthy_after = None  # /health refuses from now on
+        broke_at = sim.loop.time()
+        failed_at = await sim.reach(State.BACKOFF, within=10)
+        assert 3.0 < failed_at - broke_at <= 4.0  # the 4th probe (1 s apart) after it
+        await sim.reach(State.READY)
+
+    sim.run(scenario)
+    failed = [e for e in sim.event("probe_failed") if e["state"] == "READY"]
+    assert [e["kind"] for e in failed] == ["health"] * 4
+    [failure] = sim.event("failure")
+    assert failure["kind"] == "unhealthy" and "failed 4 times in a row" in failure["message"]
+    assert sim.runtime.servers[0].signalled[0] == signal.SIGTERM  # drained with its grace
+    assert len(sim.runtime.servers) == 2
+
+
+def test_failed_health_probes_fewer_than_the_streak_do_not_restart(root: Path) -> None:
+    sim = Sim(root, default=Script(healthy_after=1.0), health="failures: 3, canary_interval: 1h")
+
+    async def scenario() -> None:
+        await sim.reach(State.READY)
+        server = sim.runtime.current
+        assert server is not None
+        for _ in range(3):  # three times two failures, each time followed by a good probe
+            await sim.idle(10.5 - sim.loop.time() % 1)
+            server.script.healthy_after = None
+            await sim.idle(2.0)
+            assert sim.sup.probe_stats["consecutive_failures"] == 2
+            server.script.healthy_after = 0.0
+        await sim.idle(60)
+        assert sim.sup.probe_stats["consecutive_failures"] == 0
+
+    sim.run(scenario)
+    assert len(sim.runtime.servers) == 1 and sim.event("failure") == []
+    assert len([e for e in sim.event("probe_failed") if e["state"] == "READY"]) == 6
+
+
+def test_a_failed_canary_while_ready_stops_new_traffic_until_a_canary_answers(
+        root: Path) -> None:
+    sim = Sim(root, default=Script(healthy_after=1.0))
+
+    async def scenario() -> None:
+        await sim.reach(State.READY)
+        server = sim.runtime.current
+        assert server is not None and sim.sup.upstream() is not None
+        server.script.canary = "fail"
+        await sim.until(lambda: bool(sim.event("suspect")), within=6)
+        # READY (the process is fine) but suspect: /readyz 503, nothing forwarded.
+        assert sim.sup.state is State.READY and not sim.sup.serving()
+        assert sim.sup.upstream() is None
+        server.script.canary = "ok"
+        await sim.until(lambda: bool(sim.event("suspect_cleared")), within=2)
+        assert sim.sup.serving() and sim.sup.upstream() is not None
+        await sim.idle(60)
+
+    sim.run(scenario)
+    assert len(sim.runtime.servers) == 1 and sim.event("failure") == []
+    assert sim.event("suspect_cleared")[0]["reason"] == "canary completion answered"
+
+
+def test_canary_failures_while_ready_in_a_row_restart_the_server(root: Path) -> None:
+    sim = Sim(root, Script(healthy_after=1.0), default=Script(healthy_after=1.0))
+
+    async def scenario() -> None:
+        await sim.reach(State.READY)
+        server = sim.runtime.current
+        assert server is not None
+        server.script.canary = "fail"
+        await sim.reach(State.BACKOFF, within=10)
+        await sim.reach(State.READY)
+
+    sim.run(scenario)
+    failed = [e for e in sim.event("probe_failed") if e["state"] == "READY"]
+    assert [e["kind"] for e in failed] == ["canary"] * 3  # a failed canary is retried at once
+    [failure] = sim.event("failure")
+    assert failure["kind"] == "unhealthy" and "canary probe failed 3 times" in failure["message"]
+    assert len(sim.event("suspect")) == 1
+
+
+# --- the stall watch ---------------------------------------------------------------------------
+# The gateway's side, as the proxy keeps it: `metrics.upstream_pending` (requests sent to the
+# server and not yet answered by it in full) and `metrics.upstream_progress` (the time of the
+# last byte from the server). The server's side: FakeProbes.tokens (vLLM's token counters).
+# The canary is kept out of the way (canary_interval: 1h) unless a test says otherwise.
+
+STALL = "canary_interval: 1h, stall_timeout: 8s, stall_restart: 25s"
+
+
+def _busy(sim: Sim, pending: int = 1) -> float:
+    """A request forwarded now (its bytes, if any, are for the test to give); now."""
+    sim.sup.metrics.upstream_pending = pending
+    return sim.loop.time()
+
+
+def _byte(sim: Sim) -> None:
+    sim.sup.metrics.upstream_progress = sim.loop.time()
+
+
+def test_stall_work_without_progress_is_suspect_then_confirmed_and_killed_at_once(
+        root: Path) -> None:
+    sim = Sim(root, Script(healthy_after=1.0), default=Script(healthy_after=1.0), health=STALL)
+    sim.probes.tokens = 500.0  # counters readable, and standing still
+
+    async def scenario() -> None:
+        await sim.reach(State.READY)
+        await sim.idle(30)
+        stalled = sim.runtime.current
+        assert stalled is not None
+        since = _busy(sim)
+        await sim.until(lambda: bool(sim.event("suspect")), within=10)
+        # The watch looks every STALL_LOOK (1 s): it sees the work within 1 s, the stall
+        # within 1 s of stall_timeout after that.
+        assert 8.0 <= sim.loop.time() - since <= 10.01
+        assert sim.sup.state is State.READY and not sim.sup.serving()
+        assert sim.sup.upstream() is None
+        await sim.idle(since + 32.9 - sim.loop.time())
+        assert sim.sup.state is State.READY and stalled.signalled == []  # not yet confirmed
+        await sim.until(lambda: bool(sim.event("failure")), within=3)
+        assert 33.0 <= sim.loop.time() - since <= 35.01
+        sim.sup.metrics.upstream_pending = 0  # the gateway's request failed with the server
+        await sim.reach(State.READY)
+
+    sim.run(scenario)
+    [failure] = sim.event("failure")
+    assert failure["kind"] == "stall" and "token counters stood still" in failure["message"]
+    # A stalled engine has nothing to drain: SIGKILL, no SIGTERM and grace first.
+    assert sim.runtime.servers[0].signalled == [signal.SIGKILL]
+    stalls = sim.sup.metrics.stalls
+    assert [stalls.labels(stage=s)._value.get() for s in ("suspected", "confirmed")] == [1, 1]
+    assert sim.probes.metrics_reads > 0
+
+
+def test_stall_suspicion_clears_when_the_server_makes_progress_again(root: Path) -> None:
+    sim = Sim(root, default=Script(healthy_after=1.0), health=STALL)
+    sim.probes.tokens = 500.0
+
+    async def scenario() -> None:
+        await sim.reach(State.READY)
+        _busy(sim)
+        await sim.until(lambda: bool(sim.event("suspect")), within=10)
+        await sim.idle(5)
+        _byte(sim)  # a byte from the server to the request
+        await sim.until(lambda: bool(sim.event("suspect_cleared")), within=1.5)
+        assert sim.sup.serving() and sim.sup.upstream() is not None
+        for _ in range(100):  # the request goes on, with bytes now and then
+            await sim.idle(5)
+            _byte(sim)
+        sim.sup.metrics.upstream_pending = 0
+        await sim.idle(100)
+
+    sim.run(scenario)
+    assert len(sim.runtime.servers) == 1 and sim.event("failure") == []
+    assert len(sim.event("suspect")) == 1
+    assert sim.event("suspect_cleared")[0]["reason"] == "the server makes progress again"
+
+
+def test_stall_a_server_whose_counters_move_is_busy_not_stalled(root: Path) -> None:
+    # A long answer that is not streamed sends no byte until it is complete; vLLM's token
+    # counters show that it is being generated.
+    sim = Sim(root, default=Script(healthy_after=1.0), health=STALL)
+    sim.probes.tokens = 0.0
+
+    async def scenario() -> None:
+        await sim.reach(State.READY)
+        _busy(sim, pending=32)
+        for _ in range(300):
+            await sim.idle(1.0)
+            assert sim.probes.tokens is not None
+            sim.probes.tokens += 7
+
+    sim.run(scenario)
+    assert sim.event("suspect") == [] and len(sim.runtime.servers) == 1
+
+
+def test_stall_bytes_that_arrive_while_the_counters_are_read_are_progress(root: Path) -> None:
+    # A loaded host: a 1.5 s pause in the bytes makes the watch read the counters, which takes
+    # 5 s (health.timeout); the bytes flow again meanwhile. Judged by what it saw before the
+    # read, the watch would call 6.5 s of silence a stall (stall_timeout 4 s).
+    sim = Sim(root, default=Script(healthy_after=1.0),
+              health="canary_interval: 1h, stall_timeout: 4s, timeout: 5s")
+    sim.probes.tokens = 500.0
+    sim.probes.metrics_seconds = 60.0
+
+    async def scenario() -> None:
+        await sim.reach(State.READY)
+        _busy(sim, pending=32)
+        for _ in range(20):
+            for _ in range(10):  # bytes every 0.25 s for 2.5 s ...
+                _byte(sim)
+                await sim.idle(0.25)
+            await sim.idle(1.5)  # ... then none for 1.5 s
+        assert sim.probes.metrics_reads > 0
+
+    sim.run(scenario)
+    assert sim.event("suspect") == [] and len(sim.runtime.servers) == 1
+
+
+def test_stall_without_counters_is_suspect_but_never_confirmed(root: Path) -> None:
+    # A server without vLLM's counters (or before it reports any): bytes are the only
+    # evidence, and a non-streamed answer sends none until complete, so no restart.
+    sim = Sim(root, default=Script(healthy_after=1.0), health=STALL)
+
+    async def scenario() -> None:
+        await sim.reach(State.READY)
+        _busy(sim)
+        await sim.until(lambda: bool(sim.event("suspect")), within=10)
+        await sim.idle(600)
+        assert sim.sup.state is State.READY and not sim.sup.serving()
+
+    sim.run(scenario)
+    assert len(sim.runtime.servers) == 1 and sim.event("failure") == []
+
+
+def test_stall_idle_server_is_never_suspect(root: Path) -> None:
+    # No work in flight: silence is not a stall, for however long.
+    sim = Sim(root, default=Script(healthy_after=1.0), health=STALL)
+    sim.probes.tokens = 500.0
+
+    async def scenario() -> None:
+        await sim.reach(State.READY)
+        _busy(sim)
+        await sim.idle(3)
+        _byte(sim)  # answered
+        sim.sup.metrics.upstream_pending = 0
+        await sim.idle(3600)
+        assert sim.sup.serving()
+
+    sim.run(scenario)
+    assert sim.event("suspect") == [] and sim.event("failure") == []
+    assert sim.probes.metrics_reads <= 3  # counters read only while work is in flight
+
+
+def test_stall_a_canary_in_flight_is_work_so_a_stall_on_an_idle_server_is_found(
+        root: Path) -> None:
+    # No client request: the canary is the only work, and it hangs (a SIGSTOPped engine whose
+    # /health still answers 200). Suspect stall_timeout after it was sent, then confirmed.
+    sim = Sim(root, Script(healthy_after=1.0), default=Script(healthy_after=1.0),
+              health="canary_interval: 5s, stall_timeout: 8s, stall_restart: 25s")
+    sim.probes.tokens = 500.0
+
+    async def scenario() -> None:
+        ready = await sim.reach(State.READY)
+        server = sim.runtime.current
+        assert server is not None
+        server.script.canary_seconds = 10_000.0
+        await sim.until(lambda: bool(sim.event("suspect")), within=20)
+        assert 5 + 8 <= sim.loop.time() - ready <= 6 + 10.01  # canary sent at 5-6 s
+        await sim.until(lambda: bool(sim.event("failure")), within=30)
+        await sim.reach(State.READY)
+
+    sim.run(scenario)
+    [failure] = sim.event("failure")
+    assert failure["kind"] == "stall"
+    assert sim.runtime.servers[0].signalled == [signal.SIGKILL]
+
+
+def test_a_canary_answering_late_while_the_counters_move_is_not_a_failure(root: Path) -> None:
+    sim = Sim(root, default=Script(healthy_after=1.0), health="canary_interval: 5s")
+    sim.probes.tokens = 0.0
+
+    async def scenario() -> None:
+        await sim.reach(State.READY)
+        server = sim.runtime.current
+        assert server is not None
+        server.script.canary_seconds = 45.0  # past canary_timeout (30 s): a busy server
+        _busy(sim, pending=32)
+        for _ in range(200):
+            await sim.idle(1.0)
+            assert sim.probes.tokens is not None
+            sim.probes.tokens += 7
+
+    sim.run(scenario)
+    assert len(sim.event("canary_late")) >= 3
+    assert sim.event("suspect") == [] and sim.event("failure") == []
+    assert len(sim.runtime.servers) == 1

@@ -344,8 +344,9 @@ class HealthSection:
     canary_timeout: float = setting(
         "Time one canary completion may take.", _duration(0.1), 30.0)
     stall_timeout: float = setting(
-        "Work in flight (client requests or the canary) with no progress (no byte from the "
-        "server, its token counters standing still) this long: /readyz 503 at once.",
+        "Work at the server (client requests it has not answered in full, or the canary) "
+        "with no progress (no byte from the server, its token counters standing still) this "
+        "long: /readyz 503 at once.",
         _duration(0.5), 8.0)
     stall_restart: float = setting(
         "A stall that lasts this much longer is confirmed: the server is restarted (only "

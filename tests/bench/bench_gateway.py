@@ -656,11 +656,14 @@ def bench_proxies(root: Path, args: argparse.Namespace) -> tuple[list[Run], str]
             if args.warmup > 0:
                 wrk(gateway, gateway_script, c, args.warmup)
             before = last_record(d.logs)["seq"]
+            suspects = len(d.events("suspect"))
             run = measure("sovereignd", gateway, gateway_script, c, duration=args.duration,
                           warmup=0, gateway=daemon_proc, upstream=nginx, quiet=args.quiet)
             last = last_record(d.logs)
             run.note = (f"{last['seq'] - before:,} records sealed during the row, repeats "
-                        f"included (epoch {last['epoch']})")
+                        f"included (epoch {last['epoch']}); stall watch: "
+                        f"{len(d.events('suspect')) - suspects} suspect event(s) during the "
+                        "row (a healthy server: 0)")
             if last.get("seal") is None:
                 raise RuntimeError("the request records are not sealed")
             if run.errors:
@@ -826,7 +829,16 @@ def main() -> None:
     ap.add_argument("--quiet", type=float, default=120.0,
                     help="before each run, wait up to this many seconds for other programs' "
                          "load on the two cores to settle")
+    ap.add_argument("--sync", choices=("always", "interval", "never"),
+                    help="requests.sync of the daemon (default: its own, interval)")
+    ap.add_argument("--stall-timeout", metavar="DURATION",
+                    help="health.stall_timeout of the daemon, e.g. 1s (default: its own, 8s)")
     args = ap.parse_args()
+    if args.sync:
+        BENCH_OVERRIDES["requests"] = {**BENCH_OVERRIDES["requests"], "sync": args.sync}
+    if args.stall_timeout:
+        BENCH_OVERRIDES["health"] = {**BENCH_OVERRIDES["health"],
+                                     "stall_timeout": args.stall_timeout}
     print(f"upstream client, in process, no socket ({args.framing_rounds} exchanges, best of 5, "
           "uvloop):", flush=True)
     framing(args.framing_rounds)
@@ -847,7 +859,9 @@ def main() -> None:
           f"Bearer key), {args.warmup:g} s warm-up then {args.duration:g} s per row; "
           "upstream: nginx returning fixed JSON")
     print("sovereignd: client key checked per request, sealed request records "
-          "(requests.require_seal), default rotation/gzip, /metrics on")
+          "(requests.require_seal), default rotation/gzip, /metrics on; requests.sync "
+          f"{args.sync or 'interval (default)'}, health.stall_timeout "
+          f"{args.stall_timeout or '8s (default)'}")
     with tempfile.TemporaryDirectory(prefix="sovereignd-bench-gw-") as tmp:
         root = Path(tmp)
         runs, notes = bench_proxies(root, args)

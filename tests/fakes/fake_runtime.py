@@ -70,6 +70,7 @@ class Script:
 
     healthy_after: float | None = 2.0   # /health answers 200 from then on; None: never
     canary: str = "ok"                  # "ok", "fail" (HTTP 500) or "reject" (HTTP 400)
+    canary_seconds: float = 0.002       # time the canary takes to answer (a timeout past it)
     exit_after: float | None = None     # exits by itself then, with exit_code; None: never
     exit_code: int = 1
     last_lines: tuple[str, ...] = ()    # written to stderr just before it exits by itself
@@ -273,12 +274,18 @@ class FakeRuntime:
 
 
 class FakeProbes:
-    """The supervisor's probes, answered from the fake server's script at the virtual time."""
+    """The supervisor's probes, answered from the fake server's script at the virtual time.
+
+    `tokens`: vLLM's token counter as its internal /metrics shows it (None: no counters, as a
+    server other than vLLM); tests move it to show progress the gateway does not see."""
 
     def __init__(self, runtime: FakeRuntime) -> None:
         self.runtime = runtime
         self.guard: ListenerGuard | None = None
         self.canaries = 0
+        self.tokens: float | None = None
+        self.metrics_reads = 0
+        self.metrics_seconds = 0.0  # time /metrics takes to answer (a loaded host)
 
     def _server(self) -> FakeServer | None:
         return self.runtime.current
@@ -298,15 +305,32 @@ class FakeProbes:
         health = await self.health(path, timeout)
         if not health.ok:
             return ProbeResult("canary", False, 0.0, health.detail)
-        mode = self._server().script.canary  # type: ignore[union-attr]
+        script = self._server().script  # type: ignore[union-attr]
+        if script.canary_seconds > timeout:  # as Prober: the client gives up at the timeout
+            await asyncio.sleep(timeout)
+            return ProbeResult("canary", False, timeout, f"no answer within {timeout:g}s")
+        await asyncio.sleep(script.canary_seconds)
+        if self._server() is None:  # the server went while the canary waited
+            return ProbeResult("canary", False, script.canary_seconds, "ConnectionResetError")
+        mode = script.canary
         if mode == "reject":
             return ProbeResult("canary", False, 0.001, 'HTTP 400: {"error":"no template"}', 400)
         if mode == "fail":
-            return ProbeResult("canary", False, 0.001, "HTTP 500: engine dead", 500)
-        return ProbeResult("canary", True, 0.002, "", 200)
+            return ProbeResult("canary", False, script.canary_seconds,
+                               "HTTP 500: engine dead", 500)
+        return ProbeResult("canary", True, script.canary_seconds, "", 200)
 
     async def text(self, path: str, timeout: float) -> str | None:
-        return None
+        """vLLM's /metrics (the families the stall watch reads), when `tokens` is set."""
+        if self._server() is None or self.tokens is None or path != "/metrics":
+            return None
+        self.metrics_reads += 1
+        await asyncio.sleep(min(self.metrics_seconds, timeout))
+        return ("# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
+                "# TYPE vllm:generation_tokens_total counter\n"
+                f'vllm:generation_tokens_total{{model_name="m"}} {self.tokens}\n'
+                "# TYPE vllm:num_requests_running gauge\n"
+                'vllm:num_requests_running{model_name="m"} 1.0\n')
 
     async def close(self) -> None:
         return None

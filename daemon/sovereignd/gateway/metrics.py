@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -67,6 +69,11 @@ class Metrics:
         # Monotonic time of the last byte from the server to a forwarded request (the proxy
         # sets it): progress, for the stall watch.
         self.upstream_progress = 0.0
+        # Requests sent to the server whose answer the gateway is still waiting for or reading
+        # from it (the proxy counts them, `ServerWait`): work at the server, for the stall
+        # watch. Not requests_in_flight: that also counts answers the server has given in
+        # full which wait for their record's fsync or for the client to read them.
+        self.upstream_pending = 0
         # The gateway's requests.
         self.requests = Counter("sovereignd_requests", "Requests through the gateway",
                                 ["route", "status", "client", "model"], registry=r)
@@ -129,3 +136,35 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ServerWait:
+    """One request's share of `Metrics.upstream_pending`: counted from the moment the gateway
+    sends it to the server until the server's answer is read in full, and not while the
+    gateway writes to the client (`paused`): a client that reads slowly holds the server up,
+    the server does not hold it up. `end` is idempotent, so error paths may call it freely."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._counted = False
+
+    def begin(self) -> None:
+        if not self._counted:
+            self._metrics.upstream_pending += 1
+            self._counted = True
+
+    def end(self) -> None:
+        if self._counted:
+            self._metrics.upstream_pending -= 1
+            self._counted = False
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Not counted inside (the gateway waits on the client); counted again after."""
+        was = self._counted
+        self.end()
+        try:
+            yield
+        finally:
+            if was:
+                self.begin()

@@ -31,7 +31,7 @@ from sovereignd.gateway.auththrottle import AuthFailures
 from sovereignd.gateway.drain import Drain
 from sovereignd.gateway.endpoints import RETRY_AFTER
 from sovereignd.gateway.keys import Client, KeyStore
-from sovereignd.gateway.metrics import Metrics
+from sovereignd.gateway.metrics import Metrics, ServerWait
 from sovereignd.gateway.quotas import QuotaBook, QuotaCollector
 from sovereignd.gateway.routing import NotServed, Router
 from sovereignd.http.upstream import Response as UpstreamResponse
@@ -497,44 +497,53 @@ class Proxy:
                 self._upstream.drop(old)  # the server moved: its old pool goes
                 self._owners.pop(old, None)
             self._targets[rec["model"] or ""] = target
+        # Work at the server from here until its answer is read in full (the stall watch of
+        # the request's model counts it; not the record's fsync nor the client's reading).
+        wait = ServerWait(request.get("model_metrics") or self.metrics)
+        wait.begin()
         try:
-            up = await self._upstream.request(
-                target, request.method, request.rel_url.raw_path_qs, headers, body,
-                timeout=self.cfg.gateway.upstream_timeout)
-        except UpstreamDisconnected as exc:
-            if not self.supervisor.serving():
-                # The daemon is stopping the server (quarantine, restart): a server that
-                # drains on SIGTERM finishes what it began and closes connections whose
-                # request it had not begun; nothing of the answer was sent: 503, so a load
-                # balancer sends it to another host (ops/fleet/haproxy.cfg retries 503, never 502).
-                raise _Refused(503, "the model server stopped before it answered; send the "
-                               "request again", "server_unavailable", "server_stopping",
-                               headers={"Retry-After": "1"}, error="server_stopping") from exc
-            raise _upstream_refusal(exc) from exc
-        except (TimeoutError, UpstreamError) as exc:
-            raise self._upstream_failed(exc, rec) from exc
-        except ValueError as exc:  # a character that cannot be forwarded (CR, LF, NUL)
-            raise _Refused(400, "the request cannot be forwarded", "invalid_request_error",
-                           "bad_request") from exc
-        try:
-            rec["ttfb_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-            self.metrics.upstream_progress = time.monotonic()  # the stall watch's evidence
-            _model_progress(request)
-            rec["status"] = up.status
-            named_up = {t.strip().lower() for k, v in up.headers if k.lower() == "connection"
-                        for t in v.split(",")}
-            out_headers = [(k, v) for k, v in up.headers
-                           if k.lower() not in RESPONSE_DROP and k.lower() not in named_up]
-            out_headers.append(("X-Request-ID", rid))
-            if up.content_type == "text/event-stream":
-                return await self._stream(request, up, out_headers, rec, t0=t0,
-                                          strip_usage=strip_usage, commit=commit,
-                                          client=client)
-            payload = await up.read()
-        except (TimeoutError, UpstreamError) as exc:
-            raise self._upstream_failed(exc, rec) from exc
+            try:
+                up = await self._upstream.request(
+                    target, request.method, request.rel_url.raw_path_qs, headers, body,
+                    timeout=self.cfg.gateway.upstream_timeout)
+            except UpstreamDisconnected as exc:
+                if not self.supervisor.serving():
+                    # The daemon is stopping the server (quarantine, restart): a server that
+                    # drains on SIGTERM finishes what it began and closes connections whose
+                    # request it had not begun; nothing of the answer was sent: 503, so a load
+                    # balancer sends it to another host (ops/fleet/haproxy.cfg retries 503,
+                    # never 502).
+                    raise _Refused(503, "the model server stopped before it answered; send "
+                                   "the request again", "server_unavailable",
+                                   "server_stopping", headers={"Retry-After": "1"},
+                                   error="server_stopping") from exc
+                raise _upstream_refusal(exc) from exc
+            except (TimeoutError, UpstreamError) as exc:
+                raise self._upstream_failed(exc, rec) from exc
+            except ValueError as exc:  # a character that cannot be forwarded (CR, LF, NUL)
+                raise _Refused(400, "the request cannot be forwarded",
+                               "invalid_request_error", "bad_request") from exc
+            try:
+                rec["ttfb_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+                self.metrics.upstream_progress = time.monotonic()  # the stall watch's evidence
+                _model_progress(request)
+                rec["status"] = up.status
+                named_up = {t.strip().lower() for k, v in up.headers
+                            if k.lower() == "connection" for t in v.split(",")}
+                out_headers = [(k, v) for k, v in up.headers
+                               if k.lower() not in RESPONSE_DROP and k.lower() not in named_up]
+                out_headers.append(("X-Request-ID", rid))
+                if up.content_type == "text/event-stream":
+                    return await self._stream(request, up, out_headers, rec, t0=t0,
+                                              strip_usage=strip_usage, commit=commit,
+                                              client=client, wait=wait)
+                payload = await up.read()
+            except (TimeoutError, UpstreamError) as exc:
+                raise self._upstream_failed(exc, rec) from exc
+            finally:
+                up.close()  # a no-op once the answer is complete; else the server sees us go
         finally:
-            up.close()  # a no-op once the response is complete; else the server sees us go
+            wait.end()
         if client.models is not None and request.rel_url.raw_path == "/v1/models" and \
                 up.status == 200:
             payload = scopes.filter_listing(payload, client.models)
@@ -664,7 +673,7 @@ class Proxy:
     async def _stream(self, request: web.Request, up: UpstreamResponse,
                       headers: list[tuple[str, str]], rec: dict[str, Any], *, t0: float,
                       strip_usage: bool, commit: Callable[[], Awaitable[bool]],
-                      client: Client) -> web.StreamResponse:
+                      client: Client, wait: ServerWait) -> web.StreamResponse:
         rec["stream"] = True
         resp = web.StreamResponse(status=up.status, headers=headers)
         resp.headers["Cache-Control"] = "no-cache"
@@ -682,8 +691,10 @@ class Proxy:
                     self.owners.bind(client.name, sse.response_id)
                 data, final = _split_final(data)
                 if data:
-                    await resp.write(data)
+                    with wait.paused():  # the client's turn, not the server's
+                        await resp.write(data)
                     sent += len(data)
+            wait.end()  # the server's answer is whole: the rest is the record and the client
             final += sse.rest()
             _stream_fields(rec, sse, sent + len(final), t0)
             if not await commit():

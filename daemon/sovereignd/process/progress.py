@@ -29,15 +29,24 @@ class ServerCounters:
     running: float
 
 
+_TOTALS = frozenset(f"{name}_total" for name in COUNTERS)
+
+
 def parse_counters(text: str) -> ServerCounters | None:
-    """The counters from vLLM's Prometheus text, or None if it has none of them."""
+    """The counters from vLLM's Prometheus text, or None if it has none of them.
+
+    Read by sample name, not by family: prometheus_client's parser files a `..._total` sample
+    under its family only when the TYPE line names the family as vLLM writes it (`# TYPE
+    vllm:generation_tokens_total counter`); under `# TYPE vllm:generation_tokens counter` it
+    puts the sample in a family of its own and leaves the counter's family empty."""
     tokens, running, seen = 0.0, 0.0, False
     for family in text_string_to_metric_families(text):
-        if family.name in COUNTERS:
-            seen = True
-            tokens += sum(s.value for s in family.samples if s.name.endswith("_total"))
-        elif family.name == RUNNING:
-            running += sum(s.value for s in family.samples)
+        for sample in family.samples:
+            if sample.name in _TOTALS:
+                seen = True
+                tokens += sample.value
+            elif sample.name == RUNNING:
+                running += sample.value
     return ServerCounters(tokens, running) if seen else None
 
 

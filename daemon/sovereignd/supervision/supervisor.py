@@ -543,9 +543,10 @@ class Supervisor:
                 return Failure(kind="canary", message=f"the canary completion failed {failed} "
                                f"times while warming up (last: {result.detail})",
                                mitigation="see server.log for the server's own error")
-            if self.clock() >= deadline:
+            if self.clock() < deadline:
+                await asyncio.sleep(h.startup_poll)
+            if self.clock() >= deadline:  # no attempt begins past it (with what time left?)
                 return self._start_timeout("the canary completion did not succeed", result)
-            await asyncio.sleep(h.startup_poll)
         await self.runtime.to_thread(server.refresh_members)
         await self._arm(server)
         self._ready_at = self.clock()
@@ -647,11 +648,15 @@ class Supervisor:
             if self.state is not State.READY:
                 continue
             now = self.clock()
-            busy = self.metrics.requests_in_flight > 0 or self._canary_since is not None
+            busy = self._work_at_server()
             watch.progress(self.metrics.upstream_progress)
             if busy and metrics_path is not None and now - watch.last_progress >= STALL_LOOK:
                 text = await self.prober.text(metrics_path, h.timeout)
                 watch.counters(self.clock(), parse_counters(text) if text else None)
+                # Reading them may take up to health.timeout on a loaded host: judge by what
+                # the gateway saw meanwhile too, not by what it had seen before.
+                watch.progress(self.metrics.upstream_progress)
+                busy = self._work_at_server()
             verdict = watch.look(self.clock(), busy)
             quiet = round(watch.quiet_for(self.clock()), 1)
             if verdict in (Verdict.PROGRESS, Verdict.IDLE):
@@ -667,6 +672,11 @@ class Supervisor:
                                "in flight (its token counters stood still)",
                                mitigation="a stalled engine (deadlock, SIGSTOP, swap); see "
                                "server.log", details={"quiet_s": quiet})
+
+    def _work_at_server(self) -> bool:
+        """Requests the server has not answered in full (not those whose answer waits for
+        its record's fsync or for the client: `Metrics.upstream_pending`), or the canary."""
+        return self.metrics.upstream_pending > 0 or self._canary_since is not None
 
     def _left(self, deadline: float) -> float:
         return max(0.05, deadline - self.clock())
