@@ -112,6 +112,12 @@ def run(root: Path, idle: float) -> None:
             print(f"{name}: first request (start included) {took:.1f} s; next {again * 1000:.1f}"
                   f" ms" + (f"; venv {verification(d, name)}" if name == "cpu-embed" else ""),
                   flush=True)
+            if name == "mlx-chat":  # the source of memory.MLX_OVERHEAD (weights ~0.9 MB)
+                pgid = d.status()["models"][name]["server"]["pgid"]
+                rss = sum(p.memory_info().rss for p in group_processes(pgid))
+                counted = d.status()["models"][name]["memory"].get("estimated_bytes", 0)
+                print(f"{name}: resident memory when READY {rss / 2**20:.0f} MiB (the budget "
+                      f"counts {counted / 2**30:.2f} GiB)", flush=True)
             stopped = idle_stop(d, name, time.monotonic())
             print(f"{name}: idle stop after the last request {stopped:.1f} s (idle_stop "
                   f"{idle:g} s)", flush=True)
