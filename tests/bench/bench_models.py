@@ -88,6 +88,15 @@ def config(root: Path, idle: float) -> Daemon:
     return d
 
 
+def _said(answer: Any) -> str:
+    """An error's message, or what else came back (a 200 when the stream ended first)."""
+    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+        return str(answer["error"].get("message"))
+    if isinstance(answer, dict):
+        return f"not refused: {sorted(answer)} (the stream had ended; cpu-chat was idle)"
+    return repr(answer)[:200]
+
+
 def verification(d: Daemon, name: str) -> str:
     """How the model's last start verified its server venv (scope and seconds)."""
     e = [e for e in d.events() if e.get("model") == name
@@ -143,8 +152,7 @@ def run(root: Path, idle: float) -> None:
         status, answer = post(d, {**embed, "model": "cpu-embed"}, "/v1/embeddings")
         print(f"cpu-embed while cpu-chat is busy: HTTP {status} in "
               f"{(time.monotonic() - t0) * 1000:.1f} ms: "
-              f"{answer['error']['message'] if isinstance(answer, dict) else answer!r}",
-              flush=True)
+              f"{_said(answer)}", flush=True)
         streamer.join()
         stopped = idle_stop(d, "cpu-chat", time.monotonic())
         print(f"cpu-chat: idle stop after the last request {stopped:.1f} s (idle_stop "
