@@ -515,3 +515,13 @@ def test_each_models_guard_results_are_alert_metrics(make_daemon: MakeDaemon) ->
         assert f'sovereignd_check{{check="integrity",model="{model}",result="disabled"}} 1.0' \
             in text, text
     assert 'check="memory"' not in text  # only guards: memory is a gate, not a guard
+
+
+def test_the_single_server_form_says_model_on_its_events_as_the_models_form_does(
+        make_daemon: MakeDaemon) -> None:
+    d = make_daemon({"server": {"served_model_name": "tiny"}})
+    d.start()
+    d.wait_state("READY")
+    states = d.events("state")
+    assert states and {e.get("model") for e in states} == {"tiny"}
+    assert {e.get("model") for e in d.events("spawn")} == {"tiny"}
