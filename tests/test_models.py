@@ -321,6 +321,31 @@ def test_an_on_demand_model_makes_room_by_stopping_the_least_recently_used_idle_
     assert model_state(d, "chat") == "READY"  # start: always models are never stopped for it
 
 
+def test_a_vllm_mlx_model_counts_in_the_budget_at_its_weights_and_overhead(
+        make_daemon: MakeDaemon) -> None:
+    """vllm-mlx has no preflight of its own: the budget counts its weight files on disk +
+    memory.overhead's default for it (1 GiB), so it is refused beside a 3 GiB model in 3.5."""
+    d = make_daemon()
+    budgeted(d, "3.5GiB", ())
+    mlx_model = d.root / "mlx-model"
+    mlx_model.mkdir()
+    (mlx_model / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (mlx_model / "model.safetensors").write_bytes(b"\0" * 2**20)  # 1 MiB of "weights"
+    d.cfg["models"]["mlx"] = {"server": {**d.cfg["models"]["chat"]["server"],
+                                         "backend": "vllm-mlx", "port": free_port(),
+                                         "model": str(mlx_model)},
+                              "start": "on_demand", "start_wait": "20s"}
+    d.write_config()
+    key = add_key(d)
+    d.start()
+    wait_for(lambda: model_state(d, "chat") == "READY", 20, what="chat READY")
+    status, body, _ = post(d, key, "/v1/chat/completions", {**CHAT, "model": "mlx"})
+    assert status == 503 and body["error"]["code"] == "insufficient_memory"
+    refused = d.events("on_demand_refused")[-1]
+    assert refused["model"] == "mlx" and refused["need_bytes"] == 2**30 + 2**20
+    assert model_state(d, "mlx") == "STOPPED"
+
+
 def test_a_route_only_another_models_backend_serves_is_404_for_this_model(
         make_daemon: MakeDaemon) -> None:
     """vllm-mlx beside vllm: /v1/rerank and /v1/responses pass for the vllm model only (vllm-mlx
@@ -490,3 +515,13 @@ def test_each_models_guard_results_are_alert_metrics(make_daemon: MakeDaemon) ->
         assert f'sovereignd_check{{check="integrity",model="{model}",result="disabled"}} 1.0' \
             in text, text
     assert 'check="memory"' not in text  # only guards: memory is a gate, not a guard
+
+
+def test_the_single_server_form_says_model_on_its_events_as_the_models_form_does(
+        make_daemon: MakeDaemon) -> None:
+    d = make_daemon({"server": {"served_model_name": "tiny"}})
+    d.start()
+    d.wait_state("READY")
+    states = d.events("state")
+    assert states and {e.get("model") for e in states} == {"tiny"}
+    assert {e.get("model") for e in d.events("spawn")} == {"tiny"}

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sovereignd.service import upgrade
-from tests.harness import FAKE, Daemon
-from tests.helpers import run_cli
+from tests.harness import FAKE, Daemon, free_port
+from tests.helpers import run_cli, wait_for
 
 MakeDaemon = Callable[..., Daemon]
 
@@ -189,3 +189,102 @@ def test_requirements_without_hashes_are_refused_unless_the_operator_insists(
                   "--allow-unhashed", timeout=180)
     assert res.returncode == 1 and "building the venv failed" in res.stderr
     assert f"--quiet install -r {loose}`" in res.stderr  # not --require-hashes --no-deps
+
+
+# --- several models ---------------------------------------------------------------------------
+
+
+def two_models(make_daemon: MakeDaemon, tmp_path: Path, shared: bool) -> tuple[Daemon, Path]:
+    """A daemon serving `chat` and `embed` (the stand-in with vLLM's pooling flags), from one
+    venv symlink (shared) or from one each (opt/venv-chat, opt/venv-embed), with baselines."""
+    opt = tmp_path / "opt"
+    d = make_daemon()
+    server = d.cfg.pop("server")
+    d.cfg["models"] = {}
+    for name in ("chat", "embed"):
+        link = opt / ("server-venv" if shared else f"venv-{name}")
+        if not link.is_symlink():
+            old = fake_venv(opt, f"old-{link.name}", "1.0")
+            link.symlink_to(f"server-venvs/{old.name}")
+        frozen = tmp_path / "baseline" / f"{name}.txt"  # one baseline each
+        frozen.parent.mkdir(exist_ok=True)
+        data = upgrade.freeze_venv(link.resolve())
+        frozen.write_bytes(data)
+        frozen.with_name(frozen.name + ".sha256").write_bytes(
+            upgrade.companion_bytes(frozen, data))
+        extra = {} if name == "chat" else {"port": free_port(),
+                                           "args": ["--runner", "pooling", "--convert", "embed"]}
+        d.cfg["models"][name] = {
+            "server": {**server, **extra, "command": [str(link / "bin" / "serve")],
+                       "venv": str(link)},
+            "environment": {"frozen": str(frozen), "files_check": False}}
+    d.write_config()
+    d.start()
+    for name in ("chat", "embed"):
+        wait_for(lambda n=name: model_pid(d, n) is not None  # type: ignore[misc]
+                 and d.status()["models"][n]["state"] == "READY", timeout=20)
+    return d, opt
+
+
+def model_pid(d: Daemon, name: str) -> int | None:
+    server = d.status()["models"][name]["server"]
+    return None if server is None else int(server["pid"])
+
+
+def test_every_model_sharing_the_venv_is_upgraded_and_restarted_one_at_a_time(
+        make_daemon: MakeDaemon, tmp_path: Path) -> None:
+    d, opt = two_models(make_daemon, tmp_path, shared=True)
+    before = {n: model_pid(d, n) for n in ("chat", "embed")}
+    new = fake_venv(opt, "new", "2.0")
+    res = run_cli("upgrade", "--config", str(d.config_path), "--venv", str(new),
+                  "--timeout", "20s", "--drain", "300ms")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (opt / "server-venv").readlink() == Path("server-venvs/new")
+    st = d.status()["models"]
+    for name in ("chat", "embed"):  # both run from the new venv, proven READY
+        assert st[name]["state"] == "READY" and model_pid(d, name) != before[name]
+        assert st[name]["server"]["argv"][0] == str(opt / "server-venv" / "bin" / "serve")
+    # The one shared venv switched once, each model's baseline rewritten, the models restarted
+    # in turn (the other one serving meanwhile).
+    log = [(e["step"], e.get("model")) for e in d.events("upgrade")]
+    assert log == [("begin", None), ("build", None), ("baseline", None), ("baseline", None),
+                   ("drain", None), ("drained", None), ("switch", None),
+                   ("restart", "chat"), ("ready", "chat"), ("restart", "embed"),
+                   ("ready", "embed"), ("resume", None), ("done", None)]
+    assert next(e for e in d.events("upgrade") if e["step"] == "begin")["models"] == "chat,embed"
+    for frozen in (tmp_path / "baseline").glob("*.txt"):
+        assert frozen.read_bytes().splitlines()[0] == b"fakeserver==2.0"
+
+
+def test_models_on_different_venvs_are_upgraded_one_venv_at_a_time_and_a_failure_names_it(
+        make_daemon: MakeDaemon, tmp_path: Path) -> None:
+    d, opt = two_models(make_daemon, tmp_path, shared=False)
+    chat_pid = model_pid(d, "chat")
+    broken = fake_venv(opt, "broken", "3.0", works=False)
+    args = ("upgrade", "--config", str(d.config_path), "--venv", str(broken),
+            "--timeout", "20s", "--drain", "0")
+    res = run_cli(*args)  # one new venv cannot replace two different ones
+    assert res.returncode == 1 and "2 different venvs" in res.stderr and "--model" in res.stderr
+    assert steps(d) == []
+    res = run_cli(*args, "--model", "embed")
+    assert res.returncode == 1
+    assert "failed for model embed" in res.stderr and "which serves again" in res.stderr
+    assert (opt / "venv-embed").readlink() == Path("server-venvs/old-venv-embed")
+    assert (opt / "venv-chat").readlink() == Path("server-venvs/old-venv-chat")
+    wait_for(lambda: d.status()["models"]["embed"]["state"] == "READY", timeout=20)
+    assert model_pid(d, "chat") == chat_pid  # the other model never stopped
+    assert {e.get("model") for e in d.events("upgrade")
+            if e["step"] in ("failed", "rollback", "restart", "rolled_back")} == {"embed"}
+    assert (tmp_path / "baseline" / "embed.txt").read_bytes().startswith(
+        b"fakeserver==1.0")
+    # The other model's venv, named: only it changes.
+    new = fake_venv(opt, "new", "2.0")
+    res = run_cli("upgrade", "--config", str(d.config_path), "--venv", str(new),
+                  "--timeout", "20s", "--drain", "0", "--model", "chat")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (opt / "venv-chat").readlink() == Path("server-venvs/new")
+    assert (opt / "venv-embed").readlink() == Path("server-venvs/old-venv-embed")
+    assert model_pid(d, "chat") != chat_pid
+    res = run_cli("upgrade", "--config", str(d.config_path), "--venv", str(new),
+                  "--model", "nope")
+    assert res.returncode == 1 and "--model 'nope': no such model here" in res.stderr

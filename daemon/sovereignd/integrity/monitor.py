@@ -10,6 +10,12 @@ Drift of the weights (`integrity.on_drift`): `stop` quarantines (server stopped,
 no start until the files verify again or an operator accepts a new baseline) or `alert`.
 Drift of the software (`environment.on_drift`): `block-restart` keeps serving the process
 already loaded but refuses any new start, `stop` quarantines, `alert` logs.
+
+A guard created for a start (an on_demand model's next start, or a second model on the same
+venv) reuses a full verification that passed in this daemon when nothing under the verified
+files changed since (integrity.reuse: every entry's inode, size, mtime and ctime, taken before
+hashing); its event says so (`scope: reused`, `verified_at`, `verified_by`). Any change or
+doubt → the full verification, as at the first start.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -42,6 +49,7 @@ from sovereignd.errors import SovereigndError
 from sovereignd.integrity import environment, manifest, safetensors, signing, software
 from sovereignd.integrity.frozen import FrozenRequirements, companion_path, read_frozen
 from sovereignd.integrity.record import verify_records
+from sovereignd.integrity.reuse import Fingerprint, Verifications, fingerprint
 from sovereignd.integrity.venv import site_packages
 from sovereignd.logs.eventlog import EventLog
 from sovereignd.logs.files import utc_timestamp
@@ -125,6 +133,9 @@ class Guard:
         self._faulted = asyncio.Event()  # set when the baseline becomes unreadable
         self._lock = asyncio.Lock()
         self._stop = threading.Event()
+        # The daemon's passed full verifications, shared by every model's guards (None: none
+        # is reused).
+        self.verifications: Verifications | None = None
         supervisor.checks[self.name] = self.status
 
     # --- to be provided by each guard ----------------------------------------------------------
@@ -151,6 +162,18 @@ class Guard:
 
     def verified_fields(self) -> dict[str, Any]:
         return {}
+
+    def reuse_key(self) -> tuple[Any, ...] | None:
+        """What a passed full verification proves (the files, the baseline, the checks), to
+        reuse it while nothing changed; None: never reused."""
+        return None
+
+    def reuse_roots(self) -> list[Path]:
+        """The folders whose every entry the reuse fingerprint covers (blocking)."""
+        return []
+
+    def restore_verified(self, fields: dict[str, Any]) -> None:
+        """Take the figures of a reused verification as this guard's own."""
 
     @property
     def interval(self) -> float:
@@ -191,7 +214,8 @@ class Guard:
                     return Blocked(State.QUARANTINED, f"{self.name} baseline: {exc}",
                                    {"guard": self.name})
                 self.fault = None
-                await self._run_verify(None, low_priority=False, acting=False)
+                if not await self._reuse():
+                    await self._run_verify(None, low_priority=False, acting=False)
                 self._verified_once = True
             else:
                 changed = await asyncio.to_thread(self.stat_changes)
@@ -373,9 +397,43 @@ class Guard:
 
     # --- results --------------------------------------------------------------------------------
 
+    def _model(self) -> str:
+        return next(iter(self.cfg.models), "")
+
+    async def _reuse(self) -> bool:
+        """Reuse a passed full verification of the same files against the same baseline if no
+        entry under them changed since (see integrity.reuse); True when reused."""
+        key, known = self.reuse_key(), None
+        if key is not None and self.verifications is not None:
+            t0 = time.monotonic()
+            verifications = self.verifications
+            known = await asyncio.to_thread(
+                lambda: verifications.reusable(key, self.reuse_roots()))
+        if known is None:
+            return False
+        self.drift = {}
+        self.restore_verified(known.fields)
+        at = utc_timestamp(known.at)
+        self.status.update(last_check=utc_timestamp(time.time()), last_full=at, reused=at)
+        self._publish()
+        self.events.emit(f"{self.name}_verified", scope="reused",
+                         seconds=round(time.monotonic() - t0, 3), verified_at=at,
+                         verified_by=known.by, unchanged_entries=known.fingerprint.entries,
+                         **{**self.verified_fields(), **self.baseline_fields()})
+        return True
+
+    def _fingerprint(self) -> Fingerprint | None:
+        try:
+            return fingerprint(self.reuse_roots())
+        except OSError:
+            return None  # not reusable: the next start verifies in full
+
     async def _run_verify(self, paths: list[str] | None, *, low_priority: bool,
                           acting: bool) -> None:
         t0 = time.monotonic()
+        reuse = self.reuse_key() if self.verifications is not None else None
+        # Taken BEFORE hashing: a file changed while it is hashed differs from it afterwards.
+        fp = await asyncio.to_thread(self._fingerprint) if reuse and paths is None else None
         try:
             results = await asyncio.to_thread(self.verify, paths, low_priority)
         except SovereigndError as exc:
@@ -395,6 +453,11 @@ class Guard:
             self.status["last_full"] = self.status["last_check"]
         self._publish()
         seconds = round(time.monotonic() - t0, 3)
+        if reuse is not None and self.verifications is not None:
+            if self.drift or results.get("(baseline)"):
+                self.verifications.forget(reuse)
+            elif fp is not None:
+                self.verifications.record(reuse, fp, self._model(), self.verified_fields())
         if self.drift:
             if self.drift != before or not acting:
                 self.events.emit(f"{self.name}_drift", level="error", scope=scope,
@@ -706,9 +769,30 @@ class EnvironmentGuard(Guard):
         return {"frozen": str(self.path), "frozen_sha256": self.frozen_sha256,
                 **software.status_fields(self.software)}
 
+    def reuse_key(self) -> tuple[Any, ...] | None:
+        if self.frozen_sha256 is None:
+            return None
+        env = self.cfg.environment
+        return (self.name, os.path.realpath(self.venv), str(self.path), self.frozen_sha256,
+                env.record_check, env.files_check)
 
-def guards_for(cfg: Config, supervisor: Supervisor, events: EventLog) -> list[Guard]:
-    """The guards this configuration asks for (none when no baseline is configured)."""
+    def reuse_roots(self) -> list[Path]:
+        # The venv the link names now (an upgrade's switch is a different key), and what the
+        # software manifest covers beyond it (the interpreter's own files).
+        return [Path(os.path.realpath(self.venv)), *self.watched()]
+
+    def restore_verified(self, fields: dict[str, Any]) -> None:
+        self.packages = int(fields.get("packages") or 0)
+        self.record_files = int(fields.get("record_files") or 0)
+        self.record_bytes = int(fields.get("record_bytes") or 0)
+        self.software_files = int(fields.get("software_files") or 0)
+        self.recompiled = int(fields.get("bytecode_recompiled") or 0)
+
+
+def guards_for(cfg: Config, supervisor: Supervisor, events: EventLog,
+               verifications: Verifications | None = None) -> list[Guard]:
+    """The guards this configuration asks for (none when no baseline is configured); they
+    reuse and record passed full verifications in `verifications` (one per daemon)."""
     guards: list[Guard] = []
     if cfg.integrity.manifest is not None or cfg.integrity.signature is not None:
         guards.append(WeightsGuard(cfg, supervisor, events))
@@ -724,6 +808,7 @@ def guards_for(cfg: Config, supervisor: Supervisor, events: EventLog) -> list[Gu
                                             "summary": "environment.frozen is not set: the "
                                             "server software is not verified"}
     for guard in guards:
+        guard.verifications = verifications
         supervisor.add_gate(guard.gate)
     return guards
 

@@ -12,6 +12,15 @@ refuses to start otherwise, before anything is built or switched.
 
 The frozen baseline (environment.frozen and its .sha256) is written with the same freezer as
 `sovereignd baseline` (integrity.venv.freeze, `pip freeze --all` format).
+
+Several models: the upgrade replaces ONE venv, the one every model with a server.venv runs
+from (or, with `--model NAME`, the one NAME runs from), and with it every model that runs from
+that venv (models often share one; each symlink naming it is switched). Models running from
+other venvs are refused without `--model` (one new venv cannot be right for two different
+ones). The models are restarted one at a time (a rolling restart: the others keep serving),
+each proven by a fresh READY; an on_demand model that is not running is not started, and takes
+the new venv at its next start. If one model does not become READY, the venv is rolled back
+for all of them and the error says which model failed.
 """
 
 from __future__ import annotations
@@ -134,17 +143,64 @@ class Layout:
         return (self.link.parent / self.current).resolve()
 
 
-def read_layout(cfg: Config) -> Layout:
+def read_layout(link: Path) -> Layout:
     """The symlink layout server.venv must follow; UpgradeFailed saying how to convert."""
-    link = cfg.server.venv
-    if link is None:
-        raise UpgradeFailed("server.venv is not set: an upgrade switches the symlink it names")
     if not link.is_symlink():
         raise UpgradeFailed(
             f"server.venv ({link}) is not a symlink; an upgrade switches a symlink to a "
             f"versioned venv. Convert once: mkdir -p {link.parent}/server-venvs && mv {link} "
             f"{link.parent}/server-venvs/<name> && ln -s server-venvs/<name> {link}")
     return Layout(link, str(link.readlink()), link.parent / "server-venvs")
+
+
+@dataclass(frozen=True)
+class Venv:
+    """The venv an upgrade replaces: the models that run from it (in config order), each
+    symlink naming it, and each distinct frozen baseline that approves it."""
+
+    models: tuple[str, ...]
+    layouts: tuple[Layout, ...]
+    frozen: tuple[Path, ...]
+    files_check: bool
+    hash_workers: int
+
+    @property
+    def current_path(self) -> Path:
+        return self.layouts[0].current_path
+
+
+def select_venv(cfg: Config, model: str | None = None) -> Venv:
+    """The venv to upgrade: the one `model` runs from, or the one every model with a
+    server.venv runs from; with it every model sharing it. UpgradeFailed when there is none,
+    when `model` is not served, or when models run from different venvs and `model` is None."""
+    specs = cfg.models
+    if model is not None and model not in specs:
+        raise UpgradeFailed(f"--model {model!r}: no such model here (served: "
+                            f"{', '.join(specs) or 'none'})")
+    chosen = [specs[model]] if model is not None else list(specs.values())
+    with_venv = [m for m in chosen if m.server.venv is not None]
+    if not with_venv:
+        which = f"models.{model}.server.venv" if model is not None and len(specs) > 1 \
+            else "server.venv"
+        raise UpgradeFailed(f"{which} is not set: an upgrade switches the symlink it names")
+    layouts = {m.name: read_layout(m.server.venv) for m in specs.values()
+               if m.server.venv is not None and (m in with_venv or m.server.venv.is_symlink())}
+    current = {n: lay.current_path for n, lay in layouts.items()}
+    venvs = {current[m.name] for m in with_venv}
+    if len(venvs) > 1:
+        shown = "; ".join(f"{m.name}: {current[m.name]}" for m in with_venv)
+        raise UpgradeFailed(f"the models run from {len(venvs)} different venvs ({shown}); one "
+                            "new venv cannot replace them all: name one with --model NAME")
+    venv = venvs.pop()
+    names = tuple(n for n in specs if current.get(n) == venv)  # every model sharing it
+    links: dict[Path, Layout] = {}
+    for n in names:
+        links.setdefault(layouts[n].link, layouts[n])
+    frozen = dict.fromkeys(specs[n].environment.frozen for n in names
+                           if specs[n].environment.frozen is not None)
+    return Venv(names, tuple(links.values()), tuple(p for p in frozen if p is not None),
+                any(specs[n].environment.files_check for n in names),
+                specs[names[0]].integrity.hash_workers)
 
 
 def switch_link(link: Path, target: str) -> None:
@@ -171,6 +227,8 @@ class Upgrade:
     requirements: Path | None = None
     prebuilt: Path | None = None
     python: str = "python3"
+    #: The model whose venv is upgraded (None: the one venv every model runs from).
+    model: str | None = None
     uninstall: Sequence[str] = ()
     #: Build from requirements without --hash lines (the operator insists): pip then installs
     #: whatever the index serves for each pin.
@@ -194,45 +252,54 @@ class Upgrade:
             self.say(f"upgrade: could not record {step} in the event log: {exc}")
 
     def run(self) -> Path:
-        """Upgrade; return the new venv. UpgradeFailed (after rollback) when it is not READY."""
-        layout = read_layout(self.cfg)
+        """Upgrade; return the new venv. UpgradeFailed (after rollback) when a model that runs
+        from it is not READY on it."""
+        venv = select_venv(self.cfg, self.model)
         try:
             before = control.fetch_status(self.cfg)
         except SovereigndError as exc:
             raise UpgradeFailed(f"nothing was changed: an upgrade needs the running daemon, "
                                 f"to restart the server and see it READY ({exc})") from exc
+        layout = venv.layouts[0]
         target = self._target(layout)
-        if target.resolve() == layout.current_path:
+        if target.resolve() == venv.current_path:
             raise UpgradeFailed(f"{target} is already the server venv ({layout.link})")
-        self.step("begin", name=self.name, venv=str(target), previous=str(layout.current_path),
-                  link=str(layout.link), state=before.get("state"))
-        frozen = self.cfg.environment.frozen
-        saved = ([SavedFile.read(frozen), SavedFile.read(frozen.with_name(frozen.name + ".sha256"))]
-                 if frozen is not None else [])
+        skipped = [n for n in self.cfg.models if n not in venv.models]
+        if skipped and self.model is None:
+            self.say(f"upgrade: not upgraded (server.venv not set): {', '.join(skipped)}")
+        self.step("begin", name=self.name, venv=str(target), previous=str(venv.current_path),
+                  link=str(layout.link), models=",".join(venv.models),
+                  state=before.get("state"))
+        saved = [SavedFile.read(p) for f in venv.frozen
+                 for p in (f, f.with_name(f.name + ".sha256"))]
         try:
             self._build(target)
-            self._baseline(target, saved)
+            self._baseline(target, venv, saved)
         except (UpgradeFailed, OSError) as exc:
             for f in saved:
                 f.restore()  # a half-written baseline must not outlive the attempt
             why = str(exc) if isinstance(exc, UpgradeFailed) else f"{exc.strerror}: {exc}"
             self.step("failed", name=self.name, reason=why, switched=False)
             raise UpgradeFailed(f"{why}; nothing was switched") from exc
-        link_text = os.path.relpath(target, layout.link.parent) \
-            if layout.versions in target.parents else str(target)
         drained = self._drain()
         switched_at = time.time()
-        switch_link(layout.link, link_text)
-        self.step("switch", previous=layout.current, to=link_text)
+        for lay in venv.layouts:
+            link_text = os.path.relpath(target, lay.link.parent) \
+                if lay.versions in target.parents else str(target)
+            switch_link(lay.link, link_text)
+            self.step("switch", previous=lay.current, to=link_text, link=str(lay.link))
+        pids: dict[str, Any] = {}
         try:
-            try:
-                ready = self._restart_and_wait(switched_at, f"upgrade to {self.name}")
-            except UpgradeFailed as exc:
-                self._rollback(layout, saved, str(exc))
+            for name in venv.models:  # one at a time: the others keep serving meanwhile
+                try:
+                    pids[name] = self._restart_and_wait(name, f"upgrade to {self.name}")
+                except UpgradeFailed as exc:
+                    self._rollback(venv, saved, name, str(exc))
         finally:
             if drained:
                 self._resume()
-        self.step("done", name=self.name, pid=ready["server"]["pid"],
+        self.step("done", name=self.name, models=",".join(venv.models),
+                  pid=",".join(f"{n}={p}" for n, p in pids.items() if p is not None),
                   seconds=round(time.time() - switched_at, 3))
         return target
 
@@ -313,38 +380,54 @@ class Upgrade:
             raise UpgradeFailed(f"building the venv failed at `{' '.join(argv)}` (exit "
                                 f"{res.returncode}): {res.stderr.strip()[-500:]}")
 
-    def _baseline(self, target: Path, saved: list[SavedFile]) -> None:
+    def _baseline(self, target: Path, venv: Venv, saved: list[SavedFile]) -> None:
+        """Each distinct frozen baseline of the venv's models rewritten for the new venv
+        (hashed once, however many models share it)."""
         if not saved:
             self.step("baseline", skipped="environment.frozen is not set")
             return
         data = freeze_venv(target)
-        frozen, companion = saved[:2]
-        if self.cfg.environment.files_check:
-            # The new venv file by file, approved by the frozen file (see software).
-            files_path = software.path_for_frozen(frozen.path)
-            saved.append(SavedFile.read(files_path))
-            try:
-                approved = software.create(target, workers=self.cfg.integrity.hash_workers)
+        approved = None
+        if venv.files_check:
+            try:  # the new venv file by file, approved by each frozen file (see software)
+                approved = software.create(target, workers=venv.hash_workers)
             except SovereigndError as exc:
                 raise UpgradeFailed(str(exc)) from exc
-            data = software.link_line(files_path, software.write(files_path, approved)) + data
-        frozen.write(data)
-        companion.write(companion_bytes(frozen.path, data))
-        self.step("baseline", frozen=str(frozen.path),
-                  sha256=hashlib.sha256(data).hexdigest(), packages=data.count(b"\n"))
+        for frozen, companion in zip(saved[0::2], saved[1::2], strict=True):
+            written = data
+            if approved is not None:
+                files_path = software.path_for_frozen(frozen.path)
+                saved.append(SavedFile.read(files_path))
+                written = software.link_line(files_path,
+                                             software.write(files_path, approved)) + data
+            frozen.write(written)
+            companion.write(companion_bytes(frozen.path, written))
+            self.step("baseline", frozen=str(frozen.path),
+                      sha256=hashlib.sha256(written).hexdigest(),
+                      packages=written.count(b"\n"))
 
-    def _restart_and_wait(self, since: float, reason: str) -> dict[str, Any]:
-        """Restart through the control socket; wait for READY from a server started after
-        `since`. FATAL after `since`, or no READY within the timeout, is a failure."""
-        before = control.fetch_status(self.cfg)
+    def _restart_and_wait(self, model: str, reason: str) -> int | None:
+        """Restart `model` through the control socket; wait for READY from a server started
+        after the request: its pid, or None when the model is not running (an on_demand model
+        that is stopped takes the new venv at its next start). FATAL after the request, or no
+        READY within the timeout, is a failure."""
+        before = _model_status(control.fetch_status(self.cfg), model)
         old_pid = (before.get("server") or {}).get("pid")
-        control.request(self.cfg, "restart", reason=reason)
-        self.step("restart", reason=reason, previous_pid=old_pid)
+        if before.get("start") == "on_demand" and before.get("state") == "STOPPED":
+            self.step("restart", model=model, skipped="not running (start: on_demand); its "
+                      "next start runs the venv the link names then")
+            return None
+        since = time.time()
+        try:
+            control.request(self.cfg, "restart", reason=reason, model=model)
+        except SovereigndError as exc:
+            raise UpgradeFailed(f"model {model}: the restart was refused: {exc}") from exc
+        self.step("restart", model=model, reason=reason, previous_pid=old_pid)
         deadline = time.monotonic() + self.timeout
         last: dict[str, Any] = before
         while time.monotonic() < deadline:
             try:
-                last = control.fetch_status(self.cfg)
+                last = _model_status(control.fetch_status(self.cfg), model)
             except SovereigndError:
                 time.sleep(self.poll)  # the daemon may be busy restarting; ask again
                 continue
@@ -352,29 +435,45 @@ class Upgrade:
             server = last.get("server") or {}
             # `since` is stamped to the millisecond; allow for that rounding.
             if state == "READY" and changed >= since - 0.001 and server.get("pid") != old_pid:
-                self.step("ready", pid=server.get("pid"), seconds=round(time.time() - since, 3))
-                return last
+                self.step("ready", model=model, pid=server.get("pid"),
+                          seconds=round(time.time() - since, 3))
+                pid = server.get("pid")
+                return pid if isinstance(pid, int) else None
             if state == "FATAL" and changed >= since - 0.001:
-                raise UpgradeFailed(f"the server went FATAL: {last.get('reason')}")
+                raise UpgradeFailed(f"model {model} went FATAL: {last.get('reason')}")
             time.sleep(self.poll)
-        raise UpgradeFailed(f"no READY within {self.timeout:g}s (last state {last.get('state')}:"
-                            f" {last.get('reason')})")
+        raise UpgradeFailed(f"model {model}: no READY within {self.timeout:g}s (last state "
+                            f"{last.get('state')}: {last.get('reason')})")
 
-    def _rollback(self, layout: Layout, saved: list[SavedFile], why: str) -> NoReturn:
-        self.step("failed", name=self.name, reason=why)
-        self.step("rollback", to=layout.current)
-        switched_at = time.time()
-        switch_link(layout.link, layout.current)
+    def _rollback(self, venv: Venv, saved: list[SavedFile], model: str, why: str) -> NoReturn:
+        self.step("failed", name=self.name, model=model, reason=why)
+        self.step("rollback", to=venv.layouts[0].current, model=model)
+        for lay in venv.layouts:
+            switch_link(lay.link, lay.current)
         for f in saved:
             f.restore()
-        try:
-            ready = self._restart_and_wait(switched_at, f"rollback of {self.name}")
+        pids: list[str] = []
+        try:  # every model of the venv: those restarted already run the new one
+            for name in venv.models:
+                pid = self._restart_and_wait(name, f"rollback of {self.name}")
+                if pid is not None:
+                    pids.append(f"{name}={pid}")
         except UpgradeFailed as exc:
-            self.step("rollback_failed", reason=str(exc))
+            self.step("rollback_failed", model=model, reason=str(exc))
             raise UpgradeFailed(
-                f"the upgrade to {self.name} failed ({why}) and so did the rollback to "
-                f"{layout.current_path} ({exc}); the symlink and baseline are back, the server "
-                "is not serving: see `sovereignd status` and events.log") from exc
-        self.step("rolled_back", to=str(layout.current_path), pid=ready["server"]["pid"])
-        raise UpgradeFailed(f"the upgrade to {self.name} failed ({why}); rolled back to "
-                            f"{layout.current_path}, which serves again")
+                f"the upgrade to {self.name} failed for model {model} ({why}) and so did the "
+                f"rollback to {venv.current_path} ({exc}); the symlink and baseline are back, "
+                "the server is not serving: see `sovereignd status` and events.log") from exc
+        self.step("rolled_back", to=str(venv.current_path), model=model, pid=",".join(pids))
+        raise UpgradeFailed(f"the upgrade to {self.name} failed for model {model} ({why}); "
+                            f"rolled back to {venv.current_path}, which serves again")
+
+
+def _model_status(status: dict[str, Any], model: str) -> dict[str, Any]:
+    """One model's part of /status (`models: {NAME: ...}`; the single form has it too)."""
+    models = status.get("models") or {}
+    one = models.get(model)
+    if not isinstance(one, dict):
+        raise UpgradeFailed(f"the daemon does not serve model {model!r} (serves: "
+                            f"{', '.join(models) or 'none'}): was the configuration changed?")
+    return one

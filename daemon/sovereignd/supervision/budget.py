@@ -24,11 +24,13 @@ from sovereignd.supervision.supervisor import Blocked, Gate
 
 def need_of(cfg: Config) -> int | None:
     """Bytes the server of a model's configuration view needs by the preflight's estimate;
-    None if not estimated (not the vLLM CPU build, check off, a shape it cannot read)."""
+    None if not estimated (a GPU build, check off, a shape it cannot read)."""
     verdict = memory.Preflight(cfg).evaluate()
     if verdict is None:
         return None
     n = verdict.numbers
+    if "estimated_bytes" in n:  # vllm-mlx: weights + overhead
+        return int(n["estimated_bytes"])
     if "requested_bytes" in n:
         return int(n["requested_bytes"])
     if "kv_cache_bytes" not in n:

@@ -140,7 +140,9 @@ class Models:
             backend = registry.for_config(view)
             self.models[spec.name] = Model(
                 spec, view, backend,
-                ModelEvents(events, spec.name) if several else events,
+                # Every event a model's parts write says `model`, in the single `server:`
+                # form too, so one filter (`jq 'select(.model==NAME)'`) serves both forms.
+                ModelEvents(events, spec.name),
                 Metrics() if several else metrics, output_for(view, backend))
         for model in self.models.values():
             if model.spec.start == "always":

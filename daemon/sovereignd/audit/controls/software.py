@@ -62,7 +62,10 @@ def environment_control(i: Inputs) -> Control:
                f"{last_ok.get('record_files')} installed files "
                f"({human_size(int(last_ok.get('record_bytes') or 0))}) match RECORD"
                + (f"; {last_ok.get('software_files')} files of the venv and its interpreter "
-                  "match the software manifest" if last_ok.get("software_files") else ""))
+                  "match the software manifest" if last_ok.get("software_files") else "")
+               + (f" (reused the full verification of {last_ok.get('verified_at')} by "
+                  f"{last_ok.get('verified_by')}: nothing under the venv changed since)"
+                  if last_ok.get("scope") == "reused" else ""))
         known = last_ok.get("frozen_sha256")
         if digest is not None and isinstance(known, str) and known != digest:
             problems.append((WARN, "the frozen file changed after the daemon last verified"))
