@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,10 @@ class Received:
 
     complete: dict[str, bool] = field(default_factory=dict)   # id -> streamed?
     partial: set[str] = field(default_factory=set)            # a stream cut before its end
+    open: set[str] = field(default_factory=set)               # streams being read now
     failed: int = 0                                           # no response at all
+    errors: list[str] = field(default_factory=list)           # why clients ended
+    statuses: dict[int, int] = field(default_factory=dict)    # status -> responses
     mid_stream: asyncio.Event = field(default_factory=asyncio.Event)  # one has begun now
 
 
@@ -35,52 +39,60 @@ async def _plain(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
     while not stop.is_set():
         try:
             async with session.post(url, json=body) as r:
+                got.statuses[r.status] = got.statuses.get(r.status, 0) + 1
                 data = await r.read()
                 rid = r.headers.get("X-Request-ID", "")
                 if r.status == 200 and json.loads(data).get("usage"):
                     got.complete[rid] = False
-        except (aiohttp.ClientError, ConnectionError, ValueError):
+        except (aiohttp.ClientError, ConnectionError, ValueError) as exc:
             got.failed += 1
+            got.errors.append(f"plain: {exc!r}")
             return  # the daemon is gone
 
 
 async def _stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
-                  got: Received, stop: asyncio.Event, *, mid_after: int) -> None:
+                  got: Received, stop: asyncio.Event) -> None:
     while not stop.is_set():
         rid = ""
         try:
             async with session.post(url, json={**body, "stream": True}) as r:
                 rid = r.headers.get("X-Request-ID", "")
+                got.statuses[r.status] = got.statuses.get(r.status, 0) + 1
                 got.partial.add(rid)  # the answer has begun: status line and headers
+                got.open.add(rid)
                 done = False
-                chunks = 0
                 async for line in r.content:
                     if line.startswith(b"data: {"):
-                        chunks += 1
-                        if chunks == mid_after:
-                            got.mid_stream.set()
+                        got.mid_stream.set()
                     if line.startswith(b"data: [DONE]"):
                         done = True
+                got.open.discard(rid)
                 if r.status == 200 and done:
                     got.partial.discard(rid)
                     got.complete[rid] = True
-        except (aiohttp.ClientError, ConnectionError):
+        except (aiohttp.ClientError, ConnectionError) as exc:
             got.failed += 1
+            got.errors.append(f"stream: {exc!r}")
             return
 
 
 async def load_then_kill(d: Daemon, key: str, model: str, *, plain: int, streams: int,
                          seconds: float, max_tokens: int,
-                         extra: dict[str, Any] | None = None, mid_after: int = 1) -> Received:
+                         extra: dict[str, Any] | None = None,
+                         pause_server: bool = False) -> Received:
     """Run `plain` + `streams` clients against the gateway, SIGKILL the daemon after
-    `seconds` -- at the moment a stream has received its `mid_after`-th chunk -- and return
-    what the clients received by then.
+    `seconds` -- at the moment a stream has begun its answer -- and return what the clients
+    received by then.
 
-    A fast server can finish a short answer between that chunk and the kill (the rest of it
-    already in the socket buffer), so on the real server the answers are long and
-    `mid_after` leaves most of the answer still to be generated."""
+    `pause_server`: SIGSTOP the model server's process group at that moment and kill only
+    if a stream is then still open (else SIGCONT and wait for the next one, up to 10 times),
+    so that no stream can finish between its first chunk and the kill. The real server needs
+    it: on a loaded 2-core machine its API server hands a whole 400-token answer over in one
+    burst (first chunk and `[DONE]` together), and twice every stream had ended before the
+    kill landed."""
     got = Received()
     stop = asyncio.Event()
+    group = os.getpgid(d.server_pid()) if pause_server else None  # asked before the load
     url = d.url + "/v1/chat/completions"
     body = {"model": model, "messages": [{"role": "user", "content": "hello"}],
             "max_tokens": max_tokens, **(extra or {})}
@@ -91,14 +103,28 @@ async def load_then_kill(d: Daemon, key: str, model: str, *, plain: int, streams
                                      connector=connector) as session:
         clients = [asyncio.create_task(_plain(session, url, body, got, stop))
                    for _ in range(plain)]
-        clients += [asyncio.create_task(_stream(session, url, body, got, stop, mid_after=mid_after))
+        clients += [asyncio.create_task(_stream(session, url, body, got, stop))
                     for _ in range(streams)]
         await asyncio.wait(clients, timeout=seconds)  # the load runs this long, then the kill
         # ... at a moment when a stream has delivered part of its answer (bounded wait).
-        got.mid_stream.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(got.mid_stream.wait(), timeout=30)
-        d.signal(signal.SIGKILL)
+        for _ in range(10 if group is not None else 1):
+            got.mid_stream.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(got.mid_stream.wait(), timeout=30)
+            if group is None:
+                break
+            os.killpg(group, signal.SIGSTOP)
+            # What the server sent before the pause reaches the clients; a stream still
+            # open then cannot finish before the kill.
+            await asyncio.sleep(0.5)
+            if got.open:
+                break
+            os.killpg(group, signal.SIGCONT)  # every stream had its whole answer: again
+        try:
+            d.signal(signal.SIGKILL)
+        finally:
+            if group is not None:
+                os.killpg(group, signal.SIGCONT)  # orphaned now: the next start sweeps it
         stop.set()
         await asyncio.wait_for(asyncio.gather(*clients, return_exceptions=True), timeout=60)
     assert d.proc is not None

@@ -39,11 +39,11 @@ def test_sigkill_under_real_load_leaves_every_answer_recorded(crash_daemon: Daem
     d.wait_state("READY", timeout=READY_TIMEOUT)
     before = opens(d)
     # Long streams (ignore_eos: the random tiny model would stop early; 400 tokens of the
-    # 512-token context) keep some in flight; the kill comes at a stream's 8th chunk, with
-    # most of its answer still to be generated (at 200 tokens a fast machine once finished
-    # every stream before the kill landed).
+    # 512-token context) keep some in flight; the server is paused (SIGSTOP) at the kill so
+    # that none can finish between a stream's first chunk and the kill.
     got = asyncio.run(load_then_kill(d, d.client_key, "tiny", plain=2, streams=4, seconds=4.0,
-                                     max_tokens=400, extra={"ignore_eos": True}, mid_after=8))
+                                     max_tokens=400, extra={"ignore_eos": True},
+                                     pause_server=True))
     d.start()  # the next start closes the open requests and sweeps the orphaned server
     wait_log_reopened(d, before)
     wait_for(lambda: d.events("orphans"), 120, what="the killed run's server swept")
@@ -53,7 +53,8 @@ def test_sigkill_under_real_load_leaves_every_answer_recorded(crash_daemon: Daem
     assert acc.unrecorded == [], "answered but unrecorded"
     assert acc.without_tokens == [], "records without status or tokens"
     assert acc.unaccounted == [], "starts neither completed nor incomplete"
-    assert acc.partial_streams > 0, "no stream was cut off mid-answer"
+    assert acc.partial_streams > 0, (f"no stream was cut off mid-answer (responses by status "
+                                     f"{got.statuses}; clients ended by {got.errors})")
     assert acc.partial_unaccounted == [], "a stream cut off has no entry"
     assert acc.incomplete, "the streams in flight at the kill are not listed"
     assert all(x["reason"] == "unclean_stop" for x in acc.incomplete)
