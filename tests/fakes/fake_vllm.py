@@ -35,6 +35,12 @@ Behaviour comes from a JSON control file named by FAKE_VLLM_CONTROL, read at eac
     raw_answer: str        a client's completion (not the canary) is answered with exactly
                            these bytes (latin-1), which no HTTP library would frame so; the
                            connection then stays open for raw_hold seconds (default 30)
+    tokenize: str          how `POST /tokenize` answers: "bytes" (the default: one token per
+                           UTF-8 byte of the messages' content or the prompt, plus 5 per
+                           message, as a chat template adds; vLLM's shape {"count",
+                           "max_model_len", "tokens"}), "fail" (500), "hang" (never),
+                           "garbage" (200, not JSON), "absent" (404, as vllm-mlx);
+                           `<control>.tokenize-mode`, read at each request, overrides it
 Each start appends {"pid", "pgid", "argv", "has_key", "start"} to `<control>.starts`.
 
 Faults on demand, for benchmarks (straight to the server's port, never via the gateway):
@@ -308,6 +314,30 @@ class Fake:
         self.hung = True
         return web.Response(text="hanging from now on")
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM 0.32's `/tokenize` (unguarded by the key, as vLLM's), with faults on demand."""
+        mode = self.b.get("tokenize", "bytes")
+        body = await request.json()
+        if control := os.environ.get("FAKE_VLLM_CONTROL"):
+            override = Path(f"{control}.tokenize-mode")
+            if override.exists():  # noqa: ASYNC240 - tiny
+                mode = override.read_text().strip()  # noqa: ASYNC240 - tiny
+            with Path(f"{control}.tokenize").open("a") as f:  # noqa: ASYNC230 - tiny
+                f.write(json.dumps(sorted(body)) + "\n")  # which fields came, not the text
+        if mode == "fail":
+            return web.json_response({"error": {"message": "tokenizer broke"}}, status=500)
+        if mode == "hang":
+            await asyncio.sleep(3600)
+        if mode == "garbage":
+            return web.Response(text="<html>not json</html>", content_type="text/html")
+        if mode == "absent":
+            return web.json_response({"detail": "Not Found"}, status=404)
+        if isinstance(body.get("messages"), list):
+            n = sum(len(str(m.get("content", "")).encode()) + 5 for m in body["messages"])
+        else:
+            n = len(str(body.get("prompt", "")).encode())
+        return web.json_response({"count": n, "max_model_len": 512, "tokens": [1] * n})
+
     async def unguarded(self, request: web.Request) -> web.Response:
         # Like vLLM's /invocations, /tokenize, /pause: answers without any key.
         return web.json_response({"unguarded": request.path, "choices": [{"text": "leak"}]})
@@ -366,7 +396,8 @@ def main() -> None:
     app.router.add_post("/v1/embeddings", fake.embeddings)
     app.router.add_get("/metrics", fake.metrics)
     app.router.add_post("/fake/{kind:crash|hang|stall}", fake.fault)
-    for path in ("/invocations", "/tokenize", "/pause", "/collective_rpc", "/docs",
+    app.router.add_post("/tokenize", fake.tokenize)
+    for path in ("/invocations", "/pause", "/collective_rpc", "/docs",
                  "/v1/mcp/execute"):
         app.router.add_route("*", path, fake.unguarded)
     # aiohttp would install its own SIGTERM handler over SIG_IGN.

@@ -65,6 +65,9 @@ class Backend(abc.ABC):
         _route("/v1/messages", "POST"),
         _route("/v1/messages/count_tokens", "POST"),
     )
+    # The server's route that counts a prompt's tokens with the model's tokenizer
+    # (gateway/tokencount.py), or None: the prompt cap then keeps its estimate.
+    tokenize_path: str | None = None
     # Flags that change how much memory the server takes (read by the memory estimate).
     memory_flags: tuple[str, ...] = ()
     # Fatal start-up messages, first match wins (process.failures.classify_exit).

@@ -39,6 +39,9 @@ class VllmBackend(Backend):
         _route("/rerank", "POST"),
         _route("/score", "POST"),
     )
+    # vllm/entrypoints/serve/tokenize/api_router.py (vLLM 0.32); the gateway calls it, clients
+    # cannot (it is not in `routes`).
+    tokenize_path: str | None = "/tokenize"
     memory_flags: tuple[str, ...] = ("--max-model-len", "--gpu-memory-utilization",
                                       "--kv-cache-memory-bytes")
     patterns: tuple[FailurePattern, ...] = (
