@@ -90,7 +90,37 @@ def test_stored_responses_answer_only_the_client_that_created_them() -> None:
     assert responses.created_id(created) == "resp_s"
     owners.bind("bob", "resp_s")
     owners.bind("carol", "resp_c")  # the oldest binding is forgotten: unknown, refused
-    assert owners.refusal("alice", "GET", "/v1/responses/resp_a", None) is not None
+    assert owners.refusal("alice", "GET", "/v1/responses/resp_a", None) == (
+        f"Response with id 'resp_a' not found. {responses.NOT_KEPT}")
+
+
+def test_stored_responses_are_forgotten_by_a_daemon_restart_and_say_so(
+        make_daemon: MakeDaemon) -> None:
+    """The daemon stops its server when it stops, so the server's store of responses is gone
+    after a restart: the gateway answers a lookup of an earlier id 404 in OpenAI's shape,
+    saying that responses do not survive a restart, and the new server is never asked."""
+    d = make_daemon()
+    key = cli_add_key(d, "c")
+    d.start()
+    d.wait_state("READY")
+    code, body, _ = http("POST", d.url + "/v1/responses",
+                         {"model": "model", "input": "hi", "store": True}, bearer(key))
+    assert code == 200
+    rid = json.loads(body)["id"]
+    assert http("GET", d.url + f"/v1/responses/{rid}", None, bearer(key))[0] == 200
+    first = d.server_pid()
+    assert d.stop() == 0
+    d.start()
+    d.wait_state("READY")
+    assert d.server_pid() != first
+    code, body, headers = http("GET", d.url + f"/v1/responses/{rid}", None, bearer(key))
+    assert code == 404 and headers["x-should-retry"] == "false"
+    assert json.loads(body) == {"error": {
+        "message": f"Response with id '{rid}' not found. {responses.NOT_KEPT}",
+        "type": "invalid_request_error", "param": None, "code": "not_found"}}
+    refused = wait_for(lambda: [r for r in _records(d) if r["error"] == "response_not_found"],
+                       5, what="the refusal's record")
+    assert len(refused) == 1 and refused[0]["start_seq"] is None  # the server was not asked
 
 
 def test_model_lists_are_parsed_and_bad_names_refused() -> None:

@@ -171,3 +171,20 @@ def responses_bound_to_their_client(d: Daemon) -> None:
     assert recs and all(r["prompt_tokens"] and r["completion_tokens"] is not None for r in recs)
     refused = [r for r in iter_records(d.logs) if r["error"] == "response_not_found"]
     assert len(refused) == 4 and all(r["client"] == "stranger" for r in refused)
+
+
+def stored_response(d: Daemon) -> str:
+    """The id of a response stored for the daemon's client, read back once."""
+    owner = openai.OpenAI(base_url=d.url + "/v1", api_key=d.client_key, max_retries=0)
+    created = owner.responses.create(model="tiny", input="hello there", max_output_tokens=4,
+                                     store=True)
+    assert owner.responses.retrieve(created.id).id == created.id
+    return created.id
+
+
+def response_gone(d: Daemon, rid: str) -> None:
+    """After a restart of the server, its owner's lookup of `rid` is 404 (vLLM's store lives
+    in the server's memory)."""
+    owner = openai.OpenAI(base_url=d.url + "/v1", api_key=d.client_key, max_retries=0)
+    with pytest.raises(openai.NotFoundError, match=rid):
+        owner.responses.retrieve(rid)

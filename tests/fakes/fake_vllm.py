@@ -106,6 +106,7 @@ class Fake:
         self.running = 0
         self.in_handlers = 0  # requests whose handler has not returned yet
         self.name = args.served_model_name or args.model
+        self.stored: dict[str, dict[str, Any]] = {}  # the Responses API's store, in memory
 
     @web.middleware
     async def track(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -314,6 +315,25 @@ class Fake:
         self.hung = True
         return web.Response(text="hanging from now on")
 
+    async def responses(self, request: web.Request) -> web.Response:
+        """vLLM 0.32's Responses API with its in-memory store: POST creates (not streamed),
+        GET by id reads back; an unknown id is 404 in vLLM's words."""
+        if not self.authorised(request):
+            return self.unauthorised()
+        rid = request.match_info.get("rid")
+        if rid is None:
+            self.count()
+            rid = f"resp_{os.urandom(8).hex()}"
+            self.stored[rid] = {"id": rid, "object": "response", "status": "completed",
+                                "model": self.name, "output": [],
+                                "usage": {"input_tokens": 3, "output_tokens": 2,
+                                          "total_tokens": 5}}
+        if rid not in self.stored:
+            return web.json_response({"error": {"message": f"Response with id '{rid}' not "
+                                                 "found.", "type": "invalid_request_error",
+                                                 "param": None, "code": 404}}, status=404)
+        return web.json_response(self.stored[rid])
+
     async def tokenize(self, request: web.Request) -> web.Response:
         """vLLM 0.32's `/tokenize` (unguarded by the key, as vLLM's), with faults on demand."""
         mode = self.b.get("tokenize", "bytes")
@@ -397,6 +417,8 @@ def main() -> None:
     app.router.add_get("/metrics", fake.metrics)
     app.router.add_post("/fake/{kind:crash|hang|stall}", fake.fault)
     app.router.add_post("/tokenize", fake.tokenize)
+    app.router.add_post("/v1/responses", fake.responses)
+    app.router.add_get("/v1/responses/{rid}", fake.responses)
     for path in ("/invocations", "/pause", "/collective_rpc", "/docs",
                  "/v1/mcp/execute"):
         app.router.add_route("*", path, fake.unguarded)
