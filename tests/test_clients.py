@@ -165,21 +165,28 @@ def test_the_estimate_decides_only_far_from_the_cap_and_asks_for_a_count_near_it
     assert message is not None and "61 tokens, counted by the tokenizer" in message
 
 
-def test_the_tokenize_body_renders_chat_and_completion_prompts_as_vllm_names_them() -> None:
+def test_the_counting_body_renders_each_apis_prompt_as_the_server_names_it() -> None:
     """Chat: the fields that change the rendered prompt, nothing about sampling; a completion:
-    its string prompt; other APIs and prompt lists cannot be counted (None)."""
+    its string prompt; Anthropic Messages: its count_tokens fields; other APIs, other routes
+    and prompt lists cannot be counted (None)."""
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9,
             "temperature": 0.5, "tools": [{"type": "function"}], "stream": True,
             "chat_template_kwargs": {"enable_thinking": False}}
-    sent = json.loads(tokencount.tokenize_body("/v1/chat/completions", body) or b"")
+    tokenize = tokencount.TOKENIZE
+    sent = json.loads(tokencount.counting_body(tokenize, "/v1/chat/completions", body) or b"")
     assert sent == {"model": "m", "messages": body["messages"], "tools": body["tools"],
                     "chat_template_kwargs": {"enable_thinking": False}}
-    sent = json.loads(tokencount.tokenize_body("/v1/completions",
+    sent = json.loads(tokencount.counting_body(tokenize, "/v1/completions",
                                                {"model": "m", "prompt": "hi", "n": 2}) or b"")
     assert sent == {"model": "m", "prompt": "hi"}
-    assert tokencount.tokenize_body("/v1/completions", {"prompt": ["a", "b"]}) is None
-    assert tokencount.tokenize_body("/v1/responses", {"input": "hi"}) is None
-    assert tokencount.tokenize_body("/v1/messages", {"messages": []}) is None
+    anthropic_body = {"model": "m", "system": "be brief", "max_tokens": 5, "stream": True,
+                      "messages": [{"role": "user", "content": "hi"}]}
+    sent = json.loads(tokencount.counting_body(tokencount.COUNT_TOKENS, "/v1/messages",
+                                               anthropic_body) or b"")
+    assert sent == {"model": "m", "system": "be brief", "messages": anthropic_body["messages"]}
+    assert tokencount.counting_body(tokenize, "/v1/completions", {"prompt": ["a", "b"]}) is None
+    assert tokencount.counting_body(tokenize, "/v1/responses", {"input": "hi"}) is None
+    assert tokencount.counting_body(tokenize, "/v1/messages", {"messages": []}) is None
 
 
 def test_prompts_near_the_cap_are_judged_by_the_servers_count_and_a_failed_count_falls_back(
@@ -218,6 +225,13 @@ def test_prompts_near_the_cap_are_judged_by_the_servers_count_and_a_failed_count
     code, body, _ = http("POST", d.url + "/v1/completions",
                          {"model": "model", "prompt": "q" * 70, "max_tokens": 31}, bearer(key))
     assert code == 400 and "(70 tokens, counted" in json.loads(body)["error"]["message"]
+    # Anthropic Messages are counted by count_tokens, and refused in Anthropic's shape.
+    code, body, _ = http("POST", d.url + "/v1/messages",
+                         {"model": "model", "max_tokens": 36, "system": "s" * 10,
+                          "messages": [{"role": "user", "content": "z" * 60}]}, bearer(key))
+    assert code == 400 and json.loads(body)["type"] == "error"
+    assert "(75 tokens, counted by the model server's tokenizer (vllm /v1/messages/count_tokens"\
+        in json.loads(body)["error"]["message"]
     mode = d.control.with_name(d.control.name + ".tokenize-mode")
     for broken in ("fail", "garbage", "hang", "absent"):
         mode.write_text(broken)

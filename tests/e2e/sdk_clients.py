@@ -52,7 +52,8 @@ def openai_chat_and_stream(d: Daemon) -> None:
 def anthropic_messages(d: Daemon, name: str) -> None:
     """The Messages API (vLLM 0.32 and vllm-mlx serve it): the SDK's x-api-key is the client
     key, its usage (and, streamed, its event stream's usage and first token) lands in the
-    records; a bad key gets Anthropic's error shape (the SDK's AuthenticationError)."""
+    records; a prompt near the cap is judged by the server's count; a bad key gets
+    Anthropic's error shape (the SDK's AuthenticationError)."""
     key = setup_cli(d, "keys", "add", name)
     client = anthropic.Anthropic(base_url=d.url, api_key=key)
     wait_for(lambda: _accepted(client), 10, what="the new key (keys file reload)")
@@ -71,6 +72,18 @@ def anthropic_messages(d: Daemon, name: str) -> None:
     assert streamed["prompt_tokens"] == final.usage.input_tokens
     assert streamed["ttft_ms"] is not None
     assert recs[-1]["path"] == "/v1/messages/count_tokens"
+    # Near the cap (512: --max-model-len, or the model's 512 positions for vllm-mlx), a
+    # token-dense prompt the estimate would pass (31 tokens) is counted by the server's own
+    # count_tokens, and refused in Anthropic's shape with the figure the server gives.
+    dense = [{"role": "user", "content": "z" * 120}]
+    exact = client.messages.count_tokens(model="tiny", messages=dense).input_tokens
+    assert exact > 100
+    backend = d.cfg["server"].get("backend", "vllm")
+    with pytest.raises(anthropic.BadRequestError,
+                       match=rf"\({exact} tokens, counted by the model server's tokenizer "
+                       rf"\({backend} /v1/messages/count_tokens\)\) plus max_tokens "
+                       rf"\({513 - exact}\)"):
+        client.messages.create(model="tiny", max_tokens=513 - exact, messages=dense)
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=d.url, api_key="sk-sov-" + "x" * 43, max_retries=0
                             ).messages.create(model="tiny", max_tokens=5, messages=MESSAGES)
@@ -131,7 +144,8 @@ def final_refusals(d: Daemon) -> None:
     assert [r["error"] for r in scoped_recs if r["status"] == 403] == ["model_not_allowed"]
     quota = [r for r in records_of(d, "limited", 2) if r["status"] == 429]
     assert len(quota) == 1 and quota[0]["error"] == "quota_requests_per_day"
-    capped = [r for r in iter_records(d.logs) if r["error"] == "prompt_too_long"]
+    capped = [r for r in iter_records(d.logs) if r["error"] == "prompt_too_long"
+              and r["path"] == "/v1/chat/completions"]
     assert len(capped) == 2
     assert all(r["start_seq"] is None for r in capped)  # the server never began either
 

@@ -35,11 +35,12 @@ Behaviour comes from a JSON control file named by FAKE_VLLM_CONTROL, read at eac
     raw_answer: str        a client's completion (not the canary) is answered with exactly
                            these bytes (latin-1), which no HTTP library would frame so; the
                            connection then stays open for raw_hold seconds (default 30)
-    tokenize: str          how `POST /tokenize` answers: "bytes" (the default: one token per
-                           UTF-8 byte of the messages' content or the prompt, plus 5 per
-                           message, as a chat template adds; vLLM's shape {"count",
-                           "max_model_len", "tokens"}), "fail" (500), "hang" (never),
-                           "garbage" (200, not JSON), "absent" (404, as vllm-mlx);
+    tokenize: str          how `POST /tokenize` and `/v1/messages/count_tokens` answer:
+                           "bytes" (the default: one token per UTF-8 byte of the messages'
+                           content (and system) or the prompt, plus 5 per message, as a chat
+                           template adds; vLLM's shapes {"count", "max_model_len", "tokens"}
+                           and {"input_tokens"}), "fail" (500), "hang" (never), "garbage"
+                           (200, not JSON), "absent" (404, as vllm-mlx's /tokenize);
                            `<control>.tokenize-mode`, read at each request, overrides it
 Each start appends {"pid", "pgid", "argv", "has_key", "start"} to `<control>.starts`.
 
@@ -354,8 +355,11 @@ class Fake:
             return web.json_response({"detail": "Not Found"}, status=404)
         if isinstance(body.get("messages"), list):
             n = sum(len(str(m.get("content", "")).encode()) + 5 for m in body["messages"])
+            n += len(str(body.get("system", "")).encode())
         else:
             n = len(str(body.get("prompt", "")).encode())
+        if request.path.endswith("/count_tokens"):  # Anthropic's count, as vLLM serves it
+            return web.json_response({"input_tokens": n})
         return web.json_response({"count": n, "max_model_len": 512, "tokens": [1] * n})
 
     async def unguarded(self, request: web.Request) -> web.Response:
@@ -417,6 +421,7 @@ def main() -> None:
     app.router.add_get("/metrics", fake.metrics)
     app.router.add_post("/fake/{kind:crash|hang|stall}", fake.fault)
     app.router.add_post("/tokenize", fake.tokenize)
+    app.router.add_post("/v1/messages/count_tokens", fake.tokenize)
     app.router.add_post("/v1/responses", fake.responses)
     app.router.add_get("/v1/responses/{rid}", fake.responses)
     for path in ("/invocations", "/pause", "/collective_rpc", "/docs",

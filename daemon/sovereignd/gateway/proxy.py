@@ -684,14 +684,14 @@ class Proxy:
         estimate; _Refused (400) if it cannot fit."""
         slot = request.get("model_slot")
         backend = slot.backend if slot is not None else self.backend
-        path = backend.tokenize_path
-        body = tokencount.tokenize_body(rec["path"], data) if path is not None else None
+        route = dict(backend.count_routes).get(rec["path"])
+        body = tokencount.counting_body(route, rec["path"], data) if route is not None else None
         prompt, counted_by = seen.prompt, None
-        if path is not None and body is not None:
+        if route is not None and body is not None:
             try:
                 prompt = await tokencount.count(self._upstream, upstream.target, upstream.key,
-                                                path, body)
-                counted_by = f"the model server's tokenizer ({backend.name} {path})"
+                                                route, body)
+                counted_by = f"the model server's tokenizer ({backend.name} {route})"
             except tokencount.CountFailed as exc:
                 self._count_failures.note(backend.name, server=backend.name, detail=str(exc),
                                           fallback="the 4-bytes-per-token estimate")

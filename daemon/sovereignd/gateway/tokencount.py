@@ -1,16 +1,23 @@
 """Count a request's prompt tokens with the model server's own tokenizer, for the prompt cap
 (gateway/promptcap.py) when the estimate is too close to the cap to decide.
 
-vLLM 0.32 serves `POST /tokenize` (vllm/entrypoints/serve/tokenize/api_router.py and
-protocol.py): a chat body `{"model", "messages", "add_generation_prompt" (default true),
-"continue_final_message", "add_special_tokens" (default false), "chat_template",
-"chat_template_kwargs", "tools"}` is rendered through the model's chat template as a chat
-completion would be; a completion body `{"model", "prompt": str, "add_special_tokens"
-(default true)}` is tokenized as a completion's prompt. Either answers 200 `{"count": int,
-"max_model_len": int, "tokens": [int, ...]}`. vllm-mlx 0.6 has no such route: its requests
-keep the estimate. A count that fails in any way (an error status, a timeout, an answer
-without a count) is None: the caller falls back to the estimate, so a tokenizer problem never
-blocks a request.
+Two counting routes exist. vLLM 0.32 serves `POST /tokenize`
+(vllm/entrypoints/serve/tokenize/api_router.py and protocol.py): a chat body `{"model",
+"messages", "add_generation_prompt" (default true), "continue_final_message",
+"add_special_tokens" (default false), "chat_template", "chat_template_kwargs", "tools"}` is
+rendered through the model's chat template as a chat completion would be; a completion body
+`{"model", "prompt": str, "add_special_tokens" (default true)}` is tokenized as a
+completion's prompt; either answers 200 `{"count": int, "max_model_len": int, "tokens": [...]}`.
+Anthropic's `POST /v1/messages/count_tokens` takes `{"model", "messages", "system", "tools",
+"tool_choice", "thinking"}` and answers `{"input_tokens": int}`: vLLM 0.32 renders it through
+the chat template (vllm/entrypoints/anthropic/api_router.py); vllm-mlx 0.6 encodes the text of
+the system prompt, the messages and the tools one by one, without the template
+(vllm_mlx/server.py `count_anthropic_tokens`), so its figure is a little low. vllm-mlx has no
+/tokenize. Which backend counts which API is the backend's `count_routes`.
+
+A count that fails in any way (an error status, a timeout, an answer without a count) raises
+CountFailed: the caller falls back to the estimate, so a tokenizer problem never blocks a
+request.
 """
 
 from __future__ import annotations
@@ -25,36 +32,47 @@ from sovereignd.http.upstream import Target, UpstreamClient, UpstreamError
 # A count is one tokenizer pass on the server's event loop: milliseconds. Longer means the
 # server is busy or stuck, and the estimate will do.
 TIMEOUT = 2.0
-# The fields of each API that change the rendered prompt, as vLLM's tokenize request names them.
+TOKENIZE = "/tokenize"
+COUNT_TOKENS = "/v1/messages/count_tokens"
+# The fields of each API that change the rendered prompt, as the counting request names them.
 _CHAT_FIELDS = ("model", "messages", "tools", "add_generation_prompt", "continue_final_message",
                 "add_special_tokens", "chat_template", "chat_template_kwargs")
 _COMPLETION_FIELDS = ("model", "prompt", "add_special_tokens")
+_MESSAGES_FIELDS = ("model", "messages", "system", "tools", "tool_choice", "thinking",
+                    "chat_template_kwargs")
+# Where each counting route puts the count in its answer.
+_ANSWER_FIELD = {TOKENIZE: "count", COUNT_TOKENS: "input_tokens"}
 
 
 class CountFailed(Exception):
     """The server did not count the prompt; the message says why (never the prompt)."""
 
 
-def tokenize_body(path: str, data: dict[str, Any]) -> bytes | None:
-    """The `/tokenize` request body that renders this request's prompt as the server will, or
-    None for a request the route cannot count (another API, a list of prompts, token ids)."""
+def counting_body(route: str, path: str, data: dict[str, Any]) -> bytes | None:
+    """The body for the counting `route` that renders the prompt of a request to `path` as
+    the server will, or None for a request it cannot count (another API, a list of prompts,
+    token ids)."""
     fields: tuple[str, ...]
-    if path == "/v1/chat/completions" and isinstance(data.get("messages"), list):
+    if route == TOKENIZE and path == "/v1/chat/completions" and \
+            isinstance(data.get("messages"), list):
         fields = _CHAT_FIELDS
-    elif path == "/v1/completions" and isinstance(data.get("prompt"), str):
+    elif route == TOKENIZE and path == "/v1/completions" and isinstance(data.get("prompt"), str):
         fields = _COMPLETION_FIELDS
+    elif route == COUNT_TOKENS and path == "/v1/messages" and \
+            isinstance(data.get("messages"), list):
+        fields = _MESSAGES_FIELDS
     else:
         return None
     return orjson.dumps({k: data[k] for k in fields if data.get(k) is not None})
 
 
-async def count(client: UpstreamClient, target: Target, key: str, tokenize_path: str,
+async def count(client: UpstreamClient, target: Target, key: str, route: str,
                 body: bytes, *, timeout: float = TIMEOUT) -> int:
     """The prompt's token count as the server's tokenizer makes it. Raises CountFailed."""
     headers = [("Authorization", f"Bearer {key}"), ("Content-Type", "application/json")]
     try:
         async with asyncio.timeout(timeout):  # the answer's body too, not only its head
-            up = await client.request(target, "POST", tokenize_path, headers, body,
+            up = await client.request(target, "POST", route, headers, body,
                                       timeout=timeout)
             try:
                 payload = await up.read()
@@ -69,7 +87,7 @@ async def count(client: UpstreamClient, target: Target, key: str, tokenize_path:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         raise CountFailed("the answer is not JSON") from exc
-    tokens = doc.get("count") if isinstance(doc, dict) else None
+    tokens = doc.get(_ANSWER_FIELD.get(route, "count")) if isinstance(doc, dict) else None
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
         raise CountFailed("the answer has no count")
     return tokens
