@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sovereignd.gateway import anthropic, promptcap, quotas, responses, scopes
+from sovereignd.gateway import anthropic, promptcap, quotas, responses, scopes, tokencount
 from sovereignd.gateway.keys import KeysFileError, add_key, read_keys, set_key
 from sovereignd.gateway.proxy import _Stream
 from sovereignd.logs.records import iter_records
@@ -90,7 +90,37 @@ def test_stored_responses_answer_only_the_client_that_created_them() -> None:
     assert responses.created_id(created) == "resp_s"
     owners.bind("bob", "resp_s")
     owners.bind("carol", "resp_c")  # the oldest binding is forgotten: unknown, refused
-    assert owners.refusal("alice", "GET", "/v1/responses/resp_a", None) is not None
+    assert owners.refusal("alice", "GET", "/v1/responses/resp_a", None) == (
+        f"Response with id 'resp_a' not found. {responses.NOT_KEPT}")
+
+
+def test_stored_responses_are_forgotten_by_a_daemon_restart_and_say_so(
+        make_daemon: MakeDaemon) -> None:
+    """The daemon stops its server when it stops, so the server's store of responses is gone
+    after a restart: the gateway answers a lookup of an earlier id 404 in OpenAI's shape,
+    saying that responses do not survive a restart, and the new server is never asked."""
+    d = make_daemon()
+    key = cli_add_key(d, "c")
+    d.start()
+    d.wait_state("READY")
+    code, body, _ = http("POST", d.url + "/v1/responses",
+                         {"model": "model", "input": "hi", "store": True}, bearer(key))
+    assert code == 200
+    rid = json.loads(body)["id"]
+    assert http("GET", d.url + f"/v1/responses/{rid}", None, bearer(key))[0] == 200
+    first = d.server_pid()
+    assert d.stop() == 0
+    d.start()
+    d.wait_state("READY")
+    assert d.server_pid() != first
+    code, body, headers = http("GET", d.url + f"/v1/responses/{rid}", None, bearer(key))
+    assert code == 404 and headers["x-should-retry"] == "false"
+    assert json.loads(body) == {"error": {
+        "message": f"Response with id '{rid}' not found. {responses.NOT_KEPT}",
+        "type": "invalid_request_error", "param": None, "code": "not_found"}}
+    refused = wait_for(lambda: [r for r in _records(d) if r["error"] == "response_not_found"],
+                       5, what="the refusal's record")
+    assert len(refused) == 1 and refused[0]["start_seq"] is None  # the server was not asked
 
 
 def test_model_lists_are_parsed_and_bad_names_refused() -> None:
@@ -111,6 +141,111 @@ def test_prompt_estimate_counts_text_fields_and_the_output_budget() -> None:
     assert promptcap.refusal(cap, body) is not None
     assert promptcap.refusal(cap, {"prompt": "short", "max_tokens": 10}) is None
     assert promptcap.refusal(None, body) is None
+
+
+def test_the_estimate_decides_only_far_from_the_cap_and_asks_for_a_count_near_it() -> None:
+    """Prompts whose every byte could be a token and still fit pass uncounted; one estimated
+    at over twice the cap is refused uncounted; between the two, the verdict is "count"."""
+    cap = promptcap.Cap(100, "test")
+
+    def chat(text: str, budget: int) -> dict[str, Any]:
+        return {"messages": [{"role": "user", "content": text}], "max_tokens": budget}
+
+    # 10 bytes of text + "user" + 2 x 16 template tokens + 10 = 56: fits however it tokenizes.
+    assert promptcap.assess(cap, chat("z" * 10, 10)).verdict == promptcap.FITS
+    # Estimated at 17 + 40 tokens (fits), but 64 bytes could be 64 tokens: count.
+    near = promptcap.assess(cap, chat("z" * 60, 40))
+    assert (near.verdict, near.prompt, near.budget) == (promptcap.COUNT, 16, 40)
+    # An estimate over the cap is counted too (text can take more than 4 bytes per token).
+    assert promptcap.assess(cap, chat("z" * 400, 4)).verdict == promptcap.COUNT
+    assert promptcap.assess(cap, chat("z" * 800, 4)).verdict == promptcap.REFUSE
+    assert promptcap.assess(None, chat("z" * 8000, 4)).verdict == promptcap.FITS
+    assert promptcap.judged(cap, 60, 40, None) is None  # exactly the cap fits
+    message = promptcap.judged(cap, 61, 40, "the tokenizer")
+    assert message is not None and "61 tokens, counted by the tokenizer" in message
+
+
+def test_the_counting_body_renders_each_apis_prompt_as_the_server_names_it() -> None:
+    """Chat: the fields that change the rendered prompt, nothing about sampling; a completion:
+    its string prompt; Anthropic Messages: its count_tokens fields; other APIs, other routes
+    and prompt lists cannot be counted (None)."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9,
+            "temperature": 0.5, "tools": [{"type": "function"}], "stream": True,
+            "chat_template_kwargs": {"enable_thinking": False}}
+    tokenize = tokencount.TOKENIZE
+    sent = json.loads(tokencount.counting_body(tokenize, "/v1/chat/completions", body) or b"")
+    assert sent == {"model": "m", "messages": body["messages"], "tools": body["tools"],
+                    "chat_template_kwargs": {"enable_thinking": False}}
+    sent = json.loads(tokencount.counting_body(tokenize, "/v1/completions",
+                                               {"model": "m", "prompt": "hi", "n": 2}) or b"")
+    assert sent == {"model": "m", "prompt": "hi"}
+    anthropic_body = {"model": "m", "system": "be brief", "max_tokens": 5, "stream": True,
+                      "messages": [{"role": "user", "content": "hi"}]}
+    sent = json.loads(tokencount.counting_body(tokencount.COUNT_TOKENS, "/v1/messages",
+                                               anthropic_body) or b"")
+    assert sent == {"model": "m", "system": "be brief", "messages": anthropic_body["messages"]}
+    assert tokencount.counting_body(tokenize, "/v1/completions", {"prompt": ["a", "b"]}) is None
+    assert tokencount.counting_body(tokenize, "/v1/responses", {"input": "hi"}) is None
+    assert tokencount.counting_body(tokenize, "/v1/messages", {"messages": []}) is None
+
+
+def test_prompts_near_the_cap_are_judged_by_the_servers_count_and_a_failed_count_falls_back(
+        make_daemon: MakeDaemon) -> None:
+    """With the stand-in's /tokenize (one token per byte): a token-dense prompt that the
+    estimate would pass is refused with the exact count and its source, one token less
+    passes; far beyond the cap nothing is counted; a tokenizer that fails, answers garbage,
+    hangs or is absent never blocks a request: the estimate decides and an event says so."""
+    d = make_daemon(overrides={"gateway": {"max_prompt_tokens": 100}})
+    key = cli_add_key(d, "c")
+    d.start()
+    d.wait_state("READY")
+    dense = {"model": "model", "messages": [{"role": "user", "content": "z" * 60}]}
+    counted = d.control.with_name(d.control.name + ".tokenize")
+    # The stand-in counts 60 + 5 = 65 tokens; the estimate says 16.
+    code, body, headers = http("POST", d.url + "/v1/chat/completions",
+                               {**dense, "max_tokens": 36}, bearer(key))
+    assert code == 400 and headers["x-should-retry"] == "false"
+    error = json.loads(body)["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert error["message"].startswith("the prompt (65 tokens, counted by the model server's "
+                                       "tokenizer (vllm /tokenize)) plus max_tokens (36) ")
+    assert "limit of 100 tokens (gateway.max_prompt_tokens)" in error["message"]
+    assert http("POST", d.url + "/v1/chat/completions", {**dense, "max_tokens": 35},
+                bearer(key))[0] == 200
+    # What was sent to /tokenize: the prompt's fields, not max_tokens.
+    assert [json.loads(line) for line in counted.read_text().splitlines()] == [
+        ["messages", "model"]] * 2
+    # Far beyond (estimated 201 + 4 > 2 x 100): refused from the estimate, nothing counted.
+    code, body, _ = http("POST", d.url + "/v1/chat/completions",
+                         {**dense, "messages": [{"role": "user", "content": "y" * 800}],
+                          "max_tokens": 4}, bearer(key))
+    assert code == 400 and "estimated from its size" in json.loads(body)["error"]["message"]
+    assert len(counted.read_text().splitlines()) == 2
+    # A completion's prompt is counted too.
+    code, body, _ = http("POST", d.url + "/v1/completions",
+                         {"model": "model", "prompt": "q" * 70, "max_tokens": 31}, bearer(key))
+    assert code == 400 and "(70 tokens, counted" in json.loads(body)["error"]["message"]
+    # Anthropic Messages are counted by count_tokens, and refused in Anthropic's shape.
+    code, body, _ = http("POST", d.url + "/v1/messages",
+                         {"model": "model", "max_tokens": 36, "system": "s" * 10,
+                          "messages": [{"role": "user", "content": "z" * 60}]}, bearer(key))
+    assert code == 400 and json.loads(body)["type"] == "error"
+    assert "(75 tokens, counted by the model server's tokenizer (vllm /v1/messages/count_tokens"\
+        in json.loads(body)["error"]["message"]
+    mode = d.control.with_name(d.control.name + ".tokenize-mode")
+    for broken in ("fail", "garbage", "hang", "absent"):
+        mode.write_text(broken)
+        # The estimate (16 + 36 of 100) lets it pass; the server serves it.
+        assert http("POST", d.url + "/v1/chat/completions", {**dense, "max_tokens": 36},
+                    bearer(key), timeout=30)[0] == 200, broken
+        # And refuses by the estimate what the estimate puts over the cap.
+        code, body, _ = http("POST", d.url + "/v1/chat/completions",
+                             {**dense, "messages": [{"role": "user", "content": "z" * 400}],
+                              "max_tokens": 4}, bearer(key))
+        assert code == 400 and "estimated from its size" in json.loads(body)["error"]["message"]
+    failed = wait_for(lambda: d.events("token_count_failed"), 5, what="the count's failure")
+    assert failed[0]["server"] == "vllm" and failed[0]["detail"] == "the server answered 500"
+    assert "z" * 10 not in json.dumps(d.events())  # no prompt text in any event
 
 
 def test_quota_windows_reset_at_utc_midnight_and_the_first_of_the_month() -> None:

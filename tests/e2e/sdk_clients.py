@@ -16,7 +16,7 @@ import pytest
 
 from sovereignd.logs.records import iter_records
 from tests.e2e.conftest import setup_cli
-from tests.harness import Daemon
+from tests.harness import Daemon, http
 from tests.helpers import wait_for
 
 MESSAGES = [{"role": "user", "content": "hello there"}]
@@ -52,7 +52,8 @@ def openai_chat_and_stream(d: Daemon) -> None:
 def anthropic_messages(d: Daemon, name: str) -> None:
     """The Messages API (vLLM 0.32 and vllm-mlx serve it): the SDK's x-api-key is the client
     key, its usage (and, streamed, its event stream's usage and first token) lands in the
-    records; a bad key gets Anthropic's error shape (the SDK's AuthenticationError)."""
+    records; a prompt near the cap is judged by the server's count; a bad key gets
+    Anthropic's error shape (the SDK's AuthenticationError)."""
     key = setup_cli(d, "keys", "add", name)
     client = anthropic.Anthropic(base_url=d.url, api_key=key)
     wait_for(lambda: _accepted(client), 10, what="the new key (keys file reload)")
@@ -71,6 +72,18 @@ def anthropic_messages(d: Daemon, name: str) -> None:
     assert streamed["prompt_tokens"] == final.usage.input_tokens
     assert streamed["ttft_ms"] is not None
     assert recs[-1]["path"] == "/v1/messages/count_tokens"
+    # Near the cap (512: --max-model-len, or the model's 512 positions for vllm-mlx), a
+    # token-dense prompt the estimate would pass (31 tokens) is counted by the server's own
+    # count_tokens, and refused in Anthropic's shape with the figure the server gives.
+    dense = [{"role": "user", "content": "z" * 120}]
+    exact = client.messages.count_tokens(model="tiny", messages=dense).input_tokens
+    assert exact > 100
+    backend = d.cfg["server"].get("backend", "vllm")
+    with pytest.raises(anthropic.BadRequestError,
+                       match=rf"\({exact} tokens, counted by the model server's tokenizer "
+                       rf"\({backend} /v1/messages/count_tokens\)\) plus max_tokens "
+                       rf"\({513 - exact}\)"):
+        client.messages.create(model="tiny", max_tokens=513 - exact, messages=dense)
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=d.url, api_key="sk-sov-" + "x" * 43, max_retries=0
                             ).messages.create(model="tiny", max_tokens=5, messages=MESSAGES)
@@ -86,8 +99,10 @@ def _accepted(client: anthropic.Anthropic) -> bool:
 
 def final_refusals(d: Daemon) -> None:
     """A scoped key refused another model (403) and shown none in /v1/models, a quota spent
-    (429), a prompt over the model's 512 tokens (400, before the server): each tried once by
-    an SDK that would retry twice."""
+    (429, and shown so by the quota gauges in /metrics), prompts over the model's 512 tokens
+    (400, before the server generates: one far beyond by its estimate, one that the estimate
+    would pass refused by the server's own count, with the figure the server's usage gives):
+    each tried once by an SDK that would retry twice."""
     scoped = setup_cli(d, "keys", "add", "scoped", "--models", "other-model")
     limited = setup_cli(d, "keys", "add", "limited", "--requests-per-day", "1")
     # max_retries=2 (the SDK's default): a refusal with x-should-retry: false is tried once.
@@ -100,19 +115,39 @@ def final_refusals(d: Daemon) -> None:
     limited_client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
     with pytest.raises(openai.RateLimitError, match="requests_per_day"):
         limited_client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
-    # The served model's context is 512 tokens (--max-model-len): ~1,000 tokens of prompt.
-    with pytest.raises(openai.BadRequestError, match="exceeds this model's limit of 512"):
-        openai.OpenAI(base_url=d.url + "/v1", api_key=d.client_key, max_retries=2
-                      ).chat.completions.create(
-            model="tiny", max_tokens=2,
-            messages=[{"role": "user", "content": "word " * 800}])
+    code, metrics, _ = http("GET", d.url + "/metrics")
+    assert code == 200
+    for gauge in ('sovereignd_client_quota_limit{client="limited",quota="requests_per_day"} 1.0',
+                  'sovereignd_client_quota_used{client="limited",quota="requests_per_day"} 1.0'):
+        assert gauge in metrics.decode(), gauge
+    client = openai.OpenAI(base_url=d.url + "/v1", api_key=d.client_key, max_retries=2)
+    # The served model's context is 512 tokens (--max-model-len): ~1,400 tokens of prompt by
+    # the estimate, over twice the limit: refused uncounted.
+    with pytest.raises(openai.BadRequestError,
+                       match=r"about 1376 tokens, estimated .* exceeds this model's limit of 512"):
+        client.chat.completions.create(model="tiny", max_tokens=2,
+                                       messages=[{"role": "user", "content": "word " * 1100}])
+    # Token-dense text (the tiny tokenizer spends a token per byte of it): the estimate says
+    # 31 tokens, the server counts what its own usage reports.
+    dense = [{"role": "user", "content": "z" * 120}]
+    usage = client.chat.completions.create(model="tiny", max_tokens=1, messages=dense).usage
+    assert usage is not None and usage.prompt_tokens > 120
+    exact = usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError,
+                       match=rf"\({exact} tokens, counted by the model server's tokenizer "
+                       rf"\(vllm /tokenize\)\) plus max_tokens \({513 - exact}\) exceeds"):
+        client.chat.completions.create(model="tiny", max_tokens=513 - exact, messages=dense)
+    # One token less fits exactly, and the server serves it.
+    assert client.chat.completions.create(model="tiny", max_tokens=512 - exact,
+                                          messages=dense).choices
     scoped_recs = records_of(d, "scoped", 1)
     assert [r["error"] for r in scoped_recs if r["status"] == 403] == ["model_not_allowed"]
     quota = [r for r in records_of(d, "limited", 2) if r["status"] == 429]
     assert len(quota) == 1 and quota[0]["error"] == "quota_requests_per_day"
-    capped = [r for r in iter_records(d.logs) if r["error"] == "prompt_too_long"]
-    assert len(capped) == 1 and capped[0]["error"] == "prompt_too_long"
-    assert capped[0]["start_seq"] is None  # refused before the server saw it
+    capped = [r for r in iter_records(d.logs) if r["error"] == "prompt_too_long"
+              and r["path"] == "/v1/chat/completions"]
+    assert len(capped) == 2
+    assert all(r["start_seq"] is None for r in capped)  # the server never began either
 
 
 def _listed(client: openai.OpenAI) -> bool:
@@ -150,3 +185,20 @@ def responses_bound_to_their_client(d: Daemon) -> None:
     assert recs and all(r["prompt_tokens"] and r["completion_tokens"] is not None for r in recs)
     refused = [r for r in iter_records(d.logs) if r["error"] == "response_not_found"]
     assert len(refused) == 4 and all(r["client"] == "stranger" for r in refused)
+
+
+def stored_response(d: Daemon) -> str:
+    """The id of a response stored for the daemon's client, read back once."""
+    owner = openai.OpenAI(base_url=d.url + "/v1", api_key=d.client_key, max_retries=0)
+    created = owner.responses.create(model="tiny", input="hello there", max_output_tokens=4,
+                                     store=True)
+    assert owner.responses.retrieve(created.id).id == created.id
+    return created.id
+
+
+def response_gone(d: Daemon, rid: str) -> None:
+    """After a restart of the server, its owner's lookup of `rid` is 404 (vLLM's store lives
+    in the server's memory)."""
+    owner = openai.OpenAI(base_url=d.url + "/v1", api_key=d.client_key, max_retries=0)
+    with pytest.raises(openai.NotFoundError, match=rid):
+        owner.responses.retrieve(rid)

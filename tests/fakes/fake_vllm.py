@@ -35,6 +35,13 @@ Behaviour comes from a JSON control file named by FAKE_VLLM_CONTROL, read at eac
     raw_answer: str        a client's completion (not the canary) is answered with exactly
                            these bytes (latin-1), which no HTTP library would frame so; the
                            connection then stays open for raw_hold seconds (default 30)
+    tokenize: str          how `POST /tokenize` and `/v1/messages/count_tokens` answer:
+                           "bytes" (the default: one token per UTF-8 byte of the messages'
+                           content (and system) or the prompt, plus 5 per message, as a chat
+                           template adds; vLLM's shapes {"count", "max_model_len", "tokens"}
+                           and {"input_tokens"}), "fail" (500), "hang" (never), "garbage"
+                           (200, not JSON), "absent" (404, as vllm-mlx's /tokenize);
+                           `<control>.tokenize-mode`, read at each request, overrides it
 Each start appends {"pid", "pgid", "argv", "has_key", "start"} to `<control>.starts`.
 
 Faults on demand, for benchmarks (straight to the server's port, never via the gateway):
@@ -100,6 +107,7 @@ class Fake:
         self.running = 0
         self.in_handlers = 0  # requests whose handler has not returned yet
         self.name = args.served_model_name or args.model
+        self.stored: dict[str, dict[str, Any]] = {}  # the Responses API's store, in memory
 
     @web.middleware
     async def track(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -308,6 +316,52 @@ class Fake:
         self.hung = True
         return web.Response(text="hanging from now on")
 
+    async def responses(self, request: web.Request) -> web.Response:
+        """vLLM 0.32's Responses API with its in-memory store: POST creates (not streamed),
+        GET by id reads back; an unknown id is 404 in vLLM's words."""
+        if not self.authorised(request):
+            return self.unauthorised()
+        rid = request.match_info.get("rid")
+        if rid is None:
+            self.count()
+            rid = f"resp_{os.urandom(8).hex()}"
+            self.stored[rid] = {"id": rid, "object": "response", "status": "completed",
+                                "model": self.name, "output": [],
+                                "usage": {"input_tokens": 3, "output_tokens": 2,
+                                          "total_tokens": 5}}
+        if rid not in self.stored:
+            return web.json_response({"error": {"message": f"Response with id '{rid}' not "
+                                                 "found.", "type": "invalid_request_error",
+                                                 "param": None, "code": 404}}, status=404)
+        return web.json_response(self.stored[rid])
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM 0.32's `/tokenize` (unguarded by the key, as vLLM's), with faults on demand."""
+        mode = self.b.get("tokenize", "bytes")
+        body = await request.json()
+        if control := os.environ.get("FAKE_VLLM_CONTROL"):
+            override = Path(f"{control}.tokenize-mode")
+            if override.exists():  # noqa: ASYNC240 - tiny
+                mode = override.read_text().strip()  # noqa: ASYNC240 - tiny
+            with Path(f"{control}.tokenize").open("a") as f:  # noqa: ASYNC230 - tiny
+                f.write(json.dumps(sorted(body)) + "\n")  # which fields came, not the text
+        if mode == "fail":
+            return web.json_response({"error": {"message": "tokenizer broke"}}, status=500)
+        if mode == "hang":
+            await asyncio.sleep(3600)
+        if mode == "garbage":
+            return web.Response(text="<html>not json</html>", content_type="text/html")
+        if mode == "absent":
+            return web.json_response({"detail": "Not Found"}, status=404)
+        if isinstance(body.get("messages"), list):
+            n = sum(len(str(m.get("content", "")).encode()) + 5 for m in body["messages"])
+            n += len(str(body.get("system", "")).encode())
+        else:
+            n = len(str(body.get("prompt", "")).encode())
+        if request.path.endswith("/count_tokens"):  # Anthropic's count, as vLLM serves it
+            return web.json_response({"input_tokens": n})
+        return web.json_response({"count": n, "max_model_len": 512, "tokens": [1] * n})
+
     async def unguarded(self, request: web.Request) -> web.Response:
         # Like vLLM's /invocations, /tokenize, /pause: answers without any key.
         return web.json_response({"unguarded": request.path, "choices": [{"text": "leak"}]})
@@ -366,7 +420,11 @@ def main() -> None:
     app.router.add_post("/v1/embeddings", fake.embeddings)
     app.router.add_get("/metrics", fake.metrics)
     app.router.add_post("/fake/{kind:crash|hang|stall}", fake.fault)
-    for path in ("/invocations", "/tokenize", "/pause", "/collective_rpc", "/docs",
+    app.router.add_post("/tokenize", fake.tokenize)
+    app.router.add_post("/v1/messages/count_tokens", fake.tokenize)
+    app.router.add_post("/v1/responses", fake.responses)
+    app.router.add_get("/v1/responses/{rid}", fake.responses)
+    for path in ("/invocations", "/pause", "/collective_rpc", "/docs",
                  "/v1/mcp/execute"):
         app.router.add_route("*", path, fake.unguarded)
     # aiohttp would install its own SIGTERM handler over SIG_IGN.

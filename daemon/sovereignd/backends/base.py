@@ -65,6 +65,10 @@ class Backend(abc.ABC):
         _route("/v1/messages", "POST"),
         _route("/v1/messages/count_tokens", "POST"),
     )
+    # (API path, the server's route that counts its prompt's tokens with the model's
+    # tokenizer) pairs (gateway/tokencount.py); an API without one keeps the prompt cap's
+    # estimate.
+    count_routes: tuple[tuple[str, str], ...] = ()
     # Flags that change how much memory the server takes (read by the memory estimate).
     memory_flags: tuple[str, ...] = ()
     # Fatal start-up messages, first match wins (process.failures.classify_exit).

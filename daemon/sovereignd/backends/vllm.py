@@ -39,6 +39,11 @@ class VllmBackend(Backend):
         _route("/rerank", "POST"),
         _route("/score", "POST"),
     )
+    # /tokenize: vllm/entrypoints/serve/tokenize/api_router.py (vLLM 0.32); the gateway calls
+    # it, clients cannot (it is not in `routes`).
+    count_routes: tuple[tuple[str, str], ...] = (
+        ("/v1/chat/completions", "/tokenize"), ("/v1/completions", "/tokenize"),
+        ("/v1/messages", "/v1/messages/count_tokens"))
     memory_flags: tuple[str, ...] = ("--max-model-len", "--gpu-memory-utilization",
                                       "--kv-cache-memory-bytes")
     patterns: tuple[FailurePattern, ...] = (

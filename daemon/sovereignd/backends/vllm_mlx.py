@@ -32,6 +32,10 @@ class VllmMlxBackend(Backend):
     # server), /v1/cache* and /v1/status (administration), /v1/audio/* and /v1/rerank (not
     # what this deployment serves; their usage is not recorded), /docs and /openapi.json.
     routes = Backend.routes
+    # Anthropic's count (vllm_mlx/server.py `count_anthropic_tokens`, vllm-mlx 0.6): the
+    # model's tokenizer on the text, without the chat template. No /tokenize.
+    count_routes: tuple[tuple[str, str], ...] = (
+        ("/v1/messages", "/v1/messages/count_tokens"),)
     patterns = (
         pattern("model-missing",
                 r"(Failed to download '.*' after \d+ attempts|Repo id must be in the form|"

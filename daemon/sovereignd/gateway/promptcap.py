@@ -1,13 +1,17 @@
-"""Prompt caps: refuse, before the server sees it, a request whose prompt plus the tokens it asks
-for cannot fit the model's context (or the operator's `gateway.max_prompt_tokens`).
+"""Prompt caps: refuse, before the server generates, a request whose prompt plus the tokens it
+asks for cannot fit the model's context (or the operator's `gateway.max_prompt_tokens`).
 
 Why at the gateway: vllm-mlx accepts a prompt far beyond the model's context and works on it
 while every other client waits (vllm-mlx issue 795); vLLM refuses it itself, after tokenizing.
-The gateway has no tokenizer (it does not import the server's libraries), so it estimates the
-prompt from its text: 4 bytes of UTF-8 per token, OpenAI's rule of thumb for English ("one
-token is about 4 characters", help.openai.com "What are tokens and how to count them").
-Estimation errs both ways on real text, so a request near the limit passes to the server,
-which counts exactly; one far beyond it never reaches the server.
+The gateway has no tokenizer of its own (it does not import the server's libraries). It first
+estimates the prompt from its text: 4 bytes of UTF-8 per token, OpenAI's rule of thumb for
+English ("one token is about 4 characters", help.openai.com "What are tokens and how to count
+them"). Estimation errs both ways (random or non-Latin text takes one to two bytes per token),
+so the estimate decides only where it cannot be wrong enough to matter: a prompt whose every
+byte could be a token and still fit passes; one estimated at more than FAR_BEYOND times the
+cap is refused without asking anyone. Between the two, `assess` says "count": the proxy asks
+the model's own tokenizer (gateway/tokencount.py) and judges by the exact figure, or, if that
+fails, by the estimate.
 """
 
 from __future__ import annotations
@@ -19,6 +23,16 @@ from sovereignd.backends import memory, modelfiles
 from sovereignd.config import Config
 
 BYTES_PER_TOKEN = 4
+# A byte-level BPE tokenizer (GPT-2's, Llama 3's, Qwen's) or one with byte fallback
+# (SentencePiece) spends at most one token per byte of text; a chat template adds some per
+# message (role markers, headers).
+TEMPLATE_TOKENS_PER_MESSAGE = 16
+# An estimate this many times the cap is refused without counting: it would take over
+# 8 bytes per token to fit, which ordinary text does not reach, and a count of a huge prompt
+# costs the server the tokenizing the cap exists to spare it.
+FAR_BEYOND = 2
+# The three outcomes of `assess`.
+FITS, REFUSE, COUNT = "fits", "refuse", "count"
 # Where the three APIs put prompt text: chat `messages`, completions `prompt`, Anthropic
 # `system` + `messages`, Responses `instructions` + `input`; tool definitions count too.
 _PROMPT_FIELDS = ("messages", "prompt", "system", "input", "instructions", "tools")
@@ -55,28 +69,70 @@ def cap_for(cfg: Config) -> Cap | None:
     return min(caps, key=lambda c: c.tokens) if caps else None
 
 
+@dataclass(frozen=True)
+class Assessment:
+    """What the estimate alone says of a request: `verdict` is FITS, REFUSE or COUNT (too
+    close to call: count exactly); `prompt` the estimated prompt tokens, `budget` the
+    requested output tokens, `bound` the most tokens the prompt could take."""
+
+    verdict: str
+    prompt: int
+    budget: int
+    bound: int
+
+
 def estimate(data: dict[str, Any]) -> tuple[int, int]:
     """(estimated prompt tokens, requested output tokens) of a request body."""
-    size = sum(_text_bytes(data.get(name)) for name in _PROMPT_FIELDS)
-    budget = 0
-    for name in _BUDGET_FIELDS:
-        value = data.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            budget = value
-            break
-    return -(-size // BYTES_PER_TOKEN), budget
+    return -(-_size(data) // BYTES_PER_TOKEN), _budget(data)
+
+
+def assess(cap: Cap | None, data: dict[str, Any]) -> Assessment:
+    """Judge a request body against `cap` by its size alone (see the module's docstring)."""
+    size = _size(data)
+    prompt, budget = -(-size // BYTES_PER_TOKEN), _budget(data)
+    messages = data.get("messages")
+    bound = size + TEMPLATE_TOKENS_PER_MESSAGE * (
+        1 + (len(messages) if isinstance(messages, list) else 0))
+    if cap is None or bound + budget <= cap.tokens:
+        verdict = FITS
+    elif prompt + budget > FAR_BEYOND * cap.tokens:
+        verdict = REFUSE
+    else:
+        verdict = COUNT
+    return Assessment(verdict, prompt, budget, bound)
 
 
 def refusal(cap: Cap | None, data: dict[str, Any]) -> str | None:
-    """The refusal message for a request that cannot fit `cap`, or None if it may go on."""
+    """The refusal message for a request that the estimate alone says cannot fit `cap`, or
+    None if it may go on (a request near the cap is judged by its estimate here; the proxy
+    counts those exactly first, see `assess`)."""
     if cap is None:
         return None
     prompt, budget = estimate(data)
+    return judged(cap, prompt, budget, None)
+
+
+def judged(cap: Cap, prompt: int, budget: int, counted_by: str | None) -> str | None:
+    """The refusal message if `prompt` + `budget` tokens exceed `cap`, else None.
+    `counted_by` names the tokenizer that counted `prompt` exactly; None: it is an estimate."""
     if prompt + budget <= cap.tokens:
         return None
-    return (f"the prompt (about {prompt} tokens, estimated from its size) plus max_tokens "
-            f"({budget}) exceeds this model's limit of {cap.tokens} tokens ({cap.source}); "
-            "shorten the prompt or lower max_tokens")
+    how = (f"{prompt} tokens, counted by {counted_by}" if counted_by is not None
+           else f"about {prompt} tokens, estimated from its size")
+    return (f"the prompt ({how}) plus max_tokens ({budget}) exceeds this model's limit of "
+            f"{cap.tokens} tokens ({cap.source}); shorten the prompt or lower max_tokens")
+
+
+def _size(data: dict[str, Any]) -> int:
+    return sum(_text_bytes(data.get(name)) for name in _PROMPT_FIELDS)
+
+
+def _budget(data: dict[str, Any]) -> int:
+    for name in _BUDGET_FIELDS:
+        value = data.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
 
 
 def _text_bytes(value: object) -> int:

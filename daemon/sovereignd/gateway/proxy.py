@@ -26,7 +26,7 @@ from aiohttp import HttpVersion11, web
 from sovereignd.backends import tasks
 from sovereignd.backends.base import Backend
 from sovereignd.config import Config
-from sovereignd.gateway import anthropic, promptcap, responses, scopes
+from sovereignd.gateway import anthropic, promptcap, responses, scopes, tokencount
 from sovereignd.gateway.auththrottle import AuthFailures
 from sovereignd.gateway.drain import Drain
 from sovereignd.gateway.endpoints import RETRY_AFTER
@@ -46,7 +46,7 @@ from sovereignd.http.upstream import (
 from sovereignd.logs.eventlog import EventLog
 from sovereignd.logs.requestlog import RequestLog, RequestLogError
 from sovereignd.logs.summary import Summarised
-from sovereignd.supervision.supervisor import Supervisor
+from sovereignd.supervision.supervisor import Supervisor, Upstream
 
 # Not passed to the server: hop-by-hop fields (and those the client's Connection field names),
 # framing (the upstream client writes its own), the client's credentials, and Accept-Encoding
@@ -84,6 +84,13 @@ _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
 # record is written; a stream without one ends for the client only with the body's end.
 _FINAL_EVENTS = (b"data: [DONE]", b"event: message_stop", b"event: response.completed",
                  b"event: response.failed", b"event: response.incomplete")
+
+
+def _refuse_too_long(message: str | None) -> None:
+    """Raise the prompt cap's 400 with `message` (None: the request fits)."""
+    if message is not None:
+        raise _Refused(400, message, "invalid_request_error", "context_length_exceeded",
+                       error="prompt_too_long")
 
 
 def error_body(message: str, type_: str, code: str | None = None) -> bytes:
@@ -223,6 +230,9 @@ class Proxy:
         self.limits = ClientLimits(g.client_concurrency, g.client_rate)
         self._auth_failures = AuthFailures(g.auth_failures_per_minute)
         self._auth_events = Summarised(events.emit, "auth_failed", g.auth_event_interval)
+        # A tokenizer that cannot count (the request goes on, judged by its estimate).
+        self._count_failures = Summarised(events.emit, "token_count_failed",
+                                          g.auth_event_interval)
         self._upstream = UpstreamClient(connect_timeout=CONNECT_TIMEOUT,
                                         before_connect=self._verify_listener)
         self._targets: dict[str, Target] = {}  # by model: each server's pool stays its own
@@ -257,6 +267,7 @@ class Proxy:
 
     async def close(self) -> None:
         self._auth_events.flush(everything=True)
+        self._count_failures.flush(everything=True)
         await self._upstream.close()
 
     async def _expect(self, request: web.Request) -> None:
@@ -455,15 +466,16 @@ class Proxy:
             payload = orjson.dumps(self.router.model_list(client.models))
             rec["status"], rec["bytes_out"] = 200, len(payload)
             return web.Response(body=payload, content_type="application/json")
+        cap, seen = None, None
         if data is not None and not rec["path"].endswith("/count_tokens"):  # counts, no output
             # Judged by the named model's own length, before an on_demand model is started.
             target_model = (self.router.models.get(rec["model"]) if self.router is not None
                             else None)
             model_cfg = target_model.cfg if target_model is not None else self.cfg
-            too_long = promptcap.refusal(self._cap_of(model_cfg), data)
-            if too_long is not None:
-                raise _Refused(400, too_long, "invalid_request_error", "context_length_exceeded",
-                               error="prompt_too_long")
+            cap = self._cap_of(model_cfg)
+            seen = promptcap.assess(cap, data)
+            if cap is not None and seen.verdict == promptcap.REFUSE:
+                _refuse_too_long(promptcap.judged(cap, seen.prompt, seen.budget, None))
         sup = await self._route(request, rec)
         upstream = sup.upstream()
         if upstream is None:
@@ -472,6 +484,9 @@ class Proxy:
                            headers={"Retry-After": str(RETRY_AFTER.get(sup.state, 10))},
                            error=f"not_ready_{sup.state.value.lower()}")
         self._owners[upstream.target] = sup
+        if cap is not None and seen is not None and seen.verdict == promptcap.COUNT:
+            assert data is not None
+            await self._count_prompt(request, rec, upstream, cap=cap, seen=seen, data=data)
         try:
             # In the chain before the server sees the request: a crash from here on leaves
             # this start open, and the next start closes it as incomplete.
@@ -669,6 +684,27 @@ class Proxy:
         if key not in self._caps:
             self._caps[key] = promptcap.cap_for(model_cfg)
         return self._caps[key]
+
+    async def _count_prompt(self, request: web.Request, rec: dict[str, Any],
+                            upstream: Upstream, *, cap: promptcap.Cap,
+                            seen: promptcap.Assessment, data: dict[str, Any]) -> None:
+        """A prompt too near the cap for its estimate: judged by the server's own count of
+        its tokens where the backend offers one, else (or if the count fails) by the
+        estimate; _Refused (400) if it cannot fit."""
+        slot = request.get("model_slot")
+        backend = slot.backend if slot is not None else self.backend
+        route = dict(backend.count_routes).get(rec["path"])
+        body = tokencount.counting_body(route, rec["path"], data) if route is not None else None
+        prompt, counted_by = seen.prompt, None
+        if route is not None and body is not None:
+            try:
+                prompt = await tokencount.count(self._upstream, upstream.target, upstream.key,
+                                                route, body)
+                counted_by = f"the model server's tokenizer ({backend.name} {route})"
+            except tokencount.CountFailed as exc:
+                self._count_failures.note(backend.name, server=backend.name, detail=str(exc),
+                                          fallback="the 4-bytes-per-token estimate")
+        _refuse_too_long(promptcap.judged(cap, prompt, seen.budget, counted_by))
 
     async def _stream(self, request: web.Request, up: UpstreamResponse,
                       headers: list[tuple[str, str]], rec: dict[str, Any], *, t0: float,

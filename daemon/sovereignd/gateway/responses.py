@@ -8,8 +8,12 @@ client's responses, continue from them (`previous_response_id`), or overwrite on
 its id as `request_id` (vLLM takes the stored id from that body field). Here the gateway
 remembers which client each response id came back to, and answers 404 -- as for an id that
 does not exist, so ids are not confirmed to strangers -- to any other client that names it.
-The binding lives in the daemon's memory, as the stored responses live in the server's: a
-restart of either forgets them.
+The binding lives in the daemon's memory, as the stored responses live in the server's, and
+is not written to disk: it could not outlive the responses themselves. The daemon stops its
+server when it exits (and stops a previous daemon's leftover server before it starts one), so
+every daemon restart is also a server restart, whose store starts empty. A forgotten id is
+answered 404 in OpenAI's shape saying so (NOT_KEPT); after a restart of the server alone
+(the daemon kept running) vLLM answers its own 404 for ids the daemon still remembers.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ _BY_ID = re.compile(r"/v1/responses/([A-Za-z0-9_.:-]{1,200})(/cancel)?")
 # Response ids remembered; the oldest are forgotten first (vLLM's store keeps every one, but
 # the daemon's memory stays bounded).
 MAX_OWNED = 100_000
+# Added to every "not found" for an id: the same words whether the id never existed, belongs
+# to another client or was forgotten, so nothing is confirmed to a stranger.
+NOT_KEPT = ("Stored responses are kept in the model server's memory only: a restart of the "
+            "server or of sovereignd forgets them.")
 
 
 class Owners:
@@ -41,18 +49,18 @@ class Owners:
         if path == PATH:
             previous = data.get("previous_response_id") if data is not None else None
             if isinstance(previous, str) and self._owner.get(previous) != client:
-                return f"Response with id '{previous}' not found."
+                return _not_found(previous)
             # A new id of the client's choosing is fine; another client's is not.
             chosen = data.get("request_id") if data is not None else None
             if isinstance(chosen, str) and self._owner.get(chosen, client) != client:
-                return f"Response with id '{chosen}' not found."
+                return _not_found(chosen)
             return None
         match = _BY_ID.fullmatch(path)
         if match is None or (method == "POST") != (match.group(2) is not None):
             return f"Unknown route {path}"
         rid = match.group(1)
         if self._owner.get(rid) != client:
-            return f"Response with id '{rid}' not found."
+            return _not_found(rid)
         return None
 
     def bind(self, client: str, response_id: str | None) -> None:
@@ -73,6 +81,10 @@ class Owners:
         if isinstance(doc, dict) and doc.get("object") == "response" and \
                 isinstance(doc.get("id"), str):
             self.bind(client, doc["id"])
+
+
+def _not_found(rid: str) -> str:
+    return f"Response with id '{rid}' not found. {NOT_KEPT}"
 
 
 def created_id(event: bytes) -> str | None:
