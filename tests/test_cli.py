@@ -75,3 +75,20 @@ def test_console_script_names_cli_main(tmp_path: Path, capsys: pytest.CaptureFix
     assert entry is main
     assert entry(["check", "--config", str(tmp_path / "missing.yaml")]) == 78
     assert capsys.readouterr().err.startswith("sovereignd: ")
+
+
+@pytest.mark.parametrize("argv", [
+    ["fleet", "haproxy", "--node", "not-an-address", "--listen", "127.0.0.1:18080"],
+    ["fleet", "haproxy", "--node", "127.0.0.1:8000", "--listen", "127.0.0.1:18080",
+     "--check-interval", "soon"],
+    ["audit", "fleet", "host.tar.gz", "--key-file", "no-equals-sign"],
+])
+def test_an_unusable_value_on_the_command_line_is_status_2_not_a_failed_check(
+        argv: list[str]) -> None:
+    """1 means a check or an audit control failed; a value that cannot be used is a usage
+    error, 2 as argparse's own, with the option named and where to read more."""
+    res = subprocess.run([sys.executable, "-m", "sovereignd", *argv], capture_output=True,
+                         text=True, env=cli_env(), timeout=60, check=False)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith(f"sovereignd {argv[0]}: ") and "--help" in res.stderr
+    assert res.stdout == ""

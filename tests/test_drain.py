@@ -105,7 +105,7 @@ def test_drain_refuses_bad_durations_and_says_when_no_daemon_runs(tmp_path: Path
                                                                    ) -> None:
     d = make_daemon()
     res = run_cli("drain", "--config", str(d.config_path), "--grace", "soon")
-    assert res.returncode == 1 and "--grace" in res.stderr
+    assert res.returncode == 2 and "--grace" in res.stderr
     res = run_cli("drain", "--config", str(d.config_path))
     assert res.returncode == 1 and "no daemon is running" in res.stderr
     res = run_cli("resume", "--config", str(d.config_path))

@@ -93,7 +93,9 @@ def test_each_request_goes_to_the_model_it_names(make_daemon: MakeDaemon) -> Non
     assert set(st["models"]) == {"chat", "embed"}
     assert st["models"]["embed"]["server"]["pid"] != st["models"]["chat"]["server"]["pid"]
     canaries = [e for e in d.events("state") if e["to"] == "READY"]
-    assert {e["model"] for e in canaries} == {"chat", "embed"}
+    assert {e["model"]: e["reason"] for e in canaries} == {
+        "chat": "canary request (/v1/chat/completions) answered",
+        "embed": "canary request (/v1/embeddings) answered"}
     recs = records(d)
     assert [r["model"] for r in recs if r["status"] == 200][:2] == ["chat", "embed"]
     embed_rec = next(r for r in recs if r["path"] == "/v1/embeddings")
@@ -259,6 +261,13 @@ def test_status_for_a_human_shows_each_model() -> None:
                                                "model": {"name": "embed", "path": "/e"}}}})
     assert "model chat (start: always):" in text and "model embed (start: on_demand):" in text
     assert "  state:     FATAL" in text and text.startswith("state:     FATAL")
+    # An on_demand model not started yet has no time, restarts or window: said, not "None".
+    never = {**one, "state": "STOPPED", "since": None, "restarts": None,
+             "failures_in_window": None, "start": "on_demand"}
+    text = render_status({"state": "READY", "reason": "r", "version": "0.1.0",
+                          "models": {"chat": {**one, "start": "always"}, "embed": never}})
+    assert "None" not in text and "restarts:  none (not started yet)" in text
+    assert "  state:     STOPPED\n" in text
 
 
 # --- memory as one budget (stand-in servers, the preflight's estimates) ---------------------------

@@ -685,8 +685,8 @@ def test_a_canary_that_never_answers_while_warming_fails_the_start_at_its_timeou
     assert sim.path()[:3] == ["STARTING", "WARMING", "BACKOFF"]
     [failure] = sim.event("failure")
     assert failure["kind"] == "start-timeout"
-    assert "the canary completion did not succeed within server.start_timeout" in \
-        failure["message"]
+    assert "the canary request (/v1/chat/completions) did not succeed within " \
+        "server.start_timeout" in failure["message"]
     # Two canaries, each given the canary_timeout (30 s) or what is left of start_timeout.
     assert [e["detail"] for e in sim.event("probe_failed")] == \
         ["no answer within 30s", "no answer within 28.75s"]
@@ -758,7 +758,8 @@ def test_a_failed_canary_while_ready_stops_new_traffic_until_a_canary_answers(
 
     sim.run(scenario)
     assert len(sim.runtime.servers) == 1 and sim.event("failure") == []
-    assert sim.event("suspect_cleared")[0]["reason"] == "canary completion answered"
+    assert sim.event("suspect_cleared")[0]["reason"] == \
+        "canary request (/v1/chat/completions) answered"
 
 
 def test_canary_failures_while_ready_in_a_row_restart_the_server(root: Path) -> None:

@@ -9,6 +9,12 @@ class SovereigndError(Exception):
     """An error whose message is written for the operator: what happened and what to do."""
 
 
+class UsageError(SovereigndError):
+    """A value on the command line cannot be used (a duration, a date, a HOST=FILE pair):
+    exit status 2, as argparse gives for its own usage errors -- not 1, which says that a
+    check or an audit control failed."""
+
+
 @dataclass(frozen=True)
 class ConfigProblem:
     """One problem in a configuration file, located by its dotted key path."""

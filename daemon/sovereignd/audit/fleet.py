@@ -76,7 +76,7 @@ class FleetReport:
         unproven = [h.name for h in self.hosts if not h.proven]
         failing = [h.name for h in self.hosts if h.verdict == "FAIL"]
         return (f"{'FAIL' if self.failed else 'PASS'}: {len(self.hosts)} host(s); not proven "
-                f"complete: {', '.join(unproven) or 'none'}; failing controls: "
+                f"complete: {', '.join(unproven) or 'none'}; hosts with a failing control: "
                 f"{', '.join(failing) or 'none'}")
 
     def to_json(self) -> dict[str, Any]:

@@ -8,20 +8,19 @@ from pathlib import Path
 
 from sovereignd.cli.common import EX_FAIL, EX_OK, config_arg, load_config
 from sovereignd.cli.logs import read_verification_keys
-from sovereignd.errors import SovereigndError
+from sovereignd.errors import SovereigndError, UsageError
 from sovereignd.gateway import keys as keys_mod
 from sovereignd.logs import sealing
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     if args.config is None:
-        raise SovereigndError("audit needs --config FILE (or: audit export, audit fleet)")
+        raise UsageError("audit needs --config FILE (or: audit export, audit fleet)")
     cfg = load_config(args)
-    from sovereignd.audit import evidence, render
+    from sovereignd.audit import render
     from sovereignd.audit.report import build_report
 
-    since = evidence.parse_date(args.since, "--since") if args.since else None
-    until = evidence.parse_date(args.until, "--until", end_of_day=True) if args.until else None
+    since, until = _period_args(args)
     fmt = args.format or render.format_for(args.output)
     report = build_report(cfg, since, until,
                           verification_keys=read_verification_keys(args))
@@ -45,8 +44,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 def _period_args(args: argparse.Namespace) -> tuple[float | None, float | None]:
     from sovereignd.audit import evidence
 
-    since = evidence.parse_date(args.since, "--since") if args.since else None
-    until = evidence.parse_date(args.until, "--until", end_of_day=True) if args.until else None
+    try:
+        since = evidence.parse_date(args.since, "--since") if args.since else None
+        until = (evidence.parse_date(args.until, "--until", end_of_day=True) if args.until
+                 else None)
+    except evidence.AuditError as exc:
+        raise UsageError(str(exc)) from exc
     return since, until
 
 
@@ -56,7 +59,7 @@ def _cmd_audit_export(args: argparse.Namespace) -> int:
 
     since, until = _period_args(args)
     if args.name is not None and not keys_mod.NAME_PATTERN.fullmatch(args.name):
-        raise SovereigndError(f"--name {args.name!r}: use letters, digits and . _ @ -")
+        raise UsageError(f"--name {args.name!r}: use letters, digits and . _ @ -")
     done = export.export(cfg, args.output, since, until, name=args.name)
     head = done.sealing_head or {}
     print(f"sovereignd: audit export written to {done.path}: {done.members} files, "
@@ -72,7 +75,7 @@ def _host_keys(specs: list[str]) -> dict[str, list[bytes]]:
     for spec in specs:
         host, sep, path = spec.partition("=")
         if not sep or not host or not path:
-            raise SovereigndError(f"--key-file {spec!r}: expected HOST=FILE")
+            raise UsageError(f"--key-file {spec!r}: expected HOST=FILE")
         try:
             texts = Path(path).read_text().split()
         except OSError as exc:

@@ -8,10 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sovereignd import config as config_mod
-from sovereignd.errors import SovereigndError
+from sovereignd.errors import UsageError
 
 EX_OK = 0
 EX_FAIL = 1
+EX_USAGE = 2  # argparse's own status for a command line it cannot use
 EX_CONFIG = 78
 EX_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
@@ -33,7 +34,7 @@ def duration_arg(text: str, flag: str) -> float:
     try:
         return parse_duration(text)
     except ValueError as exc:
-        raise SovereigndError(f"{flag}: {exc}") from exc
+        raise UsageError(f"{flag}: {exc}") from exc
 
 
 def emit(text: bytes, output: Path | None) -> None:

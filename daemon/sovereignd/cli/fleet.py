@@ -6,12 +6,16 @@ import argparse
 from pathlib import Path
 
 from sovereignd.cli.common import EX_OK, duration_arg, emit
+from sovereignd.errors import SovereigndError, UsageError
 
 
 def _cmd_fleet_haproxy(args: argparse.Namespace) -> int:
     from sovereignd.fleet import haproxy
 
-    nodes = [haproxy.parse_node(text) for text in args.node]
+    try:
+        nodes = [haproxy.parse_node(text) for text in args.node]
+    except SovereigndError as exc:
+        raise UsageError(str(exc)) from exc
     opts = haproxy.Options(
         listen=args.listen, check_path=args.check_path,
         check_interval=duration_arg(args.check_interval, "--check-interval"),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sovereignd.cli.common import EX_OK, config_arg, load_config
 from sovereignd.config import Config
-from sovereignd.errors import CheckFailed, ConfigError, ConfigProblem, SovereigndError
+from sovereignd.errors import CheckFailed, ConfigError, ConfigProblem, SovereigndError, UsageError
 
 
 def _workers_arg(p: argparse.ArgumentParser) -> None:
@@ -33,7 +33,7 @@ def _model_views(cfg: Config, name: str | None) -> list[tuple[str, Config]]:
 
 def _workers(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
-        raise SovereigndError("--workers must be 0 (one per CPU) or more")
+        raise UsageError("--workers must be 0 (one per CPU) or more")
     return args.workers or 0
 
 

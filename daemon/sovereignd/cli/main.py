@@ -1,6 +1,8 @@
 """The parser, and `main`: the one place that turns errors into exit statuses.
 
-Exit statuses: 0 success; 1 a check failed or an unexpected error; 78 (EX_CONFIG) a bad
+Exit statuses: 0 success; 1 a check failed or an unexpected error; 2 a command line that
+cannot be used (argparse's usage errors, and option values such as a duration or a date that
+do not parse); 78 (EX_CONFIG) a bad
 configuration, of the file or of the host (`guards`: running as root, protected files the
 service account could change). Each command group's module registers its subcommands with its
 `add_*` functions.
@@ -16,8 +18,8 @@ from collections.abc import Sequence
 
 from sovereignd import __version__
 from sovereignd.cli import audit, chat, control, fleet, integrity, keys, logs, service
-from sovereignd.cli.common import EX_BROKEN_PIPE, EX_CONFIG, EX_FAIL, Handler
-from sovereignd.errors import CheckFailed, ConfigError, SovereigndError, UnsafeHost
+from sovereignd.cli.common import EX_BROKEN_PIPE, EX_CONFIG, EX_FAIL, EX_USAGE, Handler
+from sovereignd.errors import CheckFailed, ConfigError, SovereigndError, UnsafeHost, UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The host's setup is configuration too: 78 keeps systemd from restarting in a loop.
         print(f"sovereignd: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except UsageError as exc:
+        print(f"sovereignd {args.command}: {exc} (see sovereignd {args.command} --help)",
+              file=sys.stderr)
+        return EX_USAGE
     except CheckFailed as exc:
         print(f"sovereignd: {exc}", file=sys.stderr)
         return EX_FAIL

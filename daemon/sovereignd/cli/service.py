@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sovereignd import config as config_mod
 from sovereignd.cli.common import EX_FAIL, EX_OK, config_arg, duration_arg, emit, load_config
-from sovereignd.errors import SovereigndError
+from sovereignd.errors import UsageError
 
 # --- check / config ---------------------------------------------------------------------------
 
@@ -137,7 +137,7 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
         timeout = (parse_duration(args.timeout) if args.timeout is not None
                    else cfg.server.start_timeout)
     except ValueError as exc:
-        raise SovereigndError(f"--timeout: {exc}") from exc
+        raise UsageError(f"--timeout: {exc}") from exc
     new = upgrade.Upgrade(cfg, name=args.name or (args.venv.name if args.venv else ""),
                           requirements=args.requirements, prebuilt=args.venv,
                           python=args.python, uninstall=tuple(args.uninstall),
@@ -168,7 +168,7 @@ def add_upgrade(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--python", default="python3", help="Python for the new venv")
     p.add_argument("--uninstall", action="append", default=[], metavar="PKG",
                    help="remove this package after installing (repeatable; e.g. torchvision)")
-    p.add_argument("--timeout", help="how long to wait for READY (default: "
+    p.add_argument("--timeout", metavar="DURATION", help="how long to wait for READY (default: "
                    "server.start_timeout)")
     p.add_argument("--drain", default="30s", metavar="DURATION",
                    help="drain the host first and serve this long while the load balancer "

@@ -225,8 +225,8 @@ def render_status(st: dict[str, Any]) -> str:
 
 
 def _model_lines(st: dict[str, Any]) -> list[str]:
-    lines = [f"state:     {st.get('state')}  (since {st.get('since')})",
-             f"reason:    {st.get('reason')}"]
+    since = f"  (since {st['since']})" if st.get("since") else ""
+    lines = [f"state:     {st.get('state')}{since}", f"reason:    {st.get('reason')}"]
     model = st.get("model") or {}
     lines.append(f"model:     {model.get('name')}  ({model.get('path')})")
     server = st.get("server")
@@ -235,8 +235,11 @@ def _model_lines(st: dict[str, Any]) -> list[str]:
                      f"{server.get('processes')} process(es)")
     else:
         lines.append("server:    not running")
-    lines.append(f"restarts:  {st.get('restarts')}  (failures in window: "
-                 f"{st.get('failures_in_window')})")
+    if st.get("restarts") is None:  # an on_demand model not started since the daemon began
+        lines.append("restarts:  none (not started yet)")
+    else:
+        lines.append(f"restarts:  {st.get('restarts')}  (failures in window: "
+                     f"{st.get('failures_in_window')})")
     last = st.get("last_exit")
     if last:
         lines.append(f"last exit: {last.get('at')}  {last.get('message')}")

@@ -16,7 +16,6 @@ Daemon side: `Drain` (held by the gateway and proxy) and its control-socket acti
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from sovereignd.errors import SovereigndError
 from sovereignd.gateway import control, drainstate
 from sovereignd.gateway.metrics import Metrics
 from sovereignd.logs.eventlog import Emit
+from sovereignd.logs.files import utc_timestamp
 
 DEFAULT_GRACE = 30.0
 MAX_GRACE = 24 * 3600.0
@@ -85,7 +85,7 @@ class Drain:
         """Begin (or re-begin, with a new grace period) draining, and save it."""
         again = self._since is not None
         now = self._wall()
-        self._set(_iso(now), reason, grace, grace, by)
+        self._set(utc_timestamp(now), reason, grace, grace, by)
         self._restored = None
         self._emit("operator", level="warning", action="drain", reason=reason, grace_s=grace,
                    in_flight=self._metrics.requests_in_flight, again=again, by=by)
@@ -123,7 +123,7 @@ class Drain:
         try:
             saved = drainstate.load(self._state_file)
         except drainstate.Unreadable as exc:
-            self._set(_iso(self._wall()), "drain state unreadable", 0.0, 0.0, "operator")
+            self._set(utc_timestamp(self._wall()), "drain state unreadable", 0.0, 0.0, "operator")
             self._restored = self._since
             self._emit("drain.state_unreadable", level="error", path=str(self._state_file),
                        error=str(exc), mitigation="the host stays drained and refuses new "
@@ -133,7 +133,7 @@ class Drain:
             return
         left = min(saved.grace_s, max(0.0, saved.grace_until - self._wall()))
         self._set(saved.since, saved.reason, saved.grace_s, left, saved.by)
-        self._restored = _iso(self._wall())
+        self._restored = utc_timestamp(self._wall())
         self._emit("drain.restored", level="warning", since=saved.since, reason=saved.reason,
                    by=saved.by, grace_s=saved.grace_s, grace_left_s=round(left, 3),
                    refusing=self.refusing(), path=str(self._state_file))
@@ -179,10 +179,6 @@ class Drain:
 
     def _resume_action(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.resume(_reason(body, "operator resume"))
-
-
-def _iso(unix: float) -> str:
-    return dt.datetime.fromtimestamp(unix, dt.UTC).isoformat(timespec="milliseconds")
 
 
 def _reason(body: dict[str, Any], default: str) -> str:

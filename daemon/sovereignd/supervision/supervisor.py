@@ -540,18 +540,20 @@ class Supervisor:
                                evidence=quote(result.detail))
             failed += 1
             if failed >= h.failures:
-                return Failure(kind="canary", message=f"the canary completion failed {failed} "
-                               f"times while warming up (last: {result.detail})",
+                return Failure(kind="canary", message=f"the canary request ({canary_path}) "
+                               f"failed {failed} times while warming up "
+                               f"(last: {result.detail})",
                                mitigation="see server.log for the server's own error")
             if self.clock() < deadline:
                 await asyncio.sleep(h.startup_poll)
             if self.clock() >= deadline:  # no attempt begins past it (with what time left?)
-                return self._start_timeout("the canary completion did not succeed", result)
+                return self._start_timeout(f"the canary request ({canary_path}) did not succeed",
+                                           result)
         await self.runtime.to_thread(server.refresh_members)
         await self._arm(server)
         self._ready_at = self.clock()
         self._progress.progress(self.clock())
-        self._transition(State.READY, "canary completion answered",
+        self._transition(State.READY, f"canary request ({canary_path}) answered",
                          seconds=round(self._ready_at - server.started, 3),
                          canary_ms=round(result.seconds * 1000, 1))
         failed = 0
@@ -574,7 +576,7 @@ class Supervisor:
                 failed = 0
                 self.probe_stats["consecutive_failures"] = 0
                 if result.kind == "canary":
-                    self._clear_suspect("canary completion answered")
+                    self._clear_suspect(f"canary request ({canary_path}) answered")
                 continue
             if result.kind == "canary" and self._progress.last_progress > self.clock() \
                     - result.seconds:
@@ -585,7 +587,7 @@ class Supervisor:
                 continue
             if result.kind == "canary":
                 # READY -> READY (suspect): no new traffic until confirmed or cleared.
-                self._set_suspect(f"the canary completion failed: {result.detail}")
+                self._set_suspect(f"the canary request ({canary_path}) failed: {result.detail}")
             failed += 1
             self.probe_stats["consecutive_failures"] = failed
             if failed >= h.failures:
