@@ -642,6 +642,22 @@ def test_health_never_200_within_start_timeout_fails_the_start_and_restarts(root
     assert sim.at(State.STARTING)[1] == pytest.approx(sim.at(State.BACKOFF)[0] + 0.5, abs=0.01)
 
 
+def test_no_health_probe_begins_past_start_timeout(root: Path) -> None:
+    """A server that would answer /health only just after start_timeout is a start timeout,
+    not READY through a last probe begun past the deadline (as the canary's loop)."""
+    sim = Sim(root, Script(healthy_after=30.1), default=Script(healthy_after=1.0),
+              server="start_timeout: 30s")
+
+    async def scenario() -> None:
+        await sim.reach(State.BACKOFF, within=60)
+        await sim.reach(State.READY)
+
+    sim.run(scenario)
+    assert sim.path()[:2] == ["STARTING", "BACKOFF"]
+    [failure] = sim.event("failure")
+    assert failure["kind"] == "start-timeout"
+
+
 def test_start_timeouts_in_a_row_back_off_then_end_in_a_crash_loop_fatal(root: Path) -> None:
     sim = Sim(root, default=Script(healthy_after=None), server="start_timeout: 10s")
 

@@ -516,9 +516,10 @@ class Supervisor:
                 break
             if result.impostor is not None:
                 return self._port_taken(result.detail, result.impostor)
-            if self.clock() >= deadline:
+            if self.clock() < deadline:
+                await asyncio.sleep(h.startup_poll)
+            if self.clock() >= deadline:  # no probe begins past it (as the canary's loop)
                 return self._start_timeout("/health did not answer 200", result)
-            await asyncio.sleep(h.startup_poll)
         await self.runtime.to_thread(server.refresh_members)
         self._transition(State.WARMING, "health endpoint answers",
                          seconds=round(self.clock() - server.started, 3))
