@@ -163,6 +163,14 @@ def test_the_estimate_decides_only_far_from_the_cap_and_asks_for_a_count_near_it
     assert promptcap.judged(cap, 60, 40, None) is None  # exactly the cap fits
     message = promptcap.judged(cap, 61, 40, "the tokenizer")
     assert message is not None and "61 tokens, counted by the tokenizer" in message
+    # Tools reach the template as JSON with a preamble: a schema whose strings are short but
+    # whose keys and nesting are many is counted near the cap, not waved through.
+    big = promptcap.Cap(2000, "test")
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(60)}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    with_tools = {**chat("z" * 10, 10), "tools": tools}
+    assert promptcap.assess(big, chat("z" * 10, 10)).verdict == promptcap.FITS
+    assert promptcap.assess(big, with_tools).verdict == promptcap.COUNT
 
 
 def test_the_counting_body_renders_each_apis_prompt_as_the_server_names_it() -> None:

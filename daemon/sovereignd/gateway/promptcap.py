@@ -16,6 +16,7 @@ fails, by the estimate.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,11 @@ BYTES_PER_TOKEN = 4
 # (SentencePiece) spends at most one token per byte of text; a chat template adds some per
 # message (role markers, headers).
 TEMPLATE_TOKENS_PER_MESSAGE = 16
+# Tool definitions reach the template as JSON (keys, quotes, braces: every byte counts, not
+# only the strings), with the template's own preamble around them; what that preamble takes
+# is the template's choice, so requests with tools are never "fits" by this allowance alone
+# unless they fit with it too.
+TOOLS_PREAMBLE_TOKENS = 256
 # An estimate this many times the cap is refused without counting: it would take over
 # 8 bytes per token to fit, which ordinary text does not reach, and a count of a huge prompt
 # costs the server the tokenizing the cap exists to spare it.
@@ -93,6 +99,10 @@ def assess(cap: Cap | None, data: dict[str, Any]) -> Assessment:
     messages = data.get("messages")
     bound = size + TEMPLATE_TOKENS_PER_MESSAGE * (
         1 + (len(messages) if isinstance(messages, list) else 0))
+    tools = data.get("tools")
+    if tools:  # as JSON, not only its strings (see TOOLS_PREAMBLE_TOKENS)
+        bound += (len(json.dumps(tools, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+                  - _text_bytes(tools) + TOOLS_PREAMBLE_TOKENS)
     if cap is None or bound + budget <= cap.tokens:
         verdict = FITS
     elif prompt + budget > FAR_BEYOND * cap.tokens:
