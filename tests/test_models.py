@@ -103,6 +103,7 @@ def test_each_request_goes_to_the_model_it_names(make_daemon: MakeDaemon) -> Non
     metrics = http("GET", d.url + "/metrics")[1].decode()
     assert 'sovereignd_server_up{model="embed"} 1.0' in metrics
     assert 'sovereignd_server_up{model="chat"} 1.0' in metrics
+    assert 'sovereignd_requests_at_server{model="chat"} 0.0' in metrics  # per model
 
 
 def test_a_failed_model_leaves_the_other_serving(make_daemon: MakeDaemon) -> None:

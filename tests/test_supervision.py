@@ -144,6 +144,7 @@ def test_a_stall_with_health_ok_turns_ready_503_then_restarts(make_daemon: MakeD
     t.start()
     wait_for(lambda: metric(d, "sovereignd_requests_in_flight") == 1, 10, what="in flight")
     http("POST", f"http://127.0.0.1:{d.server_port}/fake/stall", timeout=5)
+    assert metric(d, "sovereignd_requests_at_server") == 1  # a stalled answer: work there
 
     def suspect() -> dict[str, object] | None:
         code, body = d.get("/readyz")
@@ -212,6 +213,7 @@ def test_an_answer_waiting_for_its_client_to_read_is_no_work_at_the_server(
         assert len(resp.read1(1)) == 1
         time.sleep(4.0)  # stall_timeout + stall_restart + 2 looks of the watch, not reading
         assert metric(d, "sovereignd_requests_in_flight") == 1
+        assert metric(d, "sovereignd_requests_at_server") == 0  # what the watch counts
         body = resp.read()
         assert len(body) > 12_000_000
     finally:

@@ -74,6 +74,11 @@ class Metrics:
         # watch. Not requests_in_flight: that also counts answers the server has given in
         # full which wait for their record's fsync or for the client to read them.
         self.upstream_pending = 0
+        self.at_server = Gauge("sovereignd_requests_at_server",
+                               "Requests sent to the model server whose answer is not yet read "
+                               "in full: the work the stall watch expects progress on",
+                               registry=r)
+        self.at_server.set_function(lambda: self.upstream_pending)
         # The gateway's requests.
         self.requests = Counter("sovereignd_requests", "Requests through the gateway",
                                 ["route", "status", "client", "model"], registry=r)

@@ -16,7 +16,7 @@ from sovereignd.gateway.metrics import Metrics
 
 # The supervisor's metrics (attribute names of Metrics).
 SUPERVISOR_METRICS = ("state", "server_up", "restarts", "failures", "probe_latency",
-                      "probe_failures", "orphans_killed", "shm_removed", "stalls")
+                      "probe_failures", "orphans_killed", "shm_removed", "stalls", "at_server")
 
 
 class _PerModel(Collector):
