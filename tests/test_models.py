@@ -89,6 +89,13 @@ def test_each_request_goes_to_the_model_it_names(make_daemon: MakeDaemon) -> Non
     status, raw, _ = http("GET", d.url + "/v1/models", None,
                           {"Authorization": f"Bearer {key}"})
     assert status == 200 and [m["id"] for m in json.loads(raw)["data"]] == ["chat", "embed"]
+    # A stored response is read back without naming a model (the Responses API's GET has no
+    # body): it goes to the server of the model that made it.
+    status, body, _ = post(d, key, "/v1/responses", {"model": "chat", "input": "hi"})
+    assert status == 200 and body["id"].startswith("resp_")
+    status, raw, _ = http("GET", d.url + f"/v1/responses/{body['id']}", None,
+                          {"Authorization": f"Bearer {key}"})
+    assert status == 200 and json.loads(raw)["id"] == body["id"], raw
     st = d.status()
     assert set(st["models"]) == {"chat", "embed"}
     assert st["models"]["embed"]["server"]["pid"] != st["models"]["chat"]["server"]["pid"]

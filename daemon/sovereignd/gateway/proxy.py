@@ -563,7 +563,7 @@ class Proxy:
                 up.status == 200:
             payload = scopes.filter_listing(payload, client.models)
         if rec["path"] == responses.PATH and up.status == 200:
-            self.owners.bind_from_json(client.name, payload)
+            self.owners.bind_from_json(client.name, payload, rec["model"])
         rec["bytes_out"] = len(payload)
         self._usage_from_json(payload, rec)
         self._body_fields(rec, body, payload)
@@ -677,6 +677,8 @@ class Proxy:
             if not_found is not None:
                 raise _Refused(404, not_found, "invalid_request_error", "not_found",
                                error="response_not_found")
+            if rec["model"] is None:  # a read or cancel names no model: the one that made it
+                rec["model"] = self.owners.model_of(rec["path"])
 
     def _cap_of(self, model_cfg: Config) -> promptcap.Cap | None:
         """The prompt cap of the routed model (its own args and files), worked out once."""
@@ -701,6 +703,10 @@ class Proxy:
                 prompt = await tokencount.count(self._upstream, upstream.target, upstream.key,
                                                 route, body)
                 counted_by = f"the model server's tokenizer ({backend.name} {route})"
+            except tokencount.OverContext as exc:
+                prompt = exc.tokens
+                counted_by = (f"the model server's tokenizer ({backend.name} {route}), at "
+                              "least: it stops counting past the context")
             except tokencount.CountFailed as exc:
                 self._count_failures.note(backend.name, server=backend.name, detail=str(exc),
                                           fallback="the 4-bytes-per-token estimate")
@@ -724,7 +730,7 @@ class Proxy:
                 _model_progress(request)
                 data = final + sse.feed(chunk, time.perf_counter())
                 if sse.response_id is not None:  # bound before the client can learn the id
-                    self.owners.bind(client.name, sse.response_id)
+                    self.owners.bind(client.name, sse.response_id, rec["model"])
                 data, final = _split_final(data)
                 if data:
                     with wait.paused():  # the client's turn, not the server's

@@ -37,41 +37,53 @@ NOT_KEPT = ("Stored responses are kept in the model server's memory only: a rest
 
 
 class Owners:
-    """Response id -> the client name it belongs to."""
+    """Response id -> the client it belongs to and the model that made it (so that a read
+    or cancel, which names no model, goes to the server that holds the response)."""
 
     def __init__(self, limit: int = MAX_OWNED) -> None:
-        self._owner: OrderedDict[str, str] = OrderedDict()
+        self._owner: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
         self._limit = limit
+
+    def _client(self, rid: str) -> str | None:
+        bound = self._owner.get(rid)
+        return bound[0] if bound is not None else None
 
     def refusal(self, client: str, method: str, path: str,
                 data: dict[str, Any] | None) -> str | None:
         """Why `client` may not make this request (a message for a 404), or None."""
         if path == PATH:
             previous = data.get("previous_response_id") if data is not None else None
-            if isinstance(previous, str) and self._owner.get(previous) != client:
+            if isinstance(previous, str) and self._client(previous) != client:
                 return _not_found(previous)
             # A new id of the client's choosing is fine; another client's is not.
             chosen = data.get("request_id") if data is not None else None
-            if isinstance(chosen, str) and self._owner.get(chosen, client) != client:
+            if isinstance(chosen, str) and self._client(chosen) not in (None, client):
                 return _not_found(chosen)
             return None
         match = _BY_ID.fullmatch(path)
         if match is None or (method == "POST") != (match.group(2) is not None):
             return f"Unknown route {path}"
         rid = match.group(1)
-        if self._owner.get(rid) != client:
+        if self._client(rid) != client:
             return _not_found(rid)
         return None
 
-    def bind(self, client: str, response_id: str | None) -> None:
-        """Remember that `response_id` was created for `client`."""
+    def model_of(self, path: str) -> str | None:
+        """The model whose server made the response a `/v1/responses/{id}[/cancel]` path
+        names (None: not bound, or bound without a model)."""
+        match = _BY_ID.fullmatch(path)
+        bound = self._owner.get(match.group(1)) if match is not None else None
+        return bound[1] if bound is not None else None
+
+    def bind(self, client: str, response_id: str | None, model: str | None = None) -> None:
+        """Remember that `response_id` was created for `client` by `model`'s server."""
         if not response_id or response_id in self._owner:
             return
-        self._owner[response_id] = client
+        self._owner[response_id] = (client, model)
         while len(self._owner) > self._limit:
             self._owner.popitem(last=False)
 
-    def bind_from_json(self, client: str, payload: bytes) -> None:
+    def bind_from_json(self, client: str, payload: bytes, model: str | None = None) -> None:
         """Bind the id of a non-streamed Responses answer (`{"id": "resp_...", "object":
         "response", ...}`)."""
         try:
@@ -80,7 +92,7 @@ class Owners:
             return
         if isinstance(doc, dict) and doc.get("object") == "response" and \
                 isinstance(doc.get("id"), str):
-            self.bind(client, doc["id"])
+            self.bind(client, doc["id"], model)
 
 
 def _not_found(rid: str) -> str:
