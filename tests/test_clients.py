@@ -70,6 +70,20 @@ def test_anthropic_errors_have_anthropics_shape() -> None:
     assert json.loads(anthropic.error_body(502, "x"))["error"]["type"] == "api_error"
 
 
+def test_vllms_over_context_refusal_of_a_count_is_read_as_a_count() -> None:
+    """vllm/renderers/params.py's two messages (tokens, and characters before tokenizing)."""
+    tokens = (b'{"error":{"message":"This model\'s maximum context length is 512 tokens. '
+              b'However, your prompt contains at least 513 input tokens, which exceeds this '
+              b'limit even without any output tokens."}}')
+    chars = (b"This model's maximum context length is 512 tokens. However, your prompt "
+             b"contains 9000 characters (more than 8192 characters, which is the upper bound "
+             b"for 512 input tokens). Please reduce the length of the input prompt.")
+    assert tokencount.over_context(tokens) == 513
+    assert tokencount.over_context(tokens.replace(b"at least ", b"")) == 513
+    assert tokencount.over_context(chars) == 513
+    assert tokencount.over_context(b'{"error":{"message":"tokenizer broke"}}') is None
+
+
 def test_stored_responses_answer_only_the_client_that_created_them() -> None:
     owners = responses.Owners(limit=2)
     owners.bind_from_json("alice", b'{"id": "resp_a", "object": "response"}')
@@ -141,6 +155,12 @@ def test_prompt_estimate_counts_text_fields_and_the_output_budget() -> None:
     assert promptcap.refusal(cap, body) is not None
     assert promptcap.refusal(cap, {"prompt": "short", "max_tokens": 10}) is None
     assert promptcap.refusal(None, body) is None
+    # Tools as the JSON the template renders: 60 properties are ~1,770 bytes of JSON, of
+    # which the strings alone are ~450.
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(60)}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    prompt, _ = promptcap.estimate({"prompt": "", "tools": tools})
+    assert prompt == -(-len(json.dumps(tools).encode()) // 4)
 
 
 def test_the_estimate_decides_only_far_from_the_cap_and_asks_for_a_count_near_it() -> None:
@@ -251,6 +271,17 @@ def test_prompts_near_the_cap_are_judged_by_the_servers_count_and_a_failed_count
                              {**dense, "messages": [{"role": "user", "content": "z" * 400}],
                               "max_tokens": 4}, bearer(key))
         assert code == 400 and "estimated from its size" in json.loads(body)["error"]["message"]
+    # vLLM's count_tokens refuses a prompt past the context (400, "at least N input
+    # tokens"): that is a count, and the gateway refuses in its own (Anthropic) shape.
+    mode.write_text("over-context")
+    code, body, headers = http("POST", d.url + "/v1/messages",
+                               {"model": "model", "max_tokens": 36,
+                                "messages": [{"role": "user", "content": "z" * 60}]},
+                               bearer(key))
+    assert code == 400 and json.loads(body)["type"] == "error", body
+    assert headers["x-should-retry"] == "false"
+    assert "(101 tokens, counted by the model server's tokenizer (vllm /v1/messages/" \
+        "count_tokens), at least" in json.loads(body)["error"]["message"]
     failed = wait_for(lambda: d.events("token_count_failed"), 5, what="the count's failure")
     assert failed[0]["server"] == "vllm" and failed[0]["detail"] == "the server answered 500"
     assert "z" * 10 not in json.dumps(d.events())  # no prompt text in any event

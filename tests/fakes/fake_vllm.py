@@ -353,6 +353,13 @@ class Fake:
             return web.Response(text="<html>not json</html>", content_type="text/html")
         if mode == "absent":
             return web.json_response({"detail": "Not Found"}, status=404)
+        if mode == "over-context" and request.path.endswith("/count_tokens"):
+            # vLLM 0.32's count_tokens for a prompt past the context (renderers/params.py).
+            return web.json_response({"type": "error", "error": {
+                "type": "BadRequestError", "message": "This model's maximum context length "
+                "is 100 tokens. However, your prompt contains at least 101 input tokens, "
+                "which exceeds this limit even without any output tokens. Please reduce the "
+                "length of the input prompt."}}, status=400)
         if isinstance(body.get("messages"), list):
             n = sum(len(str(m.get("content", "")).encode()) + 5 for m in body["messages"])
             n += len(str(body.get("system", "")).encode())

@@ -99,10 +99,8 @@ def assess(cap: Cap | None, data: dict[str, Any]) -> Assessment:
     messages = data.get("messages")
     bound = size + TEMPLATE_TOKENS_PER_MESSAGE * (
         1 + (len(messages) if isinstance(messages, list) else 0))
-    tools = data.get("tools")
-    if tools:  # as JSON, not only its strings (see TOOLS_PREAMBLE_TOKENS)
-        bound += (len(json.dumps(tools, ensure_ascii=False).encode("utf-8", "surrogatepass"))
-                  - _text_bytes(tools) + TOOLS_PREAMBLE_TOKENS)
+    if data.get("tools"):  # (see TOOLS_PREAMBLE_TOKENS)
+        bound += TOOLS_PREAMBLE_TOKENS
     if cap is None or bound + budget <= cap.tokens:
         verdict = FITS
     elif prompt + budget > FAR_BEYOND * cap.tokens:
@@ -134,7 +132,13 @@ def judged(cap: Cap, prompt: int, budget: int, counted_by: str | None) -> str | 
 
 
 def _size(data: dict[str, Any]) -> int:
-    return sum(_text_bytes(data.get(name)) for name in _PROMPT_FIELDS)
+    """Bytes of prompt text; tool definitions as the JSON the template renders (keys,
+    quotes and braces too, not only their strings)."""
+    size = sum(_text_bytes(data.get(name)) for name in _PROMPT_FIELDS if name != "tools")
+    tools = data.get("tools")
+    if tools:
+        size += len(json.dumps(tools, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    return size
 
 
 def _budget(data: dict[str, Any]) -> int:

@@ -17,12 +17,18 @@ the system prompt, the messages and the tools one by one, without the template
 
 A count that fails in any way (an error status, a timeout, an answer without a count) raises
 CountFailed: the caller falls back to the estimate, so a tokenizer problem never blocks a
-request.
+request. One error is an answer: vLLM 0.32's Messages count_tokens refuses (400) a prompt
+longer than the context, in the words of vllm/renderers/params.py ("This model's maximum
+context length is N tokens. However, your prompt contains [at least ]T input tokens, ..." or,
+before tokenizing, "... contains C characters (more than M characters, which is the upper
+bound for K input tokens)"); that raises OverContext with the tokens it names (at least K + 1
+in the second form), which the caller judges as a count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import orjson
@@ -48,6 +54,33 @@ class CountFailed(Exception):
     """The server did not count the prompt; the message says why (never the prompt)."""
 
 
+class OverContext(Exception):
+    """The server refused to count because the prompt alone exceeds its context: `tokens`
+    is the count it names (a lower bound)."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__(f"the prompt has at least {tokens} tokens")
+        self.tokens = tokens
+
+
+# vLLM's two over-context refusals (vllm/renderers/params.py), token and character forms.
+_OVER_TOKENS = re.compile(r"maximum context length is \d+ tokens\. However, your prompt "
+                          r"contains (?:at least )?(\d+) input tokens")
+_OVER_CHARS = re.compile(r"maximum context length is \d+ tokens\. However, your prompt "
+                         r"contains \d+ characters \(more than \d+ characters, which is the "
+                         r"upper bound for (\d+) input tokens\)")
+
+
+def over_context(payload: bytes) -> int | None:
+    """The prompt tokens a vLLM over-context refusal names (at least), else None."""
+    text = payload.decode("utf-8", "replace")
+    if match := _OVER_TOKENS.search(text):
+        return int(match.group(1))
+    if match := _OVER_CHARS.search(text):
+        return int(match.group(1)) + 1
+    return None
+
+
 def counting_body(route: str, path: str, data: dict[str, Any]) -> bytes | None:
     """The body for the counting `route` that renders the prompt of a request to `path` as
     the server will, or None for a request it cannot count (another API, a list of prompts,
@@ -68,7 +101,8 @@ def counting_body(route: str, path: str, data: dict[str, Any]) -> bytes | None:
 
 async def count(client: UpstreamClient, target: Target, key: str, route: str,
                 body: bytes, *, timeout: float = TIMEOUT) -> int:
-    """The prompt's token count as the server's tokenizer makes it. Raises CountFailed."""
+    """The prompt's token count as the server's tokenizer makes it. Raises CountFailed, or
+    OverContext when the server says the prompt alone is longer than its context."""
     headers = [("Authorization", f"Bearer {key}"), ("Content-Type", "application/json")]
     try:
         async with asyncio.timeout(timeout):  # the answer's body too, not only its head
@@ -81,6 +115,8 @@ async def count(client: UpstreamClient, target: Target, key: str, route: str,
     except (TimeoutError, UpstreamError) as exc:
         raise CountFailed(f"{type(exc).__name__}: {exc}" if str(exc)
                           else type(exc).__name__) from exc
+    if up.status == 400 and (tokens := over_context(payload)) is not None:
+        raise OverContext(tokens)
     if up.status != 200:
         raise CountFailed(f"the server answered {up.status}")
     try:
