@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,10 @@ def test_cli_exits_78_on_bad_config_and_names_keys(tmp_path: Path, model: Path,
     res = run_cli(command, "--config", str(path))
     assert res.returncode == 78, res
     assert "server.port" in res.stderr and "gateway.listen" in res.stderr
+    if command == "run":  # the daemon: every stderr line is a JSON event, this one too
+        [event] = [json.loads(line) for line in res.stderr.splitlines()]
+        assert event["event"] == "daemon_exit" and event["exit_status"] == 78
+        assert "server.port" in event["error"]
 
 
 def test_cli_exits_78_on_missing_and_unreadable_file(tmp_path: Path) -> None:

@@ -44,22 +44,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except ConfigError as exc:
-        print(f"sovereignd: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return _say(args, exc, EX_CONFIG)
     except UnsafeHost as exc:
         # The host's setup is configuration too: 78 keeps systemd from restarting in a loop.
-        print(f"sovereignd: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return _say(args, exc, EX_CONFIG)
     except UsageError as exc:
-        print(f"sovereignd {args.command}: {exc} (see sovereignd {args.command} --help)",
-              file=sys.stderr)
-        return EX_USAGE
+        return _say(args, exc, EX_USAGE,
+                    hint=f" (see sovereignd {args.command} --help)")
     except CheckFailed as exc:
-        print(f"sovereignd: {exc}", file=sys.stderr)
-        return EX_FAIL
+        return _say(args, exc, EX_FAIL)
     except SovereigndError as exc:
-        print(f"sovereignd: {exc}", file=sys.stderr)
-        return EX_FAIL
+        return _say(args, exc, EX_FAIL)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -73,6 +68,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_BROKEN_PIPE
     except OSError as exc:
         # e.g. stdout on a full disk (ENOSPC): a sentence, not a traceback.
-        print(f"sovereignd: {exc.strerror or exc}"
-              + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
-        return EX_FAIL
+        return _say(args, f"{exc.strerror or exc}"
+                    + (f": {exc.filename}" if exc.filename else ""), EX_FAIL)
+
+
+def _say(args: argparse.Namespace, error: object, status: int, hint: str = "") -> int:
+    """Tell why the command ends with `status`: a sentence on stderr, or for `run` -- the
+    daemon, whose every stderr line is a JSON event (launchd/journald keep them) -- the event
+    `daemon_exit` with the error and the status. Returns `status`."""
+    if args.command == "run":
+        from sovereignd.logs.eventlog import EventLog
+
+        EventLog(None).emit("daemon_exit", level="error", error=str(error),
+                            exit_status=status)
+    else:
+        cmd = f" {args.command}" if hint else ""
+        print(f"sovereignd{cmd}: {error}{hint}", file=sys.stderr)
+    return status
