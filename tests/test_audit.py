@@ -219,7 +219,7 @@ def test_period_bounds_select_records_and_incidents(period: Period) -> None:
     assert same_day["period"]["since"] == f"{day}T00:00:00.000Z"
     assert len(same_day["charts"]["requests_per_day"]) == 1
     bad = audit(period, "--since", "last tuesday")
-    assert bad.returncode == 1 and "is not a date or time" in bad.stderr
+    assert bad.returncode == 2 and "is not a date or time" in bad.stderr  # a usage error
 
 
 def test_markdown_reads_as_a_ticket(period: Period) -> None:

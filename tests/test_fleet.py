@@ -277,7 +277,7 @@ def test_the_shipped_haproxy_config_is_what_fleet_haproxy_renders_and_haproxy_ac
                        (["--node", "127.0.0.1:1", "--check-path", "readyz now"], "--check-path"),
                        (["--node", "127.0.0.1:1", "--check-interval", "0s"], "--check-interval")):
         res = run_cli("fleet", "haproxy", *args, "--listen", "127.0.0.1:8080", "-o", str(bad))
-        assert res.returncode == 1 and said in res.stderr, res.stderr
+        assert res.returncode == 2 and said in res.stderr, res.stderr  # a usage error
         assert not bad.exists()
 
 

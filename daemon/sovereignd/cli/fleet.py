@@ -12,17 +12,19 @@ from sovereignd.errors import SovereigndError, UsageError
 def _cmd_fleet_haproxy(args: argparse.Namespace) -> int:
     from sovereignd.fleet import haproxy
 
+    # Every input is a command-line value: what render refuses is a usage error too.
     try:
         nodes = [haproxy.parse_node(text) for text in args.node]
+        opts = haproxy.Options(
+            listen=args.listen, check_path=args.check_path,
+            check_interval=duration_arg(args.check_interval, "--check-interval"),
+            fall=args.fall, rise=args.rise, retries=args.retries,
+            request_timeout=duration_arg(args.request_timeout, "--request-timeout"),
+            stats_socket=args.stats_socket)
+        text = haproxy.render(nodes, opts)
     except SovereigndError as exc:
         raise UsageError(str(exc)) from exc
-    opts = haproxy.Options(
-        listen=args.listen, check_path=args.check_path,
-        check_interval=duration_arg(args.check_interval, "--check-interval"),
-        fall=args.fall, rise=args.rise, retries=args.retries,
-        request_timeout=duration_arg(args.request_timeout, "--request-timeout"),
-        stats_socket=args.stats_socket)
-    emit(haproxy.render(nodes, opts).encode(), args.output)
+    emit(text.encode(), args.output)
     return EX_OK
 
 
