@@ -37,6 +37,7 @@ def openai_chat_and_stream(d: Daemon) -> None:
     chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES,
                                                  max_tokens=4, stream=True))
     assert chunks and all(c.usage is None for c in chunks)  # the usage chunk was not asked for
+    client.close()  # its pooled connections, not left to the garbage collector
     def both() -> list[dict[str, Any]] | None:
         recs = [r for r in iter_records(d.logs) if r.get("client_request_id") == "t-1"]
         recs += [r for r in iter_records(d.logs) if recs and r["seq"] > recs[0]["seq"]
@@ -93,9 +94,11 @@ def anthropic_messages(d: Daemon, name: str) -> None:
                        match=rf"tokens, counted by the model server's tokenizer "
                        rf"\({backend} /v1/messages/count_tokens\){how}"):
         client.messages.create(model="tiny", max_tokens=5, messages=past)
+    client.close()
+    stranger = anthropic.Anthropic(base_url=d.url, api_key="sk-sov-" + "x" * 43, max_retries=0)
     with pytest.raises(anthropic.AuthenticationError):
-        anthropic.Anthropic(base_url=d.url, api_key="sk-sov-" + "x" * 43, max_retries=0
-                            ).messages.create(model="tiny", max_tokens=5, messages=MESSAGES)
+        stranger.messages.create(model="tiny", max_tokens=5, messages=MESSAGES)
+    stranger.close()
 
 
 def _accepted(client: anthropic.Anthropic) -> bool:
@@ -157,6 +160,8 @@ def final_refusals(d: Daemon) -> None:
               and r["path"] == "/v1/chat/completions"]
     assert len(capped) == 2
     assert all(r["start_seq"] is None for r in capped)  # the server never began either
+    for each in (scoped_client, limited_client, client):
+        each.close()
 
 
 def _listed(client: openai.OpenAI) -> bool:
@@ -194,6 +199,8 @@ def responses_bound_to_their_client(d: Daemon) -> None:
     assert recs and all(r["prompt_tokens"] and r["completion_tokens"] is not None for r in recs)
     refused = [r for r in iter_records(d.logs) if r["error"] == "response_not_found"]
     assert len(refused) == 4 and all(r["client"] == "stranger" for r in refused)
+    owner.close()
+    other.close()
 
 
 def stored_response(d: Daemon) -> str:
@@ -202,6 +209,7 @@ def stored_response(d: Daemon) -> str:
     created = owner.responses.create(model="tiny", input="hello there", max_output_tokens=4,
                                      store=True)
     assert owner.responses.retrieve(created.id).id == created.id
+    owner.close()
     return created.id
 
 
@@ -211,3 +219,4 @@ def response_gone(d: Daemon, rid: str) -> None:
     owner = openai.OpenAI(base_url=d.url + "/v1", api_key=d.client_key, max_retries=0)
     with pytest.raises(openai.NotFoundError, match=rid):
         owner.responses.retrieve(rid)
+    owner.close()
